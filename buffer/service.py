@@ -1,6 +1,305 @@
-"""Placeholder: being written."""
+"""``ReplayService``: start, find and stop the shard actors of a named replay buffer.
+
+Runs on the driver (or any process attached to the cluster). A service is nothing but
+its shard actors, ``rlfleet:<name>:shard-<k>`` in namespace ``rlfleet``: there is no
+coordinator actor to lose, and any process finds a buffer by listing named actors.
+Each shard owns ``<path>/shard-<k>`` on the local disk of the node it runs on.
+
+Placement: ``"spread"`` deals shards over the alive nodes round-robin (the launching
+node first); ``"pack"`` puts them all on the launching node. Either way each shard is
+pinned to its node (hard node affinity), because its data lives on that node's disk: a
+restarted shard must come back where its files are, not wherever Ray finds room.
+
+Actors restart without limit (``max_restarts=-1``) and reopen their directory. Calls
+that are safe to repeat (sample, stats, update_priority) are retried by Ray across a
+restart; ``extend`` is not, since a retry after a commit would insert the rows twice.
+
+Not thread-safe: launch and shutdown one service from one thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rlfleet.buffer.errors import BufferNotFound
+from rlfleet.buffer.rate_limiter import RateLimiterSpec
+from rlfleet.buffer.remote import ReplayShard, shard_actor_name
+from rlfleet.buffer.storage import parse_capacity
+
+if TYPE_CHECKING:
+    from rlfleet.buffer.client import BufferClient
+
+__all__ = ["NAMESPACE", "ReplayService", "running_buffers", "validate_name"]
+
+log = logging.getLogger(__name__)
+
+NAMESPACE = "rlfleet"
+MAX_SHARDS = 127  # the shard number takes the 7 bits above a 56-bit local index
+# threads per shard actor: blocked samplers and writers, plus stats and pings
+_SHARD_CONCURRENCY = 32
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_SHARD_RE = re.compile(r"^rlfleet:(?P<buffer>.+):shard-(?P<shard>\d+)$")
+
+
+def validate_name(name: object) -> str:
+    """Return ``name`` if it is a valid buffer name, else raise ``ValueError``.
+
+    A name becomes part of actor names and may become a directory name: letters,
+    digits, ``_ . -``, at most 64 characters, no path separator, no ``..``.
+    """
+    if not isinstance(name, str) or not _NAME_RE.match(name) or ".." in name:
+        raise ValueError(
+            f"buffer name {name!r} is not allowed: use 1-64 letters, digits, '_', '.' or '-', "
+            f"starting with a letter or digit, without '/', ':' or '..' (e.g. 'cartpole')"
+        )
+    return name
+
+
+def running_buffers() -> dict[str, list[int]]:
+    """Buffers with shard actors on the cluster: ``{name: sorted shard numbers}``.
+
+    Needs Ray initialised in this process.
+    """
+    import ray
+
+    found: dict[str, list[int]] = {}
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        if entry.get("namespace") != NAMESPACE:
+            continue
+        m = _SHARD_RE.match(entry.get("name", ""))
+        if m:
+            found.setdefault(m["buffer"], []).append(int(m["shard"]))
+    return {k: sorted(v) for k, v in sorted(found.items())}
+
+
+def _split_capacity(capacity: int | str, num_shards: int) -> list[int | str]:
+    rows, nbytes = parse_capacity(capacity)
+    total = rows if rows is not None else nbytes
+    if total < num_shards:
+        raise ValueError(
+            f"capacity={capacity!r} is smaller than num_shards={num_shards}: each shard needs "
+            f"at least one row; raise capacity or lower num_shards"
+        )
+    base, extra = divmod(total, num_shards)
+    parts = [base + (1 if k < extra else 0) for k in range(num_shards)]
+    return parts if rows is not None else [f"{p}B" for p in parts]
+
+
+def _nodes_for(placement: str, num_shards: int) -> list[str]:
+    import ray
+
+    here = ray.get_runtime_context().get_node_id()
+    if placement == "pack":
+        return [here] * num_shards
+    alive = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))
+    order = [here] + [n for n in alive if n != here]
+    return [order[k % len(order)] for k in range(num_shards)]
 
 
 class ReplayService:
-    def __init__(self, *args, **kwargs):
-        raise NotImplementedError("ReplayService is being written")
+    """A named, sharded replay buffer served by Ray actors.
+
+    Runs on the driver. ``launch`` starts the shards (or reattaches to running ones);
+    ``client()`` returns a ``BufferClient`` for this process; ``shutdown`` stops them.
+
+    Example::
+
+        svc = ReplayService.launch("cartpole", "/data/cartpole", capacity=1_000_000,
+                                   num_shards=2, rate_limiter={"min_size_to_sample": 5000})
+        client = svc.client()      # or BufferClient.connect("cartpole") anywhere
+        ...
+        ReplayService.shutdown("cartpole")   # data stays in /data/cartpole/shard-*
+    """
+
+    def __init__(self, name: str, num_shards: int, handles: list[Any]) -> None:
+        self.name = name
+        self.num_shards = num_shards
+        self._handles = handles
+
+    @classmethod
+    def launch(
+        cls,
+        name: str,
+        path: str | os.PathLike,
+        capacity: int | str,
+        num_shards: int = 1,
+        *,
+        sampler: str | Mapping[str, Any] = "uniform",
+        rate_limiter: Mapping[str, Any] | None = None,
+        durability: str = "process",
+        placement: str = "spread",
+        detached: bool = True,
+        overcommit: bool = False,
+        seed: int | None = None,
+        timeout_s: float = 120.0,
+    ) -> "ReplayService":
+        """Start the shards of buffer ``name``, or reattach to them if they run.
+
+        Runs on the driver with Ray initialised. A directory that already holds a
+        shard is reopened with its data (relaunching after ``shutdown`` resumes).
+
+        Args:
+            name: the buffer's name (see ``validate_name``).
+            path: the buffer's directory; shard ``k`` uses ``<path>/shard-<k>`` on the
+                disk of the node it runs on. Made absolute here.
+            capacity: total rows, or a size string ("500GB"), split evenly over shards.
+            num_shards: shard actors, 1 to 127.
+            sampler: ``"uniform"``, ``"without_replacement"``, ``"prioritized"``,
+                ``"sequence"``, or a mapping such as ``{"type": "prioritized",
+                "alpha": 0.6, "beta": 0.4}``.
+            rate_limiter: per-shard limiter settings (``min_size_to_sample``,
+                ``samples_per_insert``, ``error_margin``, ``timeout_s``); None: no
+                limits beyond a non-empty shard.
+            durability: ``"process"`` or ``"fsync"``.
+            placement: ``"spread"`` (over nodes) or ``"pack"`` (all on this node).
+            detached: shards outlive this process (``lifetime="detached"``).
+            overcommit: allow capacity beyond the free disk (sparse files).
+            seed: sampler seed; shard ``k`` uses ``seed + k`` (None: from the OS).
+            timeout_s: how long to wait for every shard to open its directory.
+
+        Raises:
+            ValueError: a bad argument, or running shards that differ from the request.
+            ShardUnavailable: a shard did not start within ``timeout_s``.
+        """
+        import ray
+
+        validate_name(name)
+        if isinstance(num_shards, bool) or not isinstance(num_shards, int) \
+                or not 1 <= num_shards <= MAX_SHARDS:
+            raise ValueError(
+                f"num_shards={num_shards!r}: must be an int in [1, {MAX_SHARDS}] "
+                f"(the shard number is stored in 7 bits of every index)"
+            )
+        if placement not in ("spread", "pack"):
+            raise ValueError(f"placement={placement!r}: must be 'spread' or 'pack'")
+        if durability not in ("process", "fsync"):
+            raise ValueError(f"durability={durability!r}: must be 'process' or 'fsync'")
+        limiter = RateLimiterSpec.from_mapping(rate_limiter).to_mapping()
+        capacities = _split_capacity(capacity, num_shards)
+        if not ray.is_initialized():
+            raise RuntimeError(
+                "ReplayService.launch: Ray is not initialised in this process; call "
+                "ray.init(...) first (or use `rlfleet serve CONFIG`)"
+            )
+        root = Path(path).expanduser().absolute()
+
+        running = running_buffers().get(name)
+        if running:
+            return cls._reattach(name, num_shards, running, timeout_s)
+
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        actor_class = ray.remote(ReplayShard)
+        handles = []
+        for k, node in enumerate(_nodes_for(placement, num_shards)):
+            options: dict[str, Any] = dict(
+                name=shard_actor_name(name, k),
+                namespace=NAMESPACE,
+                max_restarts=-1,
+                max_task_retries=-1,
+                max_concurrency=_SHARD_CONCURRENCY,
+                num_cpus=0,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
+                get_if_exists=True,
+            )
+            if detached:
+                options["lifetime"] = "detached"
+            handles.append(actor_class.options(**options).remote(
+                name, k, num_shards, str(root / f"shard-{k}"), capacities[k], sampler,
+                limiter, durability, overcommit, None if seed is None else seed + k,
+            ))
+        service = cls(name, num_shards, handles)
+        service._wait_ready(timeout_s)
+        log.info("replay service %r: %d shard(s) under %s", name, num_shards, root)
+        return service
+
+    @classmethod
+    def _reattach(cls, name: str, num_shards: int, running: list[int],
+                  timeout_s: float) -> "ReplayService":
+        import ray
+
+        handles = [ray.get_actor(shard_actor_name(name, k), namespace=NAMESPACE) for k in running]
+        service = cls(name, len(handles), handles)
+        infos = service._wait_ready(timeout_s)
+        have = infos[0]["num_shards"]
+        if have != num_shards or running != list(range(have)):
+            raise ValueError(
+                f"buffer {name!r} already runs with {have} shard(s) (found {running}); "
+                f"asked for num_shards={num_shards}. Stop it first with "
+                f"ReplayService.shutdown({name!r}) or `rlfleet stop {name}`"
+            )
+        log.info("replay service %r: reattached to %d running shard(s)", name, have)
+        return service
+
+    def _wait_ready(self, timeout_s: float) -> list[dict[str, Any]]:
+        import ray
+
+        from rlfleet.buffer.errors import ShardUnavailable
+
+        refs = [h.info.remote() for h in self._handles]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        if len(ready) < len(refs):
+            missing = [k for k, r in enumerate(refs) if r not in ready]
+            raise ShardUnavailable(
+                f"buffer {self.name!r}: shard(s) {missing} did not start within "
+                f"timeout_s={timeout_s:g}; check `ray status` for free resources and the "
+                f"actor logs"
+            )
+        # a constructor error (bad directory, full disk) surfaces here as its own type
+        return ray.get(refs)
+
+    def client(self, *, seed: int | None = None) -> "BufferClient":
+        """A ``BufferClient`` for this process (same as ``BufferClient.connect(name)``)."""
+        from rlfleet.buffer.client import BufferClient
+
+        return BufferClient.connect(self.name, seed=seed)
+
+    @staticmethod
+    def running() -> list[str]:
+        """Names of the buffers whose shards run on the cluster."""
+        return list(running_buffers())
+
+    @staticmethod
+    def shutdown(name: str, *, delete: bool = False, timeout_s: float = 30.0) -> None:
+        """Stop the shards of buffer ``name``; delete their directories if ``delete``.
+
+        Each shard flushes and closes its buffer first (or, with ``delete``, removes its
+        directory on its own node), then is killed without restart. Runs on any process
+        attached to the cluster.
+
+        Raises:
+            BufferNotFound: no buffer of that name runs (the message lists those that do).
+        """
+        import ray
+
+        validate_name(name)
+        running = running_buffers()
+        if name not in running:
+            raise BufferNotFound(_not_found_message(name, running))
+        handles = [ray.get_actor(shard_actor_name(name, k), namespace=NAMESPACE)
+                   for k in running[name]]
+        refs = [(h.destroy if delete else h.close).remote() for h in handles]
+        deadline = time.monotonic() + timeout_s
+        for k, ref in zip(running[name], refs):
+            try:
+                ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
+            except Exception as e:  # a dead or stuck shard is killed all the same
+                log.warning("buffer %r shard %d did not close cleanly: %s", name, k, e)
+        for h in handles:
+            ray.kill(h, no_restart=True)
+        log.info("replay service %r stopped%s", name, " and deleted" if delete else "")
+
+
+def _not_found_message(name: str, running: Mapping[str, list[int]]) -> str:
+    have = ", ".join(repr(n) for n in running) or "none"
+    return (
+        f"no replay buffer named {name!r} runs on this Ray cluster (namespace "
+        f"{NAMESPACE!r}); running buffers: {have}. Start one with ReplayService.launch or "
+        f"`rlfleet serve CONFIG`"
+    )

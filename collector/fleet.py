@@ -1,6 +1,354 @@
-"""Placeholder: being written."""
+"""``CollectorFleet``: M collector actors streaming into one replay service (driver side).
+
+The loop that drives it (``rlfleet run`` does this)::
+
+    fleet = CollectorFleet(config, buffer="cartpole")   # checks everything, starts nothing
+    fleet.start()                                        # M actors collect from now on
+    while training:
+        fleet.set_weights(learner.policy_state_dict(), version)
+        fleet.health_check()                             # restarts dead actors
+        print(fleet.stats()["frames"])
+    fleet.stop()
+
+Construction checks the config on the driver before any actor exists: the env is built
+once (an unknown id lists close matches), the policy is built from its spaces (an
+observation space it cannot handle is refused), the exploration must fit the action
+space, and a cuda device needs GPUs in the cluster and a ``num_gpus`` share.
+
+Actors (``rlfleet:<name>:collector-<i>``, namespace ``rlfleet``) take one CPU each (and
+``collector.num_gpus``), are spread over the nodes, and restart up to ``MAX_RESTARTS``
+times by Ray; a restarted actor resumes collecting by itself (see ``remote.py``), and
+``health_check`` re-creates an actor that Ray gave up on. Every call to an actor has a
+timeout and tolerates dead actors, so a run never hangs on one. Statistics come from the
+fleet's registry actor, not from the collectors.
+
+Not thread-safe: drive a fleet from one thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from rlfleet.collector.config import CollectorConfig, EnvConfig, PolicyConfig
+from rlfleet.collector.envs import make_env
+from rlfleet.collector.errors import CollectorError
+from rlfleet.collector.exploration import Explorer
+from rlfleet.collector.policies import build_policy, check_state_dict
+from rlfleet.collector.remote import CollectorWorker, FleetRegistry, worker_name
+from rlfleet.collector.weights import KINDS, NAMESPACE, publish_weights, registry_name
+
+__all__ = ["CollectorFleet"]
+
+log = logging.getLogger(__name__)
+
+MAX_RESTARTS = 3
+START_TIMEOUT_S = 180.0
+CALL_TIMEOUT_S = 60.0
+RECENT_EPISODES = 100
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 class CollectorFleet:
-    def __init__(self, *args, **kwargs):
-        raise NotImplementedError("CollectorFleet is being written")
+    """M collector actors feeding a replay service; see the module docstring.
+
+    Args:
+        config: Any object with ``name: str``, ``seed: int``, ``env: EnvConfig``,
+            ``collector: CollectorConfig`` and ``policy: PolicyConfig`` (launch's
+            ``RunConfig`` is one).
+        buffer: The replay service's ``BufferClient`` or its name.
+
+    Raises:
+        ValueError: A bad name, env, space, exploration or device (no actor started).
+        RuntimeError: Ray is not initialised in this process.
+    """
+
+    def __init__(self, config: Any, buffer: Any) -> None:
+        import ray
+
+        if not ray.is_initialized():
+            raise RuntimeError("CollectorFleet needs Ray: call ray.init() first (rlfleet run does)")
+        name, seed = getattr(config, "name", None), getattr(config, "seed", None)
+        env, collector, policy = (getattr(config, k, None) for k in ("env", "collector", "policy"))
+        if not isinstance(name, str) or not _NAME_RE.match(name):
+            raise ValueError(
+                f"config.name = {name!r}: use 1-64 letters, digits, '_', '.' or '-' (it names actors)"
+            )
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"config.seed = {seed!r}: must be an integer >= 0")
+        for field, value, cls in (("env", env, EnvConfig), ("collector", collector, CollectorConfig),
+                                  ("policy", policy, PolicyConfig)):
+            if not isinstance(value, cls):
+                raise ValueError(f"config.{field} must be a {cls.__name__}, got {type(value).__name__}")
+        buffer_name = buffer if isinstance(buffer, str) else getattr(buffer, "name", None)
+        if not isinstance(buffer_name, str):
+            raise ValueError(f"buffer = {buffer!r}: pass a BufferClient or a buffer name")
+        self.name, self.seed = name, seed
+        self.env, self.collector, self.policy = env, collector, policy
+        self.num_workers = collector.num_workers
+        self._buffer = buffer
+        probe = make_env(env, seed=seed)
+        try:
+            self.observation_space = probe.observation_space
+            self.action_space = probe.action_space
+        finally:
+            probe.close()
+        self._template = build_policy(policy, self.observation_space, self.action_space)
+        Explorer(collector.exploration, self.action_space, num_envs=1,
+                 init_random_frames=collector.init_random_frames, seed=0)
+        self._check_device()
+        try:
+            ray.get_actor(registry_name(name), namespace=NAMESPACE)
+        except ValueError:
+            pass
+        else:
+            raise ValueError(f"a collector fleet named {name!r} is running; stop it or pick another config.name")
+        self._registry = ray.remote(FleetRegistry).options(
+            name=registry_name(name), namespace=NAMESPACE, num_cpus=0, max_concurrency=1,
+        ).remote(name, self.num_workers)
+        self._actors: list[Any] = []
+        self._restarts_seen = 0
+        self._stopped = False
+        self._final_snapshot: dict[str, Any] | None = None
+
+    def _check_device(self) -> None:
+        import ray
+
+        c = self.collector
+        if c.device == "cpu":
+            return
+        gpus = ray.cluster_resources().get("GPU", 0)
+        if gpus == 0:
+            raise ValueError(
+                f"collector.device = {c.device!r} but the Ray cluster has no GPU (CUDA is "
+                f"{'available' if torch.cuda.is_available() else 'not available'} on this driver); "
+                "use collector.device 'cpu' or add GPU nodes"
+            )
+        if c.num_gpus == 0:
+            raise ValueError(
+                f"collector.device = {c.device!r} needs collector.num_gpus > 0 (e.g. 0.25) so "
+                "Ray gives each collector actor a GPU"
+            )
+        if c.num_gpus * c.num_workers > gpus:
+            raise ValueError(
+                f"collector.num_gpus = {c.num_gpus} x collector.num_workers = {c.num_workers} "
+                f"needs {c.num_gpus * c.num_workers} GPUs, the cluster has {gpus}; lower either"
+            )
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def _spawn(self, index: int) -> Any:
+        import ray
+
+        c = self.collector
+        return ray.remote(CollectorWorker).options(
+            name=worker_name(self.name, index), namespace=NAMESPACE, num_cpus=1,
+            num_gpus=c.num_gpus, max_restarts=MAX_RESTARTS, max_concurrency=4,
+            scheduling_strategy="SPREAD",
+        ).remote(self.name, index, self.num_workers, self.seed, self.env, c, self.policy, self._buffer)
+
+    def start(self) -> None:
+        """Start the M actors and wait until each is collecting (or resume a paused fleet).
+
+        Raises:
+            CollectorError: An actor failed to construct (its error is in the message) or
+                was not scheduled in time; every actor of the fleet is stopped first.
+        """
+        import ray
+
+        if self._stopped:
+            raise CollectorError(f"collector fleet {self.name!r} was stopped; build a new one")
+        if self._actors:
+            self.resume()
+            return
+        # The first call also waits for the registry actor to come up.
+        ray.get(self._registry.set_state.remote("running"), timeout=START_TIMEOUT_S)
+        self._actors = [self._spawn(i) for i in range(self.num_workers)]
+        refs = [a.ping.remote() for a in self._actors]
+        try:
+            ray.get(refs, timeout=START_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError as e:
+            self._teardown()
+            raise CollectorError(
+                f"collector fleet {self.name!r}: {self.num_workers} actor(s) needing 1 CPU and "
+                f"{self.collector.num_gpus} GPU each were not all up within {START_TIMEOUT_S:.0f} s; "
+                f"the cluster has {ray.cluster_resources()}; lower collector.num_workers"
+            ) from e
+        except Exception as e:
+            self._teardown()
+            # Ray's text holds the remote traceback; its last line is the actor's own error.
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            cause = lines[-1] if lines else repr(e)
+            log.error("collector fleet %r: an actor failed to start:\n%s", self.name, e)
+            raise CollectorError(
+                f"collector fleet {self.name!r}: an actor failed to start: {cause}"
+            ) from e
+        log.info("collector fleet %r: %d actors collecting into %r", self.name, self.num_workers, self._buffer)
+
+    def _call_all(self, method: str, *args: Any, timeout_s: float = CALL_TIMEOUT_S) -> list[Any]:
+        """Call ``method`` on every actor; an actor that fails or times out gives its exception."""
+        import ray
+
+        refs = [getattr(a, method).remote(*args) for a in self._actors]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        ready_set = set(ready)
+        out: list[Any] = []
+        for i, ref in enumerate(refs):
+            if ref not in ready_set:
+                out.append(ray.exceptions.GetTimeoutError(f"collector {i}: {method} timed out"))
+                continue
+            try:
+                out.append(ray.get(ref))
+            except Exception as e:  # noqa: BLE001 - returned to the caller per actor
+                out.append(e)
+        return out
+
+    def pause(self, timeout_s: float = 60.0) -> None:
+        """Return once no actor has a batch in flight (dead actors are skipped)."""
+        import ray
+
+        ray.get(self._registry.set_state.remote("paused"), timeout=CALL_TIMEOUT_S)
+        for i, result in enumerate(self._call_all("pause", timeout_s, timeout_s=timeout_s + 5)):
+            if result is not True:
+                log.warning("collector fleet %r: collector %d did not pause: %s", self.name, i, result)
+
+    def resume(self) -> None:
+        import ray
+
+        ray.get(self._registry.set_state.remote("running"), timeout=CALL_TIMEOUT_S)
+        self._call_all("resume")
+
+    def stop(self, timeout_s: float = 60.0) -> None:
+        """Stop collecting, close the envs and end every actor. Idempotent."""
+        import ray
+
+        if self._stopped:
+            return
+        self._stopped = True
+        try:
+            ray.get(self._registry.set_state.remote("stopped"), timeout=CALL_TIMEOUT_S)
+        except Exception as e:  # noqa: BLE001 - stopping goes on regardless
+            log.warning("collector fleet %r: registry unreachable while stopping: %s", self.name, e)
+        if self._actors:
+            self._call_all("stop", timeout_s, timeout_s=timeout_s + 5)
+        try:
+            # stats() keeps answering from the last snapshot once the registry is gone.
+            self._final_snapshot = ray.get(self._registry.snapshot.remote(), timeout=CALL_TIMEOUT_S)
+        except Exception as e:  # noqa: BLE001 - stopping goes on regardless
+            log.warning("collector fleet %r: no final statistics: %s", self.name, e)
+        self._teardown()
+
+    def _teardown(self) -> None:
+        import ray
+
+        for a in [*self._actors, self._registry]:
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception as e:  # noqa: BLE001 - already gone
+                log.debug("kill: %s", e)
+        self._actors = []
+        self._stopped = True
+
+    # -- weights -----------------------------------------------------------------------
+
+    def set_weights(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
+        """Make ``state_dict`` the newest weights (object store); collectors apply them
+        between batches and stamp ``version`` on the rows they then produce.
+
+        Raises:
+            ValueError: Keys or shapes differ from the policy (nothing is published).
+        """
+        check_state_dict(self._template, state_dict)
+        publish_weights(self._registry, state_dict, version, timeout_s=CALL_TIMEOUT_S)
+
+    def attach_weight_receiver(self, kind: str, **kwargs: Any) -> None:
+        """Make every actor, and every restarted one, receive weights through ``kind``.
+
+        Each builds ``make_receiver(kind, collector_index=i, num_collectors=M, **kwargs)``
+        in the background and switches to it once built; this call does not wait for that.
+        """
+        import ray
+
+        if kind not in KINDS:
+            raise ValueError(f"weight receiver kind {kind!r}: must be one of {list(KINDS)}")
+        if kind == "object_store":
+            kwargs.setdefault("fleet", self.name)
+        ray.get(self._registry.set_receiver.remote(kind, kwargs), timeout=CALL_TIMEOUT_S)
+        if self._actors:
+            for i, result in enumerate(self._call_all("attach_receiver", kind, kwargs)):
+                if isinstance(result, Exception):
+                    log.warning("collector %d: attach_receiver failed (%s); it gets the receiver "
+                                "from the registry when it restarts", i, result)
+
+    # -- health and stats --------------------------------------------------------------
+
+    def health_check(self) -> int:
+        """Re-create actors Ray gave up on; returns restarts since the last check.
+
+        Counts both Ray's restarts of crashed actors (they resume by themselves) and the
+        re-creations done here.
+
+        Raises:
+            CollectorError: An actor's loop raised (a bug or bad data, not a crash):
+                restarting would repeat it, so the error is passed on.
+        """
+        import ray
+
+        for i, result in enumerate(self._call_all("status", timeout_s=10.0)):
+            if isinstance(result, ray.exceptions.ActorUnavailableError):
+                continue  # restarting; it comes back by itself
+            if isinstance(result, ray.exceptions.RayActorError):
+                try:
+                    self._actors[i] = self._spawn(i)
+                except ValueError:
+                    # The name is still taken: Ray is restarting this actor after all.
+                    log.info("collector fleet %r: collector %d is restarting", self.name, i)
+                else:
+                    log.warning("collector fleet %r: collector %d was dead; re-created it", self.name, i)
+                continue
+            if isinstance(result, Exception):
+                log.warning("collector fleet %r: collector %d did not answer: %s", self.name, i, result)
+                continue
+            if result["state"] == "failed":
+                raise CollectorError(f"collector {i} of fleet {self.name!r} failed: {result['error']}")
+        snap = ray.get(self._registry.snapshot.remote(), timeout=CALL_TIMEOUT_S)
+        total = sum(max(0, n - 1) for n in snap["registrations"])
+        new, self._restarts_seen = total - self._restarts_seen, total
+        return new
+
+    def stats(self) -> dict[str, Any]:
+        """Fleet counters from the registry (never waits on a collector); after ``stop``,
+        the counters as they were when the fleet stopped.
+
+        Returns:
+            ``frames``, ``frames_per_s`` (sum of the actors' last batches), ``episodes``,
+            ``recent_returns`` / ``recent_lengths`` (up to 100 recent episodes, an equal
+            share from each actor), ``policy_version`` (lowest among actors),
+            ``restarts``, and ``collectors`` (each actor's latest report, or None).
+        """
+        import ray
+
+        if self._stopped and self._final_snapshot is not None:
+            snap = self._final_snapshot
+        else:
+            snap = ray.get(self._registry.snapshot.remote(), timeout=CALL_TIMEOUT_S)
+        reports = snap["reports"]
+        live = [r for r in reports if r is not None]
+        share = math.ceil(RECENT_EPISODES / max(1, self.num_workers))
+        returns = [x for r in live for x in r["recent_returns"][-share:]][-RECENT_EPISODES:]
+        lengths = [x for r in live for x in r["recent_lengths"][-share:]][-RECENT_EPISODES:]
+        return {
+            "frames": sum(r["frames"] for r in live),
+            "frames_per_s": sum(r["frames_per_s"] for r in live),
+            "episodes": sum(snap["carried_episodes"]) + sum(r["episodes"] for r in live),
+            "recent_returns": returns,
+            "recent_lengths": lengths,
+            "policy_version": min((r["policy_version"] for r in live), default=0),
+            "restarts": sum(max(0, n - 1) for n in snap["registrations"]),
+            "collectors": reports,
+        }

@@ -1,6 +1,31 @@
-"""``rlfleet.launch``: config, the command line, learners, and the main job."""
+"""``rlfleet.launch``: config, the command line, learners, and the main job.
 
-from rlfleet.launch.config import load_config
-from rlfleet.launch.run import run
+Importing it is cheap: torch, Ray and the actors load when a run starts.
+"""
 
-__all__ = ["load_config", "run"]
+from rlfleet.launch.config import (
+    BufferConfig,
+    ConfigError,
+    LearnerConfig,
+    RateLimiterConfig,
+    RayConfig,
+    RunConfig,
+    RunSection,
+    SamplerConfig,
+    load_config,
+)
+from rlfleet.launch.run import RunResult, run
+
+__all__ = [
+    "BufferConfig",
+    "ConfigError",
+    "LearnerConfig",
+    "RateLimiterConfig",
+    "RayConfig",
+    "RunConfig",
+    "RunResult",
+    "RunSection",
+    "SamplerConfig",
+    "load_config",
+    "run",
+]

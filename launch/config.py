@@ -1,5 +1,391 @@
-"""Placeholder: being written."""
+"""Run configuration: frozen dataclasses mirroring the YAML in ``configs/``, and a strict loader.
+
+Runs on the driver (``rlfleet run``, ``rlfleet serve``); the dataclasses are plain values
+and may be pickled to actors. Everything here is immutable and thread-safe.
+
+A config file maps one-to-one onto :class:`RunConfig`: every YAML mapping is a dataclass,
+every leaf a typed field. Loading is strict, because a typo in a config silently falling
+back to a default costs a whole run:
+
+- an unknown key is an error naming its path and the nearest valid key;
+- a value of the wrong type is an error naming the path, the expected type and the value;
+- a YAML syntax error names the file, line and column; a duplicated key names both lines;
+- ``key=value`` overrides (``learner.lr=1e-3``, ``env.kwargs.max_episode_steps=200``,
+  ``policy.hidden=[128,128]``) are parsed as YAML scalars and type-checked the same way.
+
+The env, collector and policy sections are the collector package's own dataclasses; this
+module composes them and adds the sections that belong to the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rlfleet.collector.config import CollectorConfig, EnvConfig, ExplorationConfig, PolicyConfig
+from rlfleet.launch.config_loader import ConfigError, apply_overrides, build, parse_yaml
+
+__all__ = [
+    "BufferConfig",
+    "CollectorConfig",
+    "ConfigError",
+    "EnvConfig",
+    "ExplorationConfig",
+    "LearnerConfig",
+    "PolicyConfig",
+    "RateLimiterConfig",
+    "RayConfig",
+    "RunConfig",
+    "RunSection",
+    "SamplerConfig",
+    "apply_overrides",
+    "config_to_dict",
+    "dump_config",
+    "load_config",
+    "parse_config",
+]
 
 
-def load_config(*args, **kwargs):
-    raise NotImplementedError("load_config is being written")
+def _one_of(section_field: str, value: Any, choices: Sequence[Any]) -> None:
+    if value not in choices:
+        allowed = ", ".join(repr(c) for c in choices)
+        raise ConfigError(f"{section_field}: {value!r} is not one of {allowed}")
+
+
+def _positive(section_field: str, value: float, *, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        limit = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{section_field}: {value!r} must be {limit}")
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """Where the run's Ray cluster comes from.
+
+    Attributes:
+        address: None starts an embedded local Ray; "auto" (or an address) joins a
+            running cluster. The ``RAY_ADDRESS`` environment variable also joins.
+        namespace: Ray namespace of the run's named actors.
+        num_cpus: logical CPUs of an embedded local Ray (None: the machine's count).
+        include_dashboard: start the dashboard of an embedded Ray (None: when the
+            dashboard package imports). It binds to 127.0.0.1.
+    """
+
+    address: str | None = None
+    namespace: str = "rlfleet"
+    num_cpus: int | None = None
+    include_dashboard: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_cpus is not None:
+            _positive("num_cpus", self.num_cpus)
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """How learners draw rows. Written ``{type: prioritized, alpha: 0.6}`` or just ``uniform``.
+
+    Attributes:
+        type: uniform | without_replacement | prioritized | sequence.
+        alpha: priority exponent (prioritized only).
+        beta: importance-weight exponent (prioritized only).
+        length: rows per slice (sequence only).
+    """
+
+    type: str = "uniform"
+    alpha: float = 0.6
+    beta: float = 0.4
+    length: int = 8
+
+    def __post_init__(self) -> None:
+        _one_of("type", self.type, ("uniform", "without_replacement", "prioritized", "sequence"))
+        _positive("alpha", self.alpha, allow_zero=True)
+        _positive("beta", self.beta, allow_zero=True)
+        _positive("length", self.length)
+
+    def to_mapping(self) -> dict[str, Any]:
+        """The sampler as ``ReplayService.launch``/``ReplayBuffer.create`` take it.
+
+        Only the parameters of the chosen type are included.
+        """
+        if self.type == "prioritized":
+            return {"type": "prioritized", "alpha": self.alpha, "beta": self.beta}
+        if self.type == "sequence":
+            return {"type": "sequence", "length": self.length}
+        return {"type": self.type}
+
+
+@dataclass(frozen=True)
+class RateLimiterConfig:
+    """Reverb-style rate limiter of each shard.
+
+    Attributes:
+        min_size_to_sample: rows a shard holds before sampling is allowed.
+        samples_per_insert: target ratio of sampled to inserted rows (None: no ratio).
+        error_margin: tolerance around the ratio, in rows.
+        timeout_s: longest a blocked insert or sample waits before raising.
+    """
+
+    min_size_to_sample: int = 5000
+    samples_per_insert: float | None = None
+    error_margin: float = 0.0
+    timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        _positive("min_size_to_sample", self.min_size_to_sample, allow_zero=True)
+        if self.samples_per_insert is not None:
+            _positive("samples_per_insert", self.samples_per_insert)
+        _positive("error_margin", self.error_margin, allow_zero=True)
+        _positive("timeout_s", self.timeout_s)
+
+    def to_mapping(self) -> dict[str, Any]:
+        """The limiter as ``ReplayService.launch(rate_limiter=...)`` takes it."""
+        return dataclasses.asdict(self)
+
+
+_SIZE_RE = re.compile(r"^\s*\d+(\.\d+)?\s*([KMGTP]i?B|B)\s*$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class BufferConfig:
+    """The run's replay service.
+
+    Attributes:
+        path: directory of the buffer (None: ``<run dir>/buffer``).
+        capacity: total rows over all shards, or a size string such as "500GB".
+        num_shards: shard actors; capacity is split evenly over them.
+        sampler: see :class:`SamplerConfig`.
+        rate_limiter: see :class:`RateLimiterConfig`.
+        durability: process | fsync.
+        placement: spread | pack (how shards are placed over nodes).
+        overcommit: allow a capacity beyond the free disk (sparse files).
+    """
+
+    path: str | None = None
+    capacity: int | str = 1_000_000
+    num_shards: int = 1
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    rate_limiter: RateLimiterConfig = field(default_factory=RateLimiterConfig)
+    durability: str = "process"
+    placement: str = "spread"
+    overcommit: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.capacity, int):
+            _positive("capacity", self.capacity)
+        elif not _SIZE_RE.match(self.capacity):
+            raise ConfigError(
+                f"capacity: {self.capacity!r} is neither a row count nor a size such as '500GB'"
+            )
+        _positive("num_shards", self.num_shards)
+        _one_of("durability", self.durability, ("process", "fsync"))
+        _one_of("placement", self.placement, ("spread", "pack"))
+
+    def service_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``ReplayService.launch`` besides ``name`` and ``path``."""
+        return {
+            "capacity": self.capacity,
+            "num_shards": self.num_shards,
+            "sampler": self.sampler.to_mapping(),
+            "rate_limiter": self.rate_limiter.to_mapping(),
+            "durability": self.durability,
+            "placement": self.placement,
+            "overcommit": self.overcommit,
+        }
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    """The learner group and its algorithm.
+
+    Attributes:
+        algorithm: dqn (discrete actions) | sac (continuous actions).
+        num_learners: learner ranks in the torch.distributed group.
+        device: cpu | cuda (one GPU per rank).
+        batch_size: rows each rank samples per step.
+        lr: Adam learning rate.
+        gamma: discount.
+        publish_every: learner steps between weight publications to the collectors.
+        weight_transport: distributed (torch.distributed broadcast) | object_store.
+        target_update_every: DQN hard target update period in learner steps
+            (0: soft updates with ``tau``).
+        tau: soft target update rate (SAC; DQN when ``target_update_every`` is 0).
+        double_dqn: DQN picks the next action with the online network.
+        n_step: DQN n-step returns.
+        grad_clip: max gradient norm.
+        prefetch: sample requests each rank keeps in flight.
+        init_alpha: SAC initial temperature.
+        target_entropy: SAC target entropy (None: minus the action dimension).
+        checkpoint_every: learner steps between checkpoints.
+    """
+
+    algorithm: str = "dqn"
+    num_learners: int = 1
+    device: str = "cpu"
+    batch_size: int = 256
+    lr: float = 5e-4
+    gamma: float = 0.99
+    publish_every: int = 50
+    weight_transport: str = "distributed"
+    target_update_every: int = 500
+    tau: float = 0.005
+    double_dqn: bool = True
+    n_step: int = 1
+    grad_clip: float = 10.0
+    prefetch: int = 2
+    init_alpha: float = 1.0
+    target_entropy: float | None = None
+    checkpoint_every: int = 1000
+
+    def __post_init__(self) -> None:
+        _one_of("algorithm", self.algorithm, ("dqn", "sac"))
+        _one_of("weight_transport", self.weight_transport, ("distributed", "object_store"))
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            raise ConfigError(f"device: {self.device!r} is not one of 'cpu', 'cuda', 'cuda:N'")
+        for name in ("num_learners", "batch_size", "lr", "publish_every", "n_step", "checkpoint_every"):
+            _positive(name, getattr(self, name))
+        for name in ("target_update_every", "tau", "grad_clip", "prefetch"):
+            _positive(name, getattr(self, name), allow_zero=True)
+        if not 0.0 <= self.gamma <= 1.0:
+            raise ConfigError(f"gamma: {self.gamma!r} must be in [0, 1]")
+        _positive("init_alpha", self.init_alpha)
+
+
+@dataclass(frozen=True)
+class RunSection:
+    """When the run stops, where it writes, and how the driver paces it.
+
+    Attributes:
+        dir: run directories are created under this directory.
+        total_frames: stop once the collectors produced this many frames.
+        target_return: stop once the mean return of the last ``return_window``
+            episodes reaches it (None: no target).
+        return_window: episodes averaged for ``target_return``.
+        time_limit_s: stop after this much wall time.
+        learner_steps_per_frame: learner steps per collected frame; collectors and
+            learners then take turns, the collectors paused while the learners take the
+            steps new frames paid for (None: both run freely; bound them with
+            ``buffer.rate_limiter.samples_per_insert`` instead).
+        steps_per_iteration: learner steps per ``LearnerGroup.step`` call of the loop.
+        log_every_s: seconds between metrics.jsonl lines and progress updates.
+    """
+
+    dir: str = "runs"
+    total_frames: int = 300_000
+    target_return: float | None = None
+    return_window: int = 20
+    time_limit_s: float = 900.0
+    learner_steps_per_frame: float | None = None
+    steps_per_iteration: int = 50
+    log_every_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        for name in ("total_frames", "return_window", "time_limit_s", "steps_per_iteration", "log_every_s"):
+            _positive(name, getattr(self, name))
+        if self.learner_steps_per_frame is not None:
+            _positive("learner_steps_per_frame", self.learner_steps_per_frame)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One run: the whole YAML file.
+
+    Attributes:
+        name: run name; names the replay service, the actors and the run directory.
+        seed: seed of collectors (per actor and env, derived), learners and buffer.
+    """
+
+    name: str = "rlfleet"
+    seed: int = 0
+    ray: RayConfig = field(default_factory=RayConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
+    collector: CollectorConfig = field(default_factory=CollectorConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    buffer: BufferConfig = field(default_factory=BufferConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    run: RunSection = field(default_factory=RunSection)
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", self.name) or ".." in self.name:
+            raise ConfigError(
+                f"name: {self.name!r} must be 1-64 letters, digits, '_', '-' or '.', "
+                "start with a letter or digit, and hold no '..' (it names actors and directories)"
+            )
+        n_step = self.learner.n_step
+        sampler = self.buffer.sampler
+        if n_step > 1 and (sampler.type != "sequence" or sampler.length != n_step):
+            raise ConfigError(
+                f"learner.n_step: {n_step} needs slices of {n_step} rows, but buffer.sampler is "
+                f"{sampler.to_mapping()}; set buffer.sampler to {{type: sequence, length: {n_step}}}"
+            )
+
+
+# --------------------------------------------------------------------------- public
+
+
+def parse_config(text: str, overrides: Sequence[str] = (), *, source: str = "<string>") -> RunConfig:
+    """Parse YAML text into a :class:`RunConfig`, then apply ``key=value`` overrides.
+
+    Runs on the driver. Raises:
+        ConfigError: see :func:`load_config`.
+    """
+    data = parse_yaml(text, source)
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(data).__name__}")
+    try:
+        config = build(RunConfig, data, "")
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    return apply_overrides(config, overrides)
+
+
+def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> RunConfig:
+    """Load a YAML config file strictly and apply ``key=value`` overrides.
+
+    Runs on the driver; thread-safe.
+
+    Args:
+        path: a YAML file shaped like DESIGN.md's config section.
+        overrides: ``dotted.key=value`` strings; values are YAML (``null``, ``[64, 64]``).
+
+    Returns:
+        The frozen :class:`RunConfig`.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ConfigError: a YAML syntax error (with line and column), an unknown key (with
+            the nearest valid key), or a value of the wrong type or out of range.
+    """
+    path = Path(path)
+    if not path.is_file():
+        hint = "" if path.exists() else "; ready configs are in configs/ (e.g. configs/cartpole_dqn.yaml)"
+        raise FileNotFoundError(f"load_config: config file {str(path)!r} does not exist or is not a file{hint}")
+    return parse_config(path.read_text(), overrides, source=str(path))
+
+
+def config_to_dict(config: Any) -> Any:
+    """A plain-data view of a config (dicts, lists, scalars), fit for YAML or JSON."""
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        return {f.name: config_to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    if isinstance(config, Mapping):
+        return {k: config_to_dict(v) for k, v in config.items()}
+    if isinstance(config, (list, tuple)):
+        return [config_to_dict(v) for v in config]
+    return config
+
+
+def dump_config(config: RunConfig) -> str:
+    """The resolved config as YAML text that :func:`parse_config` reads back equal."""
+    return yaml.safe_dump(config_to_dict(config), sort_keys=False, default_flow_style=False)

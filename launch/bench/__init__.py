@@ -23,14 +23,14 @@ KINDS = {
 
 
 def bench_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="kind", metavar="KIND", required=True)
-    for kind, help_text in KINDS.items():
-        p = sub.add_parser(kind, help=help_text, description=help_text)
-        p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-        module = importlib.import_module(f"rlfleet.launch.bench.{kind}")
-        module.add_arguments(p)
-        p.set_defaults(bench_main=module.main)
+    parser.add_argument("kind", choices=sorted(KINDS), metavar="KIND", help=", ".join(sorted(KINDS)))
+    parser.add_argument("options", nargs=argparse.REMAINDER, help="options of that benchmark (--help)")
 
 
 def bench(args: argparse.Namespace) -> int:
-    return int(args.bench_main(args) or 0)
+    # Only the chosen benchmark is imported: each pulls in heavy parts of its own.
+    module = importlib.import_module(f"rlfleet.launch.bench.{args.kind}")
+    parser = argparse.ArgumentParser(prog=f"rlfleet bench {args.kind}", description=KINDS[args.kind])
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    module.add_arguments(parser)
+    return int(module.main(parser.parse_args(args.options)) or 0)

@@ -1,0 +1,201 @@
+"""``check_buffer(path)``: an integrity report of a buffer directory, read-only.
+
+Checks what a crash or a careless copy can break: ``meta.json`` (format, version,
+schema), the header counters (magic, ``0 <= start <= end``, window within capacity),
+the data files (present, full size, a tensordict memmap directory whose keys, shapes and
+dtypes match the schema), every live row readable, and live priorities finite and
+non-negative. It never writes, so it may run beside a live writer (then the counters it
+reports are a snapshot).
+
+Runs anywhere the directory is visible (driver, a shell via ``rlfleet check``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rlfleet.buffer.errors import BufferFormatError
+from rlfleet.buffer.samplers import slot_ranges
+from rlfleet.buffer.storage import (
+    H_END,
+    H_MAGIC,
+    H_MAX_PRIORITY,
+    H_START,
+    HEADER_MAGIC,
+    HEADER_WORDS,
+    format_key,
+    read_meta,
+    schema_from_json,
+)
+
+__all__ = ["CheckReport", "check_buffer"]
+
+READ_CHUNK_BYTES = 64 * 2**20
+
+
+@dataclass
+class CheckReport:
+    """What ``check_buffer`` found. ``ok`` is True when ``problems`` is empty."""
+
+    path: str
+    problems: list[str] = field(default_factory=list)
+    size: int = 0
+    capacity: int = 0
+    total_inserted: int = 0
+    sampler: str = ""
+    schema: dict[str, str] = field(default_factory=dict)
+    rows_checked: int = 0
+    bytes_on_disk: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path, "ok": self.ok, "problems": list(self.problems), "size": self.size,
+            "capacity": self.capacity, "total_inserted": self.total_inserted,
+            "sampler": self.sampler, "schema": dict(self.schema),
+            "rows_checked": self.rows_checked, "bytes_on_disk": self.bytes_on_disk,
+        }
+
+    def __str__(self) -> str:
+        lines = [
+            f"buffer {self.path}: {'OK' if self.ok else 'DAMAGED'}",
+            f"  rows {self.size:,} of capacity {self.capacity:,}, total inserted "
+            f"{self.total_inserted:,}, sampler {self.sampler or '?'}",
+            f"  {self.rows_checked:,} rows read back, {self.bytes_on_disk:,} bytes on disk",
+        ]
+        lines += [f"  {key}: {desc}" for key, desc in self.schema.items()]
+        lines += [f"  problem: {p}" for p in self.problems]
+        return "\n".join(lines)
+
+
+def check_buffer(path: str | os.PathLike) -> CheckReport:
+    """Check a buffer directory without changing it; see the module docstring.
+
+    Runs anywhere; thread-safe (holds no state).
+    """
+    path = Path(path)
+    report = CheckReport(path=str(path))
+    if not path.is_dir():
+        report.problems.append(f"{path} is not a directory")
+        return report
+    try:
+        meta = read_meta(path)
+    except BufferFormatError as e:
+        report.problems.append(str(e))
+        return report
+    report.sampler = str(meta.get("sampler", {}).get("type", ""))
+    capacity = int(meta.get("capacity") or 0)
+    report.capacity = capacity
+    schema_json = meta.get("schema")
+    try:
+        schema = None if schema_json is None else schema_from_json(schema_json)
+    except (KeyError, TypeError, ValueError) as e:
+        report.problems.append(f"meta.json schema is unreadable: {e!r}")
+        return report
+    if schema is not None:
+        report.schema = {format_key(k): f"{dtype.name}{list(shape)}" for k, (shape, dtype) in schema.items()}
+
+    window = _check_header(path / "header.bin", capacity, report)
+    if window is None:
+        return report
+    start, end, max_priority = window
+    report.size, report.total_inserted = end - start, end
+    if schema is None:
+        if end != 0:
+            report.problems.append(f"header says {end} rows were inserted but meta.json has no schema")
+        return report
+
+    arrays = _check_data(path / "data", schema, capacity, report)
+    if arrays is None:
+        return report
+    for lo, hi in slot_ranges(start, end, capacity):
+        for arr in arrays.values():
+            step = max(1, READ_CHUNK_BYTES // max(1, arr.strides[0]))
+            for a in range(lo, hi, step):
+                np.asarray(arr[a : min(hi, a + step)]).sum()  # touch every page of the rows
+        report.rows_checked += hi - lo
+    report.bytes_on_disk = sum(f.stat().st_blocks * 512 for f in (path / "data").rglob("*.memmap"))
+
+    if report.sampler == "prioritized":
+        _check_priorities(path / "priorities.bin", capacity, start, end, max_priority, report)
+    return report
+
+
+def _check_header(header: Path, capacity: int, report: CheckReport) -> tuple[int, int, float] | None:
+    if not header.is_file() or header.stat().st_size != HEADER_WORDS * 8:
+        report.problems.append(f"header {header} is missing or not {HEADER_WORDS * 8} bytes")
+        return None
+    words = np.fromfile(header, dtype=np.int64)
+    if int(words[H_MAGIC]) != HEADER_MAGIC:
+        report.problems.append(f"header {header} has a wrong magic number")
+        return None
+    start, end = int(words[H_START]), int(words[H_END])
+    max_priority = float(words[H_MAX_PRIORITY : H_MAX_PRIORITY + 1].view(np.float64)[0])
+    if not 0 <= start <= end:
+        report.problems.append(f"header window start={start} end={end} is not 0 <= start <= end")
+        return None
+    if capacity and end - start > capacity:
+        report.problems.append(f"header window holds {end - start} rows, more than capacity {capacity}")
+        return None
+    return start, end, max_priority
+
+
+def _check_data(data: Path, schema, capacity: int, report: CheckReport) -> dict | None:
+    arrays = {}
+    for key, (shape, dtype) in schema.items():
+        f = data.joinpath(*key[:-1], f"{key[-1]}.memmap")
+        expected = capacity * int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if not f.is_file():
+            report.problems.append(f"data file {f} is missing (key '{format_key(key)}')")
+            continue
+        if f.stat().st_size != expected:
+            report.problems.append(f"data file {f} is {f.stat().st_size} bytes, expected {expected}")
+            continue
+        arrays[key] = np.memmap(f, dtype=dtype, mode="r", shape=(capacity, *shape))
+    if report.problems:
+        return None
+    try:
+        from tensordict import TensorDict
+
+        td = TensorDict.load_memmap(data)
+    except Exception as e:  # any failure here means plain tensordict cannot open it
+        report.problems.append(f"TensorDict.load_memmap({data}) fails: {e!r}")
+        return None
+    for key, (shape, dtype) in schema.items():
+        if key not in td.keys(include_nested=True):
+            report.problems.append(f"tensordict metadata lacks key '{format_key(key)}'")
+            continue
+        t = td.get(key)
+        if not hasattr(t, "numpy") or isinstance(t, TensorDict) or tuple(t.shape) != (capacity, *shape) or t.numpy().dtype != dtype:
+            report.problems.append(
+                f"tensordict metadata of '{format_key(key)}' says {t.dtype}{list(t.shape)}, "
+                f"meta.json says {dtype.name}{[capacity, *shape]}"
+            )
+    return None if report.problems else arrays
+
+
+def _check_priorities(f: Path, capacity: int, start: int, end: int, max_priority: float,
+                      report: CheckReport) -> None:
+    if not f.is_file() or f.stat().st_size != capacity * 8:
+        report.problems.append(f"priorities file {f} is missing or not {capacity * 8} bytes")
+        return
+    prio = np.memmap(f, dtype=np.float64, mode="r", shape=(capacity,))
+    for lo, hi in slot_ranges(start, end, capacity):
+        live = np.asarray(prio[lo:hi])
+        bad = ~np.isfinite(live) | (live < 0)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            report.problems.append(
+                f"priority of slot {lo + i} is {float(live[i])!r}: not finite and non-negative"
+            )
+            return
+    if not (np.isfinite(max_priority) and max_priority >= 0):
+        report.problems.append(f"header max priority is {max_priority!r}")

@@ -1,0 +1,344 @@
+"""Samplers: which rows of the committed window a ``sample`` call returns.
+
+Every sampler works on global row indices (row ``i`` lives in slot ``i % capacity``)
+and sees the window ``[start, end)`` the buffer hands it. The buffer calls every method
+under its lock except ``accept``, which runs after the lock is released and may read
+row data (the sequence sampler checks episode boundaries there). The loop that calls
+them, in ``ReplayBuffer.sample_arrays``::
+
+    with lock:   idx, extra = sampler.draw(n, start, end, rng)
+    ok = sampler.accept(idx, columns)          # no lock: reads rows
+    copy rows of idx[ok]                      # no lock
+    with lock:   redraw rows evicted meanwhile (idx < start) or rejected
+
+``evict`` and ``commit`` keep per-row state (priorities, epochs) in step with writes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rlfleet.buffer.sumtree import SumTree
+
+__all__ = [
+    "PrioritizedSampler",
+    "Sampler",
+    "SequenceSampler",
+    "UniformSampler",
+    "WithoutReplacementSampler",
+    "make_sampler",
+    "parse_sampler_spec",
+]
+
+logger = logging.getLogger(__name__)
+
+EPISODE_KEY = ("episode_id",)
+STEP_KEY = ("step",)
+
+_DEFAULTS: dict[str, dict[str, Any]] = {
+    "uniform": {},
+    "without_replacement": {},
+    "prioritized": {"alpha": 0.6, "beta": 0.4},
+    "sequence": {"length": 8},
+}
+
+
+def parse_sampler_spec(sampler: str | Mapping[str, Any]) -> dict[str, Any]:
+    """Normalise ``"uniform"`` or ``{"type": "prioritized", "alpha": 0.7}`` to a full dict.
+
+    Raises:
+        ValueError: unknown type, unknown parameter, or a parameter out of range.
+    """
+    if isinstance(sampler, str):
+        spec: dict[str, Any] = {"type": sampler}
+    elif isinstance(sampler, Mapping):
+        spec = dict(sampler)
+    else:
+        raise ValueError(
+            f"sampler={sampler!r}: expected a name ({', '.join(_DEFAULTS)}) or a mapping "
+            f"such as {{'type': 'prioritized', 'alpha': 0.6, 'beta': 0.4}}"
+        )
+    kind = spec.pop("type", None)
+    if kind not in _DEFAULTS:
+        raise ValueError(f"sampler type {kind!r} is unknown; choose one of {', '.join(_DEFAULTS)}")
+    unknown = sorted(set(spec) - set(_DEFAULTS[kind]))
+    if unknown:
+        raise ValueError(
+            f"sampler {kind!r} has no parameter {unknown[0]!r}; it takes "
+            f"{sorted(_DEFAULTS[kind]) or 'no parameters'}"
+        )
+    out = {"type": kind, **_DEFAULTS[kind], **spec}
+    for name in ("alpha", "beta"):
+        if name in out:
+            value = out[name]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                math.isfinite(value) and value >= 0
+            ):
+                raise ValueError(f"sampler {name}={value!r}: must be a finite number >= 0")
+            out[name] = float(value)
+    if kind == "sequence":
+        length = out["length"]
+        if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+            raise ValueError(f"sampler length={length!r}: must be an integer >= 1")
+    return out
+
+
+class Sampler:
+    """Base: uniform over the window with replacement. Subclasses override what differs."""
+
+    type = "uniform"
+    sequence_length: int | None = None
+    rejects = False  # True when ``accept`` may turn rows down (rejection sampling)
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        self.spec = spec
+        self.capacity = 0
+
+    def bind(self, directory: Path, capacity: int, start: int, end: int, *, create: bool,
+             max_priority: float) -> None:
+        """Attach to a shard whose storage now exists (schema known)."""
+        self.capacity = capacity
+
+    def check_schema(self, schema: Mapping[tuple[str, ...], Any]) -> None:
+        """Raise ``ValueError`` if the schema lacks what this sampler reads."""
+
+    def evict(self, old_start: int, new_start: int) -> None:
+        """Indices ``[old_start, new_start)`` are leaving the window (about to be overwritten)."""
+
+    def commit(self, first: int, last: int, max_priority: float) -> None:
+        """Indices ``[first, last)`` are written and about to become visible."""
+
+    def draw(self, n: int, start: int, end: int,
+             rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None]:
+        """``n`` indices in ``[start, end)`` (``[n]``, or ``[n, L]`` for sequences) and the
+        sampling probability mass of each row (prioritized) or None."""
+        return rng.integers(start, end, size=n, dtype=np.int64), None
+
+    def accept(self, idx: np.ndarray, read: Any) -> np.ndarray | None:
+        """Which drawn rows are acceptable after reading them (bool ``[n]``); None: all."""
+        return None
+
+    def update(self, idx: np.ndarray, priority: np.ndarray) -> float:
+        """Store new priorities of live indices; return the new max priority."""
+        return 0.0
+
+    def mass(self, start: int, end: int) -> float:
+        return float(end - start)
+
+    def sync(self) -> None:
+        """msync per-row state files (fsync durability)."""
+
+    def close(self) -> None:
+        pass
+
+
+class UniformSampler(Sampler):
+    type = "uniform"
+
+
+class WithoutReplacementSampler(Sampler):
+    """Each row at most once per epoch: an epoch is a shuffled snapshot of the window.
+
+    When the current epoch has fewer rows left (still live) than a call asks for, a new
+    epoch starts from the window at that moment; the few rows left over are skipped.
+    Rows inserted during an epoch join the next one. Holds one int64 per live row.
+    """
+
+    type = "without_replacement"
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        super().__init__(spec)
+        self._perm = np.empty(0, dtype=np.int64)
+        self._pos = 0
+        self.epochs = 0
+
+    def draw(self, n: int, start: int, end: int,
+             rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None]:
+        if n > end - start:
+            raise ValueError(
+                f"sample: n={n} is above the {end - start} rows left to draw without "
+                f"replacement; ask for at most {end - start} rows or wait for more inserts"
+            )
+        taken = self._take(n, start)
+        if taken is None:
+            self._perm = rng.permutation(end - start).astype(np.int64) + start
+            self._pos = 0
+            self.epochs += 1
+            taken = self._take(n, start)
+        return taken, None
+
+    def _take(self, n: int, start: int) -> np.ndarray | None:
+        chunks, got, pos = [], 0, self._pos
+        while got < n and pos < len(self._perm):
+            chunk = self._perm[pos : pos + (n - got)]
+            pos += len(chunk)
+            live = chunk[chunk >= start]  # rows evicted since the epoch began are skipped
+            chunks.append(live)
+            got += len(live)
+        if got < n:
+            return None
+        self._pos = pos
+        return np.concatenate(chunks) if len(chunks) > 1 else chunks[0]
+
+
+class PrioritizedSampler(Sampler):
+    """Proportional prioritized sampling: ``P(i) = p_i**alpha / sum_live p**alpha``.
+
+    Raw priorities live in ``priorities.bin`` (float64 per slot, memmapped); the sum-tree
+    of ``p**alpha`` is rebuilt from it at open. New rows enter at the max priority seen.
+    """
+
+    type = "prioritized"
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        super().__init__(spec)
+        self.alpha = float(spec["alpha"])
+        self.beta = float(spec["beta"])
+        self.tree: SumTree | None = None
+        self._map: np.memmap | None = None
+        self.priorities: np.ndarray | None = None
+
+    def bind(self, directory: Path, capacity: int, start: int, end: int, *, create: bool,
+             max_priority: float) -> None:
+        super().bind(directory, capacity, start, end, create=create, max_priority=max_priority)
+        path = directory / "priorities.bin"
+        fresh = create or not path.exists()
+        if fresh:
+            with open(path, "wb") as f:
+                f.truncate(capacity * 8)
+        self._map = np.memmap(path, dtype=np.float64, mode="r+", shape=(capacity,))
+        self.priorities = self._map.view(np.ndarray)  # plain view: no np.memmap overhead per call
+        if fresh:  # rows already stored (a buffer switched to prioritized) start at the max
+            for lo, hi in slot_ranges(start, end, capacity):
+                self.priorities[lo:hi] = max_priority
+        self.tree = SumTree(capacity)
+        leaves = np.zeros(capacity, dtype=np.float64)
+        for lo, hi in slot_ranges(start, end, capacity):
+            leaves[lo:hi] = self._powered(np.asarray(self.priorities[lo:hi]))
+        self.tree.rebuild(leaves)
+
+    def _powered(self, p: np.ndarray) -> np.ndarray:
+        return p if self.alpha == 1.0 else np.power(p, self.alpha)
+
+    def evict(self, old_start: int, new_start: int) -> None:
+        for lo, hi in slot_ranges(old_start, new_start, self.capacity):
+            self.tree.set_range(lo, 0.0, hi - lo)
+
+    def commit(self, first: int, last: int, max_priority: float) -> None:
+        value = self._powered(np.float64(max_priority))
+        for lo, hi in slot_ranges(first, last, self.capacity):
+            self.priorities[lo:hi] = max_priority
+            self.tree.set_range(lo, value, hi - lo)
+
+    def draw(self, n: int, start: int, end: int,
+             rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None]:
+        tree = self.tree
+        total = tree.total
+        if not total > 0:
+            raise ValueError(
+                f"sample: every live row has priority 0 (total priority mass {total}); "
+                f"give some rows a positive priority with update_priority"
+            )
+        slots = tree.find(rng.random(n) * total)
+        leaf = tree.leaves(slots)
+        for _ in range(8):  # rounding can land on an empty leaf: redraw those few
+            empty = leaf <= 0
+            if not empty.any():
+                break
+            slots[empty] = tree.find(rng.random(int(empty.sum())) * total)
+            leaf = tree.leaves(slots)
+        else:
+            keep = leaf > 0
+            slots = rng.choice(slots[keep], size=n)
+            leaf = tree.leaves(slots)
+        # slot -> the live global index that occupies it
+        idx = (end - 1) - ((end - 1 - slots) % self.capacity)
+        return idx, leaf
+
+    def update(self, idx: np.ndarray, priority: np.ndarray) -> float:
+        slots = idx % self.capacity
+        self.priorities[slots] = priority
+        self.tree.set(slots, self._powered(priority))
+        return float(priority.max()) if len(priority) else 0.0
+
+    def mass(self, start: int, end: int) -> float:
+        return self.tree.total if self.tree is not None else 0.0
+
+    def sync(self) -> None:
+        if self._map is not None:
+            self._map.flush()
+
+    def close(self) -> None:
+        self._map = None
+        self.priorities = None
+        self.tree = None
+
+
+class SequenceSampler(Sampler):
+    """Slices of ``length`` consecutive rows of one episode.
+
+    A slice ``[i, i + L)`` is accepted when every row has the same ``episode_id`` and
+    ``step`` rises by exactly 1 along it. Starts are drawn uniformly from the window
+    (so the cost does not depend on the buffer's size) and rejected ones redrawn; a slice
+    never reaches past ``end`` (the write cursor) or before ``start`` (overwritten rows).
+    """
+
+    type = "sequence"
+    rejects = True
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        super().__init__(spec)
+        self.sequence_length = int(spec["length"])
+
+    def check_schema(self, schema: Mapping[tuple[str, ...], Any]) -> None:
+        for key in (EPISODE_KEY, STEP_KEY):
+            if key not in schema:
+                raise ValueError(
+                    f"sampler 'sequence' needs key '{key[0]}' (int64 per row) in the "
+                    f"batches; the buffer schema has {sorted('.'.join(k) for k in schema)}"
+                )
+
+    def draw(self, n: int, start: int, end: int,
+             rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None]:
+        length = self.sequence_length
+        if end - start < length:
+            raise ValueError(
+                f"sample: the buffer holds {end - start} rows, fewer than the sequence "
+                f"length {length}; insert more rows first"
+            )
+        starts = rng.integers(start, end - length + 1, size=n, dtype=np.int64)
+        return starts[:, None] + np.arange(length, dtype=np.int64), None
+
+    def accept(self, idx: np.ndarray, read: Any) -> np.ndarray | None:
+        episode = read(EPISODE_KEY, idx)
+        step = read(STEP_KEY, idx)
+        same = (episode == episode[:, :1]).all(axis=1)
+        rising = (np.diff(step, axis=1) == 1).all(axis=1)
+        return same & rising
+
+
+def make_sampler(spec: dict[str, Any]) -> Sampler:
+    return {
+        "uniform": UniformSampler,
+        "without_replacement": WithoutReplacementSampler,
+        "prioritized": PrioritizedSampler,
+        "sequence": SequenceSampler,
+    }[spec["type"]](spec)
+
+
+def slot_ranges(first: int, last: int, capacity: int) -> list[tuple[int, int]]:
+    """The slot ranges ``[lo, hi)`` that indices ``[first, last)`` occupy (at most two)."""
+    count = min(last - first, capacity)  # more than a lap covers every slot once
+    if count <= 0:
+        return []
+    lo = (last - count) % capacity
+    hi = lo + count
+    if hi <= capacity:
+        return [(lo, hi)]
+    return [(lo, capacity), (0, hi - capacity)]

@@ -1,0 +1,430 @@
+"""On-disk layout of one replay shard: ``meta.json``, the header counters, the memmaps.
+
+A shard directory holds::
+
+    meta.json       what never changes per write: format version, schema, capacity,
+                    sampler, durability (JSON, replaced atomically by rename)
+    header.bin      eight 64-bit words; words 2 and 3 are the committed window
+                    ``[start, end)`` of global row indices (``end`` is total inserted)
+    data/           a tensordict memmap directory, one ``<key>.memmap`` file per leaf,
+                    created sparse at full capacity (``TensorDict.load_memmap`` opens it)
+    priorities.bin  float64 ``[capacity]`` raw priorities (prioritized sampler only)
+
+Row ``i`` lives in slot ``i % capacity``. A store of one aligned 8-byte word into the
+mapped header is atomic with respect to a process crash, which is what makes a commit
+cost nanoseconds; the order of those stores (see ``ReplayBuffer.extend``) is what keeps
+torn rows invisible.
+
+Everything here runs wherever the buffer lives (driver or shard actor). Nothing here
+locks: ``ReplayBuffer`` serialises writers and guards the window.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import mmap
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from rlfleet.buffer.errors import BufferFormatError, SchemaMismatch
+
+__all__ = [
+    "FORMAT_VERSION",
+    "Header",
+    "MemmapColumns",
+    "Schema",
+    "check_arrays",
+    "format_key",
+    "free_disk_bytes",
+    "human_bytes",
+    "parse_capacity",
+    "read_meta",
+    "row_bytes",
+    "rows_for_bytes",
+    "schema_from_arrays",
+    "schema_from_json",
+    "schema_to_json",
+    "write_meta",
+]
+
+logger = logging.getLogger(__name__)
+
+FORMAT_NAME = "rlfleet.buffer"
+FORMAT_VERSION = 1
+HEADER_MAGIC = 0x524C464C45455431  # "RLFLEET1"
+HEADER_WORDS = 8
+H_MAGIC, H_VERSION, H_START, H_END, H_MAX_PRIORITY = 0, 1, 2, 3, 4
+
+# key path -> (per-row shape, numpy dtype)
+Schema = dict[tuple[str, ...], tuple[tuple[int, ...], np.dtype]]
+
+_UNITS = {
+    "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "pb": 10**15,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "pib": 2**50,
+}
+_SIZE_RE = re.compile(r"^\s*([0-9][0-9_]*(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+MAX_ROWS = 2**62
+
+
+def parse_capacity(capacity: int | str) -> tuple[int | None, int | None]:
+    """Split a capacity into ``(rows, bytes)``; exactly one of them is not None.
+
+    ``1_000_000`` or ``"1000000"`` are rows; ``"500GB"`` (10**9) or ``"2TiB"`` (2**40)
+    are bytes of row data.
+    """
+    if isinstance(capacity, bool) or not isinstance(capacity, (int, str)):
+        raise ValueError(
+            f"capacity={capacity!r}: expected a row count (int) or a size string such as "
+            f"'500GB' or '2TiB'"
+        )
+    if isinstance(capacity, int):
+        rows = capacity
+    else:
+        m = _SIZE_RE.match(capacity)
+        if m is None or m.group(2).lower() not in _UNITS | {"": 1}:
+            raise ValueError(
+                f"capacity={capacity!r}: not a row count or a size; write e.g. 1000000, "
+                f"'500GB' or '2TiB' (units: {', '.join(sorted(_UNITS))})"
+            )
+        number, unit = m.group(1).replace("_", ""), m.group(2).lower()
+        if unit:
+            nbytes = int(float(number) * _UNITS[unit])
+            if nbytes < 1:
+                raise ValueError(f"capacity={capacity!r}: must be at least 1 byte")
+            return None, nbytes
+        if "." in number:
+            raise ValueError(f"capacity={capacity!r}: a row count must be a whole number")
+        rows = int(number)
+    if not 1 <= rows < MAX_ROWS:
+        raise ValueError(f"capacity={capacity!r}: row count must be in [1, 2**62)")
+    return rows, None
+
+
+def format_key(key: tuple[str, ...]) -> str:
+    """``("next", "observation")`` -> ``'next.observation'`` for messages."""
+    return ".".join(key)
+
+
+def _numpy_dtype(dtype: torch.dtype | np.dtype, key: tuple[str, ...]) -> np.dtype:
+    if isinstance(dtype, torch.dtype):
+        try:
+            return torch.empty(0, dtype=dtype).numpy().dtype
+        except TypeError as e:
+            raise SchemaMismatch(
+                f"extend: key '{format_key(key)}' has dtype {dtype}, which has no numpy "
+                f"equivalent; store it as float32 or a plain integer type"
+            ) from e
+    return np.dtype(dtype)
+
+
+def schema_from_arrays(arrays: dict[tuple[str, ...], np.ndarray]) -> Schema:
+    """The schema a first batch fixes: per-row shape and dtype of every leaf."""
+    schema: Schema = {}
+    for key, arr in arrays.items():
+        if key in (("index",), ("weight",)):
+            raise SchemaMismatch(
+                f"extend: key '{format_key(key)}' is reserved for sample output; "
+                f"rename it in the batch"
+            )
+        schema[key] = (tuple(int(s) for s in arr.shape[1:]), np.dtype(arr.dtype))
+    return schema
+
+
+def check_arrays(schema: Schema, arrays: dict[tuple[str, ...], np.ndarray], where: str) -> int:
+    """Raise ``SchemaMismatch`` unless ``arrays`` matches ``schema``; return the row count."""
+    missing = [k for k in schema if k not in arrays]
+    if missing:
+        raise SchemaMismatch(
+            f"{where}: batch lacks key '{format_key(missing[0])}' of the buffer schema "
+            f"(schema keys: {sorted(format_key(k) for k in schema)})"
+        )
+    extra = [k for k in arrays if k not in schema]
+    if extra:
+        raise SchemaMismatch(
+            f"{where}: batch has key '{format_key(extra[0])}' that the buffer schema lacks "
+            f"(schema keys: {sorted(format_key(k) for k in schema)}); the schema is fixed "
+            f"by the first batch"
+        )
+    n = None
+    for key, (shape, dtype) in schema.items():
+        arr = arrays[key]
+        if arr.dtype != dtype:
+            raise SchemaMismatch(
+                f"{where}: key '{format_key(key)}' has dtype {arr.dtype}, buffer schema "
+                f"says {dtype}"
+            )
+        if arr.ndim < 1 or tuple(arr.shape[1:]) != shape:
+            raise SchemaMismatch(
+                f"{where}: key '{format_key(key)}' has per-row shape "
+                f"{list(arr.shape[1:]) if arr.ndim else 'scalar'}, buffer schema says "
+                f"{list(shape)}"
+            )
+        if n is None:
+            n = int(arr.shape[0])
+        elif arr.shape[0] != n:
+            raise ValueError(
+                f"{where}: key '{format_key(key)}' has {arr.shape[0]} rows, other keys have "
+                f"{n}; every array needs the same leading dim"
+            )
+    return 0 if n is None else n
+
+
+def schema_to_json(schema: Schema) -> list[dict[str, Any]]:
+    return [
+        {"key": list(k), "shape": list(shape), "dtype": dtype.str if dtype.kind != "b" else "bool"}
+        for k, (shape, dtype) in schema.items()
+    ]
+
+
+def schema_from_json(entries: list[dict[str, Any]]) -> Schema:
+    return {
+        tuple(e["key"]): (tuple(int(s) for s in e["shape"]), np.dtype(e["dtype"]))
+        for e in entries
+    }
+
+
+def row_bytes(schema: Schema) -> int:
+    return sum(int(np.prod(shape, dtype=np.int64)) * dtype.itemsize for shape, dtype in schema.values())
+
+
+def write_meta(directory: Path, meta: dict[str, Any]) -> None:
+    """Replace ``meta.json`` atomically (write a temp file, fsync, rename, fsync dir)."""
+    tmp = directory / "meta.json.tmp"
+    with open(tmp, "w") as f:
+        json.dump(meta, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, directory / "meta.json")
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_meta(directory: Path) -> dict[str, Any]:
+    """Load and validate ``meta.json``; ``BufferFormatError`` when it is not ours."""
+    path = directory / "meta.json"
+    if not path.is_file():
+        raise BufferFormatError(
+            f"open: {directory} is not an rlfleet buffer (no meta.json); create one with "
+            f"ReplayBuffer.create"
+        )
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise BufferFormatError(f"open: {path} is not valid JSON ({e})") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+        raise BufferFormatError(
+            f"open: {path} is not an rlfleet buffer's meta.json (format is "
+            f"{meta.get('format') if isinstance(meta, dict) else None!r}, expected {FORMAT_NAME!r})"
+        )
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise BufferFormatError(
+            f"open: {directory} has format version {version!r}; this rlfleet reads versions "
+            f"up to {FORMAT_VERSION}: upgrade rlfleet"
+        )
+    missing = [k for k in ("capacity", "capacity_bytes", "sampler", "durability", "schema") if k not in meta]
+    if missing:
+        raise BufferFormatError(f"open: {path} lacks {missing[0]!r}; the buffer directory is damaged")
+    return meta
+
+
+class Header:
+    """The memmapped 64-byte header: magic, version, committed window, max priority.
+
+    Thread-safety: plain loads and stores; the caller serialises writers.
+    """
+
+    def __init__(self, path: Path, *, create: bool = False) -> None:
+        self.path = path
+        if create:
+            with open(path, "wb") as f:
+                words = np.zeros(HEADER_WORDS, dtype=np.int64)
+                words[H_MAGIC] = HEADER_MAGIC
+                words[H_VERSION] = FORMAT_VERSION
+                words[H_MAX_PRIORITY : H_MAX_PRIORITY + 1].view(np.float64)[0] = 1.0
+                f.write(words.tobytes())
+                f.flush()
+                os.fsync(f.fileno())
+        if not path.is_file() or path.stat().st_size != HEADER_WORDS * 8:
+            raise BufferFormatError(
+                f"open: header {path} is missing or not {HEADER_WORDS * 8} bytes; the buffer "
+                f"directory is damaged"
+            )
+        self._map = np.memmap(path, dtype=np.int64, mode="r+", shape=(HEADER_WORDS,))
+        if int(self._map[H_MAGIC]) != HEADER_MAGIC:
+            raise BufferFormatError(f"open: header {path} has a wrong magic number; damaged buffer")
+        self._max_priority = self._map[H_MAX_PRIORITY : H_MAX_PRIORITY + 1].view(np.float64)
+
+    @property
+    def start(self) -> int:
+        return int(self._map[H_START])
+
+    @start.setter
+    def start(self, value: int) -> None:
+        self._map[H_START] = value  # one aligned 8-byte store
+
+    @property
+    def end(self) -> int:
+        return int(self._map[H_END])
+
+    @end.setter
+    def end(self, value: int) -> None:
+        self._map[H_END] = value
+
+    @property
+    def max_priority(self) -> float:
+        return float(self._max_priority[0])
+
+    @max_priority.setter
+    def max_priority(self, value: float) -> None:
+        self._max_priority[0] = value
+
+    def sync(self) -> None:
+        self._map.flush()
+
+    def close(self) -> None:
+        self._max_priority = None
+        self._map = None
+
+
+def _aligned_range(offset: int, length: int) -> tuple[int, int]:
+    lo = offset - offset % mmap.PAGESIZE
+    return lo, offset + length - lo
+
+
+class MemmapColumns:
+    """The data memmaps of one shard: numpy views ``[capacity, *shape]`` per key.
+
+    Runs wherever the buffer lives. Not thread-safe by itself; ``write`` and ``gather``
+    on disjoint slots may run concurrently (plain memory copies).
+    """
+
+    def __init__(self, data_dir: Path, schema: Schema, capacity: int) -> None:
+        self.data_dir = data_dir
+        self.schema = schema
+        self.capacity = capacity
+        self.arrays: dict[tuple[str, ...], np.memmap] = {}
+        self.files: dict[tuple[str, ...], Path] = {}
+        for key, (shape, dtype) in schema.items():
+            path = data_dir.joinpath(*key[:-1], f"{key[-1]}.memmap")
+            expected = capacity * int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            if not path.is_file() or path.stat().st_size != expected:
+                raise BufferFormatError(
+                    f"open: data file {path} is missing or not {expected} bytes; the buffer "
+                    f"directory is damaged"
+                )
+            self.files[key] = path
+            self.arrays[key] = np.memmap(path, dtype=dtype, mode="r+", shape=(capacity, *shape))
+        # plain ndarray views of the maps: slicing an np.memmap runs its Python-level
+        # __getitem__/__array_finalize__, which costs more than a small batch's copy
+        self.views = {k: a.view(np.ndarray) for k, a in self.arrays.items()}
+        self.row_bytes = {k: a.strides[0] for k, a in self.arrays.items()}
+
+    @classmethod
+    def create(cls, data_dir: Path, schema: Schema, capacity: int) -> "MemmapColumns":
+        """Create the tensordict memmap directory, sparse at full capacity."""
+        from tensordict import TensorDict
+
+        if data_dir.exists():
+            # left by a crash between creating the files and recording the schema
+            shutil.rmtree(data_dir)
+        nested: dict[str, Any] = {}
+        for key, (shape, dtype) in schema.items():
+            node = nested
+            for part in key[:-1]:
+                node = node.setdefault(part, {})
+            one = torch.from_numpy(np.zeros((1, *shape), dtype=dtype))
+            node[key[-1]] = one.expand(capacity, *shape)
+        try:
+            TensorDict(nested, batch_size=[capacity]).memmap_like(str(data_dir))
+        except (RuntimeError, OSError) as e:
+            shutil.rmtree(data_dir, ignore_errors=True)
+            raise OSError(
+                errno.EFBIG,
+                f"extend: cannot create sparse data files of {capacity} rows "
+                f"({human_bytes(capacity * row_bytes(schema))}) in {data_dir}: {e}; the "
+                f"filesystem limits file sizes: lower the capacity",
+            ) from e
+        return cls(data_dir, schema, capacity)
+
+    def reserve(self, first_slot: int, end_slot: int) -> None:
+        """Allocate disk blocks for slots ``[first_slot, end_slot)`` of every file.
+
+        Raises:
+            OSError: the disk cannot supply them; names the file and the bytes needed.
+        """
+        for key, path in self.files.items():
+            rb = self.row_bytes[key]
+            offset, length = first_slot * rb, (end_slot - first_slot) * rb
+            if length <= 0:
+                continue
+            fd = os.open(path, os.O_RDWR)
+            try:
+                os.posix_fallocate(fd, offset, length)
+            except OSError as e:
+                raise OSError(
+                    e.errno,
+                    f"extend: cannot reserve {length} bytes on disk for {path} (rows "
+                    f"{first_slot}..{end_slot - 1}): {os.strerror(e.errno or errno.EIO)}; free "
+                    f"disk space or create the buffer with a smaller capacity",
+                    str(path),
+                ) from e
+            finally:
+                os.close(fd)
+
+    def write(self, slot: int, arrays: dict[tuple[str, ...], np.ndarray], lo: int, hi: int) -> None:
+        """Copy rows ``arrays[k][lo:hi]`` into slots ``slot..slot+hi-lo`` (no wrap)."""
+        for key, dst in self.views.items():
+            dst[slot : slot + hi - lo] = arrays[key][lo:hi]
+
+    def sync(self, slot: int, count: int) -> None:
+        """msync the byte ranges of slots ``[slot, slot+count)`` of every file."""
+        for key, arr in self.arrays.items():
+            rb = self.row_bytes[key]
+            mm = arr._mmap  # numpy keeps the mmap object; msync just the written pages
+            if mm is None:
+                continue
+            lo, length = _aligned_range(slot * rb + arr.offset, count * rb)
+            if length > 0:
+                mm.flush(lo, length)
+
+    def sync_all(self) -> None:
+        for arr in self.arrays.values():
+            arr.flush()
+
+    def bytes_on_disk(self) -> int:
+        return sum(p.stat().st_blocks * 512 for p in self.files.values())
+
+    def close(self) -> None:
+        self.arrays = {}
+        self.views = {}
+
+
+def free_disk_bytes(directory: Path) -> int:
+    return shutil.disk_usage(directory).free
+
+
+def rows_for_bytes(capacity_bytes: int, schema: Schema, extra_per_row: int = 0) -> int:
+    per_row = row_bytes(schema) + extra_per_row
+    return max(0, min(MAX_ROWS - 1, capacity_bytes // max(1, per_row)))
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
+        if abs(n) < 1000 or unit == "PB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n} B"  # unreachable
+

@@ -1,0 +1,169 @@
+"""Building gymnasium envs from an ``EnvConfig``: single envs, vector envs, seeds.
+
+An env is named by a registered gymnasium id (``"CartPole-v1"``) or by
+``"package.module:callable"``; wrappers are applied to each single env in order.
+
+Vector envs autoreset in ``SAME_STEP`` mode: when env j ends an episode, the same
+``step`` call resets it, returns the reset observation in ``obs[j]`` and the true final
+observation in ``infos["final_obs"][j]``. Every ``step`` call is then one transition per
+env, so the collector stores all of them and masks none (``NEXT_STEP`` mode would spend
+one step per episode on a reset that is not a transition, and need a mask).
+
+Seeds: ``derive_seeds(seed, n)`` spreads one integer into ``n`` independent 32-bit seeds
+with ``numpy.random.SeedSequence``. The collector derives its actor seed from
+``(run seed, collector index, incarnation)`` and its env seeds from that, so actor i,
+env j gets a seed distinct from every other env in the fleet, and a fleet run with the
+same seed and the same restarts is reproducible. All functions run wherever they are
+called (driver or actor) and keep no shared state.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import importlib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import gymnasium
+import numpy as np
+
+from rlfleet.collector.config import EnvConfig
+
+__all__ = ["derive_seeds", "make_env", "make_vector_env"]
+
+
+def derive_seeds(seed: int, count: int, *, salt: tuple[int, ...] = ()) -> list[int]:
+    """``count`` independent 32-bit seeds derived from ``seed`` (and optional ``salt`` ints)."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed = {seed!r}: must be an integer >= 0")
+    sequence = np.random.SeedSequence([int(seed), *(int(s) for s in salt)])
+    return [int(s) for s in sequence.generate_state(count, dtype=np.uint32)]
+
+
+def _import_attr(path: str, what: str) -> Any:
+    module_name, _, attr = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(
+            f"{what} {path!r}: cannot import module {module_name!r} ({e}); install it or fix "
+            "the 'package.module:callable' path"
+        ) from e
+    return module, attr, getattr(module, attr, None)
+
+
+def _env_factory(env_id: str, kwargs: Mapping[str, Any]) -> Callable[[], gymnasium.Env]:
+    if ":" in env_id:
+        _, attr, target = _import_attr(env_id, "env.id")
+        if callable(target):
+            return functools.partial(target, **kwargs)
+        # gymnasium's own "module:EnvId" form: importing the module registers the id.
+        if attr in gymnasium.registry:
+            return functools.partial(gymnasium.make, attr, **kwargs)
+        raise ValueError(
+            f"env.id {env_id!r}: the module has no callable {attr!r} and no gymnasium id "
+            f"{attr!r} was registered by importing it"
+        )
+    if env_id not in gymnasium.registry:
+        by_lower = {name.lower(): name for name in gymnasium.registry}
+        close = [by_lower[m] for m in difflib.get_close_matches(env_id.lower(), list(by_lower), n=5, cutoff=0.5)]
+        hint = f"close matches: {close}" if close else "no close match among registered ids"
+        raise ValueError(
+            f"env.id {env_id!r} is not a registered gymnasium id ({hint}); use a registered id "
+            "or 'package.module:callable'"
+        )
+    return functools.partial(gymnasium.make, env_id, **kwargs)
+
+
+def _wrapper(spec: str | Mapping[str, Any], index: int) -> Callable[[gymnasium.Env], gymnasium.Env]:
+    kwargs: dict[str, Any] = {}
+    if isinstance(spec, Mapping):
+        kwargs = {k: v for k, v in spec.items() if k != "type"}
+        spec = spec["type"]
+    if ":" in spec:
+        _, _, target = _import_attr(spec, f"env.wrappers[{index}]")
+    else:
+        target = getattr(gymnasium.wrappers, spec, None)
+        if target is None:
+            names = [n for n in dir(gymnasium.wrappers) if not n.startswith("_")]
+            close = difflib.get_close_matches(spec, names, n=5, cutoff=0.5)
+            raise ValueError(
+                f"env.wrappers[{index}] = {spec!r} is not in gymnasium.wrappers (close matches: "
+                f"{close}); use a gymnasium wrapper name or 'package.module:callable'"
+            )
+    if not callable(target):
+        raise ValueError(f"env.wrappers[{index}] = {spec!r} is not callable")
+    return functools.partial(target, **kwargs) if kwargs else target
+
+
+def _check_config(env: EnvConfig) -> None:
+    if not isinstance(env, EnvConfig):
+        raise TypeError(f"env must be an EnvConfig, got {type(env).__name__}")
+
+
+def make_env(env: EnvConfig, *, seed: int | None = None) -> gymnasium.Env:
+    """Build one env from the config, wrappers applied.
+
+    Args:
+        env: Which env, its kwargs and wrappers (``num_envs`` is ignored here).
+        seed: If given, the env is reset once with it and its action and observation
+            spaces are seeded with it.
+
+    Returns:
+        The wrapped ``gymnasium.Env``.
+
+    Raises:
+        ValueError: Unknown id (the message lists close matches), a module that does not
+            import, an unknown wrapper, or a callable that does not return an Env.
+    """
+    _check_config(env)
+    factory = _env_factory(env.id, env.kwargs)
+    wrappers = [_wrapper(w, i) for i, w in enumerate(env.wrappers)]
+    made = factory()
+    if not isinstance(made, gymnasium.Env):
+        raise ValueError(
+            f"env.id {env.id!r} returned {type(made).__name__}, not a gymnasium.Env; the "
+            "callable must return a gymnasium.Env"
+        )
+    for wrap in wrappers:
+        made = wrap(made)
+    if seed is not None:
+        made.reset(seed=seed)
+        made.action_space.seed(seed)
+        made.observation_space.seed(seed)
+    return made
+
+
+def make_vector_env(env: EnvConfig, *, seed: int) -> gymnasium.vector.VectorEnv:
+    """Build ``env.num_envs`` copies as one vector env, autoreset in ``SAME_STEP`` mode.
+
+    Env j is reset with ``derive_seeds(seed, num_envs)[j]`` and the vector action space is
+    seeded with ``seed``, so the result is ready to ``step``. The caller owns it and must
+    ``close()`` it (an ``"async"`` vector env holds one subprocess per env).
+    """
+    venv, _ = reset_vector_env(env, seed=seed)
+    return venv
+
+
+def reset_vector_env(env: EnvConfig, *, seed: int) -> tuple[gymnasium.vector.VectorEnv, np.ndarray]:
+    """Like ``make_vector_env``, also returning the first observation ``[num_envs, *obs_shape]``."""
+    _check_config(env)
+    # Checks id and wrappers in this process before any subprocess starts.
+    _env_factory(env.id, env.kwargs)
+    for i, w in enumerate(env.wrappers):
+        _wrapper(w, i)
+    fns = [functools.partial(make_env, env) for _ in range(env.num_envs)]
+    mode = gymnasium.vector.AutoresetMode.SAME_STEP
+    if env.vectorization == "sync":
+        # copy=False: the collector copies each observation into its own arrays at once.
+        venv = gymnasium.vector.SyncVectorEnv(fns, copy=False, autoreset_mode=mode)
+    else:
+        venv = gymnasium.vector.AsyncVectorEnv(fns, copy=False, autoreset_mode=mode)
+    try:
+        obs, _ = venv.reset(seed=derive_seeds(seed, env.num_envs))
+        venv.action_space.seed(seed)
+    except BaseException:
+        venv.close()
+        raise
+    return venv, obs

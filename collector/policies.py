@@ -1,0 +1,282 @@
+"""Policy networks built from a ``PolicyConfig`` and the env's spaces.
+
+Collectors and learners call the same ``build_policy`` with the same config and spaces,
+so the modules are identical and a learner's ``state_dict()`` loads into a collector's
+policy. Two heads:
+
+- ``QNetwork`` for ``Discrete`` actions: ``obs [B, *obs_shape] -> q [B, n_actions]``.
+- ``GaussianActor`` for 1-D ``Box`` actions: ``obs -> (mean [B, A], log_std [B, A])``;
+  an action is ``tanh(z)``, ``z ~ N(mean, exp(log_std))``, rescaled to the box bounds.
+
+Both start with an encoder chosen by the observation space: 1-D ``Box`` observations go
+straight to the MLP (cast to float32); ``[C, H, W]`` uint8 images go through a small
+stride-2 CNN (scaled to [0, 1]) first. Modules are plain ``nn.Module``s: not thread-safe
+while training, fine to share read-only under ``torch.inference_mode``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import gymnasium
+import numpy as np
+import torch
+from torch import nn
+
+from rlfleet.collector.config import PolicyConfig
+
+__all__ = ["GaussianActor", "QNetwork", "build_policy", "check_state_dict", "resolve_device"]
+
+LOG_STD_MIN = -5.0
+LOG_STD_MAX = 2.0
+
+
+def _mlp(in_dim: int, hidden: Sequence[int], out_dim: int | None) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for width in hidden:
+        layers += [nn.Linear(in_dim, width), nn.ReLU()]
+        in_dim = width
+    if out_dim is not None:
+        layers.append(nn.Linear(in_dim, out_dim))
+    return nn.Sequential(*layers)
+
+
+class _VectorEncoder(nn.Module):
+    """``[B, D]`` observations of any numeric dtype -> float32 ``[B, D]``."""
+
+    def __init__(self, obs_shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.out_dim = int(obs_shape[0])
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return obs.to(torch.float32)
+
+
+class _ImageEncoder(nn.Module):
+    """``[B, C, H, W]`` uint8 images -> float32 ``[B, F]``: three stride-2 3x3 convs.
+
+    Stride-2 3x3 convolutions with padding work for any image size (the Nature-DQN
+    8x8/stride-4 stack needs at least 36x36), which keeps small test images usable.
+    """
+
+    def __init__(self, obs_shape: tuple[int, ...]) -> None:
+        super().__init__()
+        channels = int(obs_shape[0])
+        self.convs = nn.Sequential(
+            nn.Conv2d(channels, 16, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(32, 32, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Flatten(),
+        )
+        with torch.no_grad():
+            self.out_dim = int(self.convs(torch.zeros(1, *obs_shape)).shape[1])
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.convs(obs.to(torch.float32) / 255.0)
+
+
+class QNetwork(nn.Module):
+    """Q-values for a ``Discrete`` action space: ``obs [B, *obs_shape] -> [B, n_actions]``.
+
+    Column ``k`` is the value of env action ``action_start + k`` (gymnasium's
+    ``Discrete(n, start=s)``).
+    """
+
+    def __init__(self, encoder: nn.Module, hidden: Sequence[int], n_actions: int, action_start: int = 0) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.head = _mlp(encoder.out_dim, hidden, n_actions)
+        self.n_actions = n_actions
+        self.action_start = action_start
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(obs))
+
+
+class GaussianActor(nn.Module):
+    """A tanh-squashed Gaussian policy for a 1-D ``Box`` action space.
+
+    ``forward(obs)`` returns ``(mean [B, A], log_std [B, A])`` of the pre-tanh Gaussian,
+    ``log_std`` squashed into ``[LOG_STD_MIN, LOG_STD_MAX]``. ``rsample`` and
+    ``deterministic`` return actions already rescaled to the box bounds, which is what
+    the env receives and the buffer stores. The bounds are non-persistent buffers: they
+    come from the action space, not from ``state_dict()``.
+    """
+
+    def __init__(self, encoder: nn.Module, hidden: Sequence[int], low: np.ndarray, high: np.ndarray) -> None:
+        super().__init__()
+        action_dim = int(low.shape[0])
+        self.encoder = encoder
+        self.trunk = _mlp(encoder.out_dim, hidden, None)
+        trunk_dim = hidden[-1] if hidden else encoder.out_dim
+        self.mean = nn.Linear(trunk_dim, action_dim)
+        self.log_std = nn.Linear(trunk_dim, action_dim)
+        self.action_dim = action_dim
+        low_t = torch.as_tensor(low, dtype=torch.float32)
+        high_t = torch.as_tensor(high, dtype=torch.float32)
+        self.register_buffer("action_scale", (high_t - low_t) / 2.0, persistent=False)
+        self.register_buffer("action_bias", (high_t + low_t) / 2.0, persistent=False)
+
+    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.trunk(self.encoder(obs))
+        log_std = torch.tanh(self.log_std(h))
+        log_std = LOG_STD_MIN + 0.5 * (LOG_STD_MAX - LOG_STD_MIN) * (log_std + 1.0)
+        return self.mean(h), log_std
+
+    def scale(self, unit_action: torch.Tensor) -> torch.Tensor:
+        """Map actions in ``[-1, 1]`` to the box bounds."""
+        return unit_action * self.action_scale + self.action_bias
+
+    def unscale(self, action: torch.Tensor) -> torch.Tensor:
+        """Map actions in the box bounds to ``[-1, 1]``."""
+        return (action - self.action_bias) / self.action_scale
+
+    def deterministic(self, obs: torch.Tensor) -> torch.Tensor:
+        """The mode of the policy, ``scale(tanh(mean))``: ``[B, A]`` in the box bounds."""
+        mean, _ = self(obs)
+        return self.scale(torch.tanh(mean))
+
+    def rsample(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A reparameterised sample and its log-density (for SAC).
+
+        Returns:
+            ``(action [B, A] in the box bounds, log_prob [B])``; ``log_prob`` includes the
+            tanh and rescaling Jacobians.
+        """
+        mean, log_std = self(obs)
+        std = log_std.exp()
+        z = mean + std * torch.randn_like(mean)
+        u = torch.tanh(z)
+        gauss = -0.5 * ((z - mean) / std).pow(2) - log_std - 0.5 * math.log(2 * math.pi)
+        log_prob = gauss - torch.log(self.action_scale * (1 - u.pow(2)) + 1e-6)
+        return self.scale(u), log_prob.sum(-1)
+
+
+def _encoder(policy: PolicyConfig, space: gymnasium.Space) -> nn.Module:
+    shape = getattr(space, "shape", None)
+    if not isinstance(space, gymnasium.spaces.Box) or shape is None:
+        raise ValueError(
+            f"build_policy: observation space {space} is not supported: the policies take a "
+            "Box of shape [D] (vector) or [C, H, W] uint8 (image); wrap the env, e.g. with "
+            "env.wrappers=['FlattenObservation'] for Dict/Tuple/Discrete observations"
+        )
+    if len(shape) == 3 and space.dtype == np.uint8:
+        if shape[0] > 4 and shape[2] <= 4:
+            raise ValueError(
+                f"build_policy: image observation shape {shape} looks channels-last [H, W, C]; "
+                "the CNN takes [C, H, W]: transpose the observation with a wrapper"
+            )
+        return _ImageEncoder(tuple(int(d) for d in shape))
+    if policy.type == "cnn":
+        raise ValueError(
+            f"build_policy: policy.type 'cnn' needs [C, H, W] uint8 image observations, got "
+            f"{space}; use policy.type 'mlp' for vector observations"
+        )
+    if len(shape) == 1:
+        return _VectorEncoder(tuple(int(d) for d in shape))
+    raise ValueError(
+        f"build_policy: observation space {space} is not supported: the policies take a Box of "
+        "shape [D] (vector) or [C, H, W] uint8 (image); flatten it with "
+        "env.wrappers=['FlattenObservation']"
+    )
+
+
+def build_policy(policy: PolicyConfig, observation_space: gymnasium.Space, action_space: gymnasium.Space) -> nn.Module:
+    """Build the policy network for these spaces (runs anywhere: driver, actor, learner).
+
+    Args:
+        policy: Network type and hidden widths.
+        observation_space: The single env's observation space.
+        action_space: The single env's action space: ``Discrete`` gives a ``QNetwork``,
+            a 1-D ``Box`` with finite bounds a ``GaussianActor``.
+
+    Returns:
+        A freshly initialised module on the CPU (move it with ``.to(device)``).
+
+    Raises:
+        ValueError: A space the policies cannot handle; the message says which wrapper
+            or setting fixes it.
+    """
+    encoder = _encoder(policy, observation_space)
+    if isinstance(action_space, gymnasium.spaces.Discrete):
+        return QNetwork(encoder, policy.hidden, int(action_space.n), int(action_space.start))
+    if isinstance(action_space, gymnasium.spaces.Box):
+        if len(action_space.shape) != 1:
+            raise ValueError(
+                f"build_policy: action space {action_space} is not supported: a Box action "
+                "space must be 1-D; flatten it with a wrapper"
+            )
+        low = np.asarray(action_space.low, dtype=np.float64)
+        high = np.asarray(action_space.high, dtype=np.float64)
+        if not (np.isfinite(low).all() and np.isfinite(high).all()):
+            raise ValueError(
+                f"build_policy: action space {action_space} has infinite bounds; the Gaussian "
+                "actor squashes to the bounds, so clip them with "
+                "env.wrappers=['ClipAction'] or a RescaleAction wrapper"
+            )
+        return GaussianActor(encoder, policy.hidden, low, high)
+    raise ValueError(
+        f"build_policy: action space {action_space} is not supported: use a Discrete or a "
+        "1-D Box action space (e.g. wrap MultiDiscrete actions into one Discrete)"
+    )
+
+
+def check_state_dict(module: nn.Module, state_dict: Mapping[str, Any]) -> None:
+    """Check that ``state_dict`` has exactly ``module``'s keys and shapes.
+
+    Values may be tensors or numpy arrays (as they arrive through the object store).
+
+    Raises:
+        ValueError: Naming the missing keys, the unexpected keys, and each shape that
+            differs, so weights from another config are refused before any is loaded.
+    """
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    shapes = [
+        f"{k}: got {tuple(state_dict[k].shape)}, policy has {tuple(own[k].shape)}"
+        for k in own
+        if k in state_dict and tuple(getattr(state_dict[k], "shape", ())) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing}")
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected}")
+        if shapes:
+            parts.append("shape mismatch " + "; ".join(shapes))
+        raise ValueError(
+            "weights do not match the policy (" + ", ".join(parts) + "); build the learner's "
+            "model with build_policy and the same policy config and env spaces"
+        )
+
+
+def resolve_device(device: str) -> torch.device:
+    """The ``torch.device`` for ``"cpu"``, ``"cuda"`` or ``"cuda:N"``, checked in this process.
+
+    Raises:
+        ValueError: A cuda device without CUDA, or an index past the visible devices.
+    """
+    if device == "cpu":
+        return torch.device("cpu")
+    prefix, _, index = device.partition(":")
+    if prefix != "cuda" or (index and not index.isdigit()):
+        raise ValueError(f"device = {device!r}: must be 'cpu', 'cuda' or 'cuda:N'")
+    if not torch.cuda.is_available():
+        raise ValueError(
+            f"device = {device!r} but CUDA is not available in this process; use device 'cpu', "
+            "or give the actor a GPU (collector.num_gpus > 0 on a cluster with GPUs)"
+        )
+    count = torch.cuda.device_count()
+    if index and int(index) >= count:
+        raise ValueError(
+            f"device = {device!r} but only {count} CUDA device(s) are visible; use an index "
+            f"below {count}"
+        )
+    return torch.device(device)

@@ -1,0 +1,162 @@
+"""A deterministic env for tests: every observation says which env, episode and step it is.
+
+``CountingEnv`` observations are int64 ``[tag, episode, step]``: ``tag`` is the seed of
+the env's first seeded reset (unique per env across a fleet, since the collector derives
+distinct seeds), ``episode`` counts the env's episodes from 0, ``step`` counts steps
+within the episode from 0. Episode ``e`` lasts ``1 + (tag + e) % max_length`` steps and
+ends terminated when ``e`` is even, truncated when odd, so both ends and one-step
+episodes occur. The reward of the step leaving step ``s`` is ``s + 1``. From any stored
+transition a test can therefore check that ``next.observation`` is exactly the
+observation that followed, including the true final one at an episode end.
+
+Importable by Ray workers as ``"rlfleet.collector.testing:CountingEnv"``.
+
+``check_counting_rows`` checks each transition on its own (also after sampling);
+``check_counting_stream`` checks rows in insertion order: every env's rows form its
+exact trajectory from its first step, with nothing lost, duplicated or reordered. Both
+raise ``AssertionError`` with the first offending row, so tests can call them directly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tensordict import TensorDictBase
+
+import gymnasium
+import numpy as np
+
+__all__ = ["CountingEnv", "check_counting_rows", "check_counting_stream", "episode_length"]
+
+
+def episode_length(tag: int, episode: int, max_length: int) -> int:
+    """How many steps episode ``episode`` of the env with this ``tag`` lasts."""
+    return 1 + (tag + episode) % max_length
+
+
+class CountingEnv(gymnasium.Env):
+    """Observations ``[tag, episode, step]`` (int64); see the module docstring.
+
+    Args:
+        max_length: Longest episode, in steps.
+        num_actions: Size of the ``Discrete`` action space (actions are ignored).
+    """
+
+    metadata: dict[str, Any] = {"render_modes": []}
+
+    def __init__(self, max_length: int = 7, num_actions: int = 2) -> None:
+        if max_length < 1:
+            raise ValueError(f"CountingEnv: max_length = {max_length}: must be >= 1")
+        self.max_length = max_length
+        self.observation_space = gymnasium.spaces.Box(0, np.iinfo(np.int64).max, (3,), np.int64)
+        self.action_space = gymnasium.spaces.Discrete(num_actions)
+        self.tag = 0
+        self.episode = -1
+        self.step_count = 0
+        self.length = 1
+
+    def _obs(self) -> np.ndarray:
+        return np.array([self.tag, self.episode, self.step_count], dtype=np.int64)
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
+        super().reset(seed=seed)
+        if seed is not None:
+            self.tag = int(seed)
+            self.episode = -1
+        self.episode += 1
+        self.step_count = 0
+        self.length = episode_length(self.tag, self.episode, self.max_length)
+        return self._obs(), {}
+
+    def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict]:
+        reward = float(self.step_count + 1)
+        self.step_count += 1
+        ended = self.step_count >= self.length
+        terminated = ended and self.episode % 2 == 0
+        truncated = ended and self.episode % 2 == 1
+        return self._obs(), reward, terminated, truncated, {}
+
+
+def check_counting_rows(rows: TensorDictBase, *, max_length: int) -> None:
+    """Check every row of ``rows [N]`` (from ``CountingEnv``) against the env's rules.
+
+    Per row: ``step`` matches the observation, ``next.observation`` is the observation
+    one step later (the true final one at an episode end), reward, terminated,
+    truncated and done follow from the episode's length; ``episode_id`` maps one-to-one
+    to ``(tag, episode)`` within ``rows``.
+
+    Raises:
+        AssertionError: naming the first bad row and what differs.
+    """
+    obs = rows["observation"].numpy()
+    nxt = rows["next", "observation"].numpy()
+    step = rows["step"].numpy()
+    reward = rows["reward"].numpy()
+    term = rows["terminated"].numpy()
+    trunc = rows["truncated"].numpy()
+    done = rows["done"].numpy()
+    eids = rows["episode_id"].numpy()
+    owner: dict[int, tuple[int, int]] = {}
+    for i in range(obs.shape[0]):
+        tag, episode, s = (int(x) for x in obs[i])
+        length = episode_length(tag, episode, max_length)
+        ended = s + 1 == length
+        expected = {
+            "step": s,
+            "next.observation": [tag, episode, s + 1],
+            "reward": float(s + 1),
+            "terminated": ended and episode % 2 == 0,
+            "truncated": ended and episode % 2 == 1,
+            "done": ended,
+        }
+        got = {
+            "step": int(step[i]),
+            "next.observation": [int(x) for x in nxt[i]],
+            "reward": float(reward[i]),
+            "terminated": bool(term[i]),
+            "truncated": bool(trunc[i]),
+            "done": bool(done[i]),
+        }
+        if got != expected:
+            raise AssertionError(f"row {i} (obs {obs[i].tolist()}): got {got}, expected {expected}")
+        key = (tag, episode)
+        if owner.setdefault(int(eids[i]), key) != key:
+            raise AssertionError(
+                f"row {i}: episode_id {int(eids[i])} is used by {owner[int(eids[i])]} and {key}"
+            )
+    if len(set(owner.values())) != len(owner):
+        raise AssertionError("one (tag, episode) carries more than one episode_id")
+
+
+def check_counting_stream(rows: TensorDictBase, *, max_length: int) -> dict[int, int]:
+    """Check rows in insertion order: each env's rows are its whole trajectory, in order.
+
+    Also runs ``check_counting_rows``. For each env (tag), the first row must be episode
+    0 step 0, and each later row of that env must follow the previous one (next step,
+    or step 0 of the next episode after an end).
+
+    Returns:
+        ``{tag: rows of that env}``.
+
+    Raises:
+        AssertionError: naming the first row that breaks the order.
+    """
+    check_counting_rows(rows, max_length=max_length)
+    obs = rows["observation"].numpy()
+    done = rows["done"].numpy()
+    last: dict[int, tuple[int, int, bool]] = {}
+    counts: dict[int, int] = {}
+    for i in range(obs.shape[0]):
+        tag, episode, s = (int(x) for x in obs[i])
+        if tag in last:
+            pe, ps, pdone = last[tag]
+            want = (pe + 1, 0) if pdone else (pe, ps + 1)
+        else:
+            want = (0, 0)
+        if (episode, s) != want:
+            raise AssertionError(
+                f"row {i}: env {tag} jumps to episode {episode} step {s}, expected {want}"
+            )
+        last[tag] = (episode, s, bool(done[i]))
+        counts[tag] = counts.get(tag, 0) + 1
+    return counts

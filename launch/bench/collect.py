@@ -1,0 +1,153 @@
+"""``rlfleet bench collect``: collector fleet frames/s against bare gymnasium env steps.
+
+For each actor count M and envs-per-actor K, a fleet of M collector actors steps K
+``CartPole-v1`` envs each with the MLP policy (4-64-64-2, one forward per vector step)
+and streams into a real one-shard replay service. Its rate is measured from the fleet's
+counters over ``--seconds`` after a warm-up. The ceiling, measured in the same run on
+this driver: K plain ``gymnasium.make("CartPole-v1")`` envs stepped in a bare Python
+loop with pre-drawn random actions (no vector wrapper, no policy, no buffer), times M.
+The ratio is fleet / ceiling; the ceiling is measured right before each case, so both
+see the same machine. Also printed: the actors' time split between env steps, policy
+(forward and exploration) and sending (on its own thread, overlapping the other two), as
+shares of the actors' wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+
+__all__ = ["add_arguments", "main"]
+
+ENV_ID = "CartPole-v1"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--actors", type=int, nargs="+", default=[1, 2], help="actor counts (default: 1 2)")
+    parser.add_argument("--envs", type=int, nargs="+", default=[1, 8, 32], help="envs per actor (default: 1 8 32)")
+    parser.add_argument("--seconds", type=float, default=10.0, help="measuring window per case (default: 10)")
+    parser.add_argument("--warmup-s", type=float, default=3.0, help="collecting before the window (default: 3)")
+    parser.add_argument("--frames-per-batch", type=int, default=1024, help="rows per extend (default: 1024)")
+    parser.add_argument("--address", default=None, help="Ray address to join (default: start a local Ray)")
+
+
+def bare_env_fps(num_envs: int, seconds: float, seed: int = 0) -> float:
+    """Frames/s of ``num_envs`` plain CartPole envs stepped in a Python loop, random actions."""
+    import gymnasium
+
+    envs = [gymnasium.make(ENV_ID) for _ in range(num_envs)]
+    for j, env in enumerate(envs):
+        env.reset(seed=seed + j)
+    actions = np.random.default_rng(seed).integers(0, 2, (4096, num_envs)).tolist()
+    frames, steps = 0, 0
+    t0 = time.perf_counter()
+    while True:
+        row = actions[steps % 4096]
+        for j, env in enumerate(envs):
+            _, _, terminated, truncated, _ = env.step(row[j])
+            if terminated or truncated:
+                env.reset()
+        frames += num_envs
+        steps += 1
+        if steps % 64 == 0 and time.perf_counter() - t0 >= seconds:
+            break
+    elapsed = time.perf_counter() - t0
+    for env in envs:
+        env.close()
+    return frames / elapsed
+
+
+def _fleet_case(buffer: str, actors: int, envs: int, args: argparse.Namespace) -> dict[str, Any]:
+    from rlfleet.collector import CollectorConfig, CollectorFleet, EnvConfig, ExplorationConfig, PolicyConfig
+
+    config = SimpleNamespace(
+        name=f"bench-collect-{actors}x{envs}", seed=0,
+        env=EnvConfig(id=ENV_ID, num_envs=envs),
+        # a constant small epsilon: every step runs the policy forward
+        collector=CollectorConfig(num_workers=actors, frames_per_batch=args.frames_per_batch,
+                                  init_random_frames=0,
+                                  exploration=ExplorationConfig(start=0.05, end=0.05, frames=0)),
+        policy=PolicyConfig(type="mlp", hidden=(64, 64)),
+    )
+    fleet = CollectorFleet(config, buffer)
+    try:
+        fleet.start()
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            reports = fleet.stats()["collectors"]
+            if all(r is not None and r["batches"] >= 2 for r in reports):
+                break
+            time.sleep(0.2)
+        time.sleep(args.warmup_s)
+        s0, t0 = fleet.stats(), time.monotonic()
+        time.sleep(args.seconds)
+        s1, t1 = fleet.stats(), time.monotonic()
+    finally:
+        fleet.stop()
+    split = {}
+    for key in ("env_time_s", "policy_time_s", "send_time_s"):
+        split[key] = sum(b[key] - a[key] for a, b in zip(s0["collectors"], s1["collectors"]))
+    # Shares of each actor's wall time (sending runs on its own thread, overlapping).
+    busy = actors * (t1 - t0)
+    return {
+        "actors": actors, "envs": envs,
+        "frames_per_s": (s1["frames"] - s0["frames"]) / (t1 - t0),
+        "env_share": split["env_time_s"] / busy, "policy_share": split["policy_time_s"] / busy,
+        "send_share": split["send_time_s"] / busy,
+    }
+
+
+def main(args: argparse.Namespace) -> int:
+    import ray
+
+    from rlfleet.buffer import ReplayService
+
+    started = False
+    if not ray.is_initialized():
+        if args.address:
+            ray.init(address=args.address, namespace="rlfleet")
+        else:
+            # Logical CPUs for placement only: each collector actor asks for one.
+            ray.init(namespace="rlfleet", num_cpus=max(8, 2 * max(args.actors) + 2),
+                     include_dashboard=False, log_to_driver=False)
+        started = True
+    results = []
+    with tempfile.TemporaryDirectory(prefix="rlfleet-bench-collect-") as tmp:
+        name = "bench-collect"
+        # Keep the handle: a non-detached shard ends when its last handle goes away.
+        service = ReplayService.launch(name, tmp, capacity=2_000_000, detached=False)
+        try:
+            for actors in args.actors:
+                for envs in args.envs:
+                    # The ceiling right before its case, so both see the same machine load.
+                    bare = bare_env_fps(envs, min(args.seconds, 3.0))
+                    case = _fleet_case(name, actors, envs, args)
+                    case["bare_fps_per_env_loop"] = bare
+                    case["ceiling_fps"] = bare * actors
+                    case["ratio"] = case["frames_per_s"] / case["ceiling_fps"]
+                    results.append(case)
+                    if not args.json:
+                        print(
+                            f"collect {ENV_ID} mlp 4-64-64-2  actors={actors} envs={envs:<3d} "
+                            f"frames/s={case['frames_per_s']:9.0f}  ceiling={case['ceiling_fps']:9.0f} "
+                            f"({actors} x {bare:.0f} bare)  ratio={case['ratio']:.2f}  "
+                            f"wall share env/policy/send={case['env_share']:.2f}/{case['policy_share']:.2f}/"
+                            f"{case['send_share']:.2f}",
+                            flush=True,
+                        )
+        finally:
+            try:
+                ReplayService.shutdown(service.name, delete=True)
+            except Exception as e:  # noqa: BLE001 - the temporary directory goes anyway
+                print(f"collect bench: shutting the buffer down failed: {e}")
+            if started:
+                ray.shutdown()
+    if args.json:
+        print(json.dumps({"bench": "collect", "env": ENV_ID, "results": results}))
+    return 0

@@ -1,0 +1,218 @@
+"""``rlfleet bench remote``: the sharded replay service through a client, against bare Ray.
+
+Runs on the driver, which is the client process. For two schemas (CartPole-sized rows,
+and Atari-sized rows of 4x84x84 uint8 frames) it fills a 2-shard service, then measures:
+
+- insert: ``client.extend`` of 1024-row batches, against the bare limit of an actor
+  method receiving an equal numpy payload (and answering a few bytes);
+- sample: ``client.sample(256)`` one batch at a time, and ``client.sampler(256,
+  prefetch=k)``, against the bare limit of S actors (one per shard) each returning its
+  share of an equal numpy payload, fetched in parallel, one batch at a time and with k
+  batches in flight.
+
+Each line prints the client's rows/s and MB/s, the bare limit, and their ratio. Both
+sides run in the same process on the same cluster, interleaved, so the ratio survives
+a noisy machine better than either figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+__all__ = ["add_arguments", "main"]
+
+SCHEMAS: dict[str, dict[tuple[str, ...], tuple[tuple[int, ...], str]]] = {
+    "cartpole": {
+        ("observation",): ((4,), "float32"), ("next", "observation"): ((4,), "float32"),
+        ("action",): ((), "int64"), ("reward",): ((), "float32"),
+        ("terminated",): ((), "bool"), ("truncated",): ((), "bool"), ("done",): ((), "bool"),
+        ("episode_id",): ((), "int64"), ("step",): ((), "int64"),
+        ("collector_id",): ((), "int64"), ("policy_version",): ((), "int64"),
+    },
+    "atari": {
+        ("observation",): ((4, 84, 84), "uint8"), ("next", "observation"): ((4, 84, 84), "uint8"),
+        ("action",): ((), "int64"), ("reward",): ((), "float32"),
+        ("terminated",): ((), "bool"), ("truncated",): ((), "bool"), ("done",): ((), "bool"),
+        ("episode_id",): ((), "int64"), ("step",): ((), "int64"),
+        ("collector_id",): ((), "int64"), ("policy_version",): ((), "int64"),
+    },
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test, not a figure")
+    parser.add_argument("--schemas", default="cartpole,atari", help="comma-separated: cartpole,atari")
+    parser.add_argument("--shards", type=int, default=2, help="shards of the service (default 2)")
+    parser.add_argument("--batch-size", type=int, default=256, help="rows per sample (default 256)")
+    parser.add_argument("--insert-batch", type=int, default=1024, help="rows per extend (default 1024)")
+    parser.add_argument("--prefetch", type=int, default=2, help="batches in flight (default 2)")
+    parser.add_argument("--seconds", type=float, default=4.0, help="time per measurement (default 4)")
+    parser.add_argument("--address", default=None,
+                        help="join this Ray cluster (default: start a local one for the bench)")
+
+
+def _payload(schema: dict, n: int, rng: np.random.Generator) -> dict[tuple[str, ...], np.ndarray]:
+    out = {}
+    for key, (shape, dtype) in schema.items():
+        if dtype == "uint8":
+            out[key] = rng.integers(0, 255, size=(n, *shape), dtype=np.uint8)
+        elif dtype == "bool":
+            out[key] = rng.random((n, *shape)) < 0.01
+        else:
+            out[key] = rng.random((n, *shape)).astype(dtype)
+    return out
+
+
+def _nbytes(arrays: dict[Any, np.ndarray]) -> int:
+    return sum(a.nbytes for a in arrays.values())
+
+
+class _Echo:
+    """The bare limit: an actor that holds a payload and returns it, or receives one."""
+
+    def __init__(self, arrays: dict[tuple[str, ...], np.ndarray]) -> None:
+        self.arrays = arrays
+
+    def give(self) -> dict[tuple[str, ...], np.ndarray]:
+        return self.arrays
+
+    def take(self, arrays: dict[tuple[str, ...], np.ndarray]) -> int:
+        return len(next(iter(arrays.values())))
+
+
+def _rate(step: Callable[[], int], seconds: float, min_calls: int) -> float:
+    """Rows per second of ``step`` (which returns rows), after one warm-up call."""
+    step()
+    rows, calls, start = 0, 0, time.perf_counter()
+    while calls < min_calls or time.perf_counter() - start < seconds:
+        rows += step()
+        calls += 1
+    return rows / (time.perf_counter() - start)
+
+
+def _pipelined(submit: Callable[[], Any], collect: Callable[[Any], int], depth: int) -> Callable[[], int]:
+    queue: deque = deque(submit() for _ in range(depth))
+
+    def step() -> int:
+        item = queue.popleft()
+        queue.append(submit())
+        return collect(item)
+
+    return step
+
+
+def _bench_schema(kind: str, args: argparse.Namespace, root: str, out: list[dict[str, Any]]) -> None:
+    import ray
+    from tensordict import TensorDict
+
+    from rlfleet.buffer import ReplayService
+    from rlfleet.buffer.arrays import arrays_to_tensordict
+
+    rng = np.random.default_rng(0)
+    schema = SCHEMAS[kind]
+    batch, insert_batch, shards = args.batch_size, args.insert_batch, args.shards
+    row_bytes = _nbytes(_payload(schema, 1, rng))
+    fill_rows = insert_batch * (2 if args.quick else max(4, min(32, (512 << 20) // (row_bytes * insert_batch))))
+    seconds = 0.3 if args.quick else args.seconds
+    min_calls = 2 if args.quick else 5
+    name = f"bench-remote-{kind}-{os.getpid()}"
+    service = ReplayService.launch(name, os.path.join(root, kind), capacity=fill_rows * 2,
+                                   num_shards=shards, seed=0)
+    try:
+        client = service.client(seed=0)
+        td: TensorDict = arrays_to_tensordict(_payload(schema, insert_batch, rng), [insert_batch])
+        echo_cls = ray.remote(num_cpus=0)(_Echo)
+        share = [batch // shards + (1 if k < batch % shards else 0) for k in range(shards)]
+        echoes = [echo_cls.remote(_payload(schema, share[k], rng)) for k in range(shards)]
+        ray.get([e.give.remote() for e in echoes])
+        sink = echo_cls.remote({})
+        insert_payload = {k: v.numpy() for k, v in td.items(include_nested=True, leaves_only=True)}
+        filled = 0
+        while filled < fill_rows:
+            client.extend(td)
+            filled += insert_batch
+
+        def client_insert() -> int:
+            client.extend(td)
+            return insert_batch
+
+        def bare_insert() -> int:
+            return ray.get(sink.take.remote(insert_payload))
+
+        def client_sample() -> int:
+            return client.sample(batch).batch_size[0]
+
+        def bare_submit() -> list:
+            return [e.give.remote() for e in echoes]
+
+        def bare_collect(refs: list) -> int:
+            return sum(len(next(iter(p.values()))) for p in ray.get(refs))
+
+        stream = client.sampler(batch, prefetch=args.prefetch)
+        measures = [
+            ("insert", insert_batch, 0, client_insert, bare_insert),
+            ("sample", batch, 0, client_sample, lambda: bare_collect(bare_submit())),
+            ("sample", batch, args.prefetch, lambda: next(stream).batch_size[0],
+             _pipelined(bare_submit, bare_collect, args.prefetch)),
+        ]
+        for op, size, prefetch, mine, bare in measures:
+            bare_rate = _rate(bare, seconds, min_calls)
+            my_rate = _rate(mine, seconds, min_calls)
+            out.append({
+                "schema": kind, "op": op, "batch": size, "prefetch": prefetch, "shards": shards,
+                "rows_per_s": my_rate, "mb_per_s": my_rate * row_bytes / 1e6,
+                "bare_rows_per_s": bare_rate, "bare_mb_per_s": bare_rate * row_bytes / 1e6,
+                "ratio": my_rate / bare_rate,
+            })
+        stream.close()
+        for e in [*echoes, sink]:
+            ray.kill(e)
+    finally:
+        ReplayService.shutdown(name, delete=True)
+
+
+def main(args: argparse.Namespace) -> int:
+    import ray
+
+    started = False
+    if not ray.is_initialized():
+        if args.address:
+            ray.init(address=args.address, namespace="rlfleet", log_to_driver=False)
+        else:
+            ray.init(num_cpus=4, namespace="rlfleet", include_dashboard=False, log_to_driver=False)
+            started = True
+    kinds = [k.strip() for k in args.schemas.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in SCHEMAS]
+    if unknown:
+        print(f"error: --schemas: unknown {unknown}; choose from {sorted(SCHEMAS)}")
+        return 2
+    root = tempfile.mkdtemp(prefix="rlfleet-bench-remote-")
+    results: list[dict[str, Any]] = []
+    try:
+        for kind in kinds:
+            _bench_schema(kind, args, root, results)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+        if started:
+            ray.shutdown()
+    if getattr(args, "json", False):
+        print(json.dumps({"bench": "remote", "quick": bool(args.quick), "results": results}))
+        return 0
+    for r in results:
+        label = f"{r['op']} b={r['batch']}" + (f" prefetch={r['prefetch']}" if r["op"] == "sample" else "")
+        print(
+            f"remote {r['schema']:8s} {label:24s} client {r['rows_per_s']:10.0f} rows/s "
+            f"{r['mb_per_s']:8.1f} MB/s | bare ray {r['bare_rows_per_s']:10.0f} rows/s "
+            f"{r['bare_mb_per_s']:8.1f} MB/s | ratio {r['ratio']:.2f}"
+        )
+    return 0

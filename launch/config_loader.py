@@ -1,0 +1,277 @@
+"""The strict loader behind ``rlfleet.launch.config``: YAML, typed fields, overrides.
+
+Generic over frozen dataclasses: a YAML mapping becomes the dataclass whose field it
+fills, checked against the field's annotation (``int``, ``float``, ``bool``, ``str``,
+``X | None``, ``tuple[T, ...]``, mappings, nested dataclasses). A dataclass with a
+``type`` field also accepts a bare string (``sampler: uniform``). Pure functions;
+thread-safe. Split from ``config.py`` so that the config schema reads on its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, Union
+
+import yaml
+
+__all__ = ["ConfigError", "apply_overrides", "build", "parse_yaml"]
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not parse, has an unknown key, or a bad value."""
+
+
+# --------------------------------------------------------------------------- typing
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _type_name(tp: Any) -> str:
+    if tp is type(None):
+        return "null"
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"list of {_type_name(args[0])}"
+        return "list"
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if dataclasses.is_dataclass(tp):
+        return "mapping"
+    if tp is dict or origin in (dict, Mapping):
+        return "mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _bad_type(path: str, tp: Any, value: Any) -> ConfigError:
+    return ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Check ``value`` against annotation ``tp``; return it converted (lists to tuples...)."""
+    if tp is Any:
+        return value
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise _bad_type(path, tp, value)
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, path)
+            except ConfigError:
+                continue
+        raise _bad_type(path, tp, value)
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise _bad_type(path, tp, value)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, str) and "type" in {f.name for f in dataclasses.fields(tp)}:
+            value = {"type": value}
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, Mapping):
+            raise _bad_type(path, tp, value)
+        return build(tp, value, path)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _bad_type(path, tp, value)
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise _bad_type(path, tp, value)
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise _bad_type(path, tp, value)
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _bad_type(path, tp, value)
+    if tp is tuple or origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise _bad_type(path, tp, value)
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value))
+        if args and len(args) != len(value):
+            raise ConfigError(f"{path}: expected {len(args)} items, got {len(value)}: {value!r}")
+        if args:
+            return tuple(_coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        return tuple(value)
+    if tp is dict or origin in (dict, Mapping):
+        if not isinstance(value, Mapping):
+            raise _bad_type(path, tp, value)
+        return dict(value)
+    if isinstance(tp, type):
+        if isinstance(value, tp):
+            return value
+        raise _bad_type(path, tp, value)
+    return value
+
+
+def _unknown_key(path: str, key: str, valid: Sequence[str]) -> ConfigError:
+    full = f"{path}.{key}" if path else key
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    if close:
+        nearest = f"{path}.{close[0]}" if path else close[0]
+        return ConfigError(f"unknown key {full!r}; did you mean {nearest!r}?")
+    where = f"in {path!r}" if path else "at the top level"
+    return ConfigError(f"unknown key {full!r}; valid keys {where}: {', '.join(sorted(valid))}")
+
+
+def build(cls: type, data: Mapping[str, Any], path: str) -> Any:
+    hints = _hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if not isinstance(key, str) or key not in names:
+            raise _unknown_key(path, str(key), names)
+        sub = f"{path}.{key}" if path else key
+        kwargs[key] = _coerce(value, hints[key], sub)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{path}.{e}" if path else str(e)) from None
+    except (TypeError, ValueError) as e:
+        raise ConfigError(_prefixed(path or cls.__name__, str(e))) from None
+
+
+def _prefixed(path: str, message: str) -> str:
+    # Sections from other packages already name their field ("env.num_envs = 0: ...").
+    return message if message.startswith(path) else f"{path}: {message}"
+
+
+# --------------------------------------------------------------------------- YAML
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """A safe loader that refuses duplicated keys instead of keeping the last one."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        line = key_node.start_mark.line + 1
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                f"duplicated key {key!r} (first on line {seen[key]})",
+                key_node.start_mark,
+            )
+        seen[key] = line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        what = e.problem or e.context or "invalid YAML"
+        if mark is not None:
+            raise ConfigError(f"{source}:{mark.line + 1}:{mark.column + 1}: {what}") from None
+        raise ConfigError(f"{source}: {what}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+def _parse_override_value(text: str) -> Any:
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str):
+        # YAML 1.1 reads "3e5" and "1e-3" as strings; a user typing them means numbers.
+        try:
+            number = float(value)
+        except ValueError:
+            return value
+        return int(number) if re.fullmatch(r"[+-]?\d+", value.strip()) else number
+    return value
+
+
+def _apply_override(obj: Any, parts: list[str], raw: Any, done: str, override: str) -> Any:
+    """Return ``obj`` with the leaf at ``parts`` replaced by ``raw`` (checked and converted)."""
+    key, rest = parts[0], parts[1:]
+    here = f"{done}.{key}" if done else key
+    if dataclasses.is_dataclass(obj):
+        names = [f.name for f in dataclasses.fields(obj) if f.init]
+        if key not in names:
+            raise ConfigError(f"override {override!r}: {_unknown_key(done, key, names)}")
+        tp = _hints(type(obj))[key]
+        if rest:
+            child = getattr(obj, key)
+            if not (dataclasses.is_dataclass(child) or isinstance(child, dict)):
+                raise ConfigError(
+                    f"override {override!r}: {here!r} is a {_type_name(tp)}, it has no key {rest[0]!r}"
+                )
+            new = _apply_override(child, rest, raw, here, override)
+        else:
+            try:
+                new = _coerce(raw, tp, here)
+            except ConfigError as e:
+                raise ConfigError(f"override {override!r}: {e}") from None
+        try:
+            return dataclasses.replace(obj, **{key: new})
+        except ConfigError as e:
+            raise ConfigError(f"override {override!r}: {done + '.' if done else ''}{e}") from None
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"override {override!r}: {_prefixed(done or here, str(e))}") from None
+    # A free-form mapping such as env.kwargs: any key, any YAML value.
+    new_dict = dict(obj)
+    if rest:
+        child = new_dict.get(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {override!r}: {here!r} is {child!r}, it has no key {rest[0]!r}")
+        new_dict[key] = _apply_override(child, rest, raw, here, override)
+    else:
+        new_dict[key] = raw
+    return new_dict
+
+
+def apply_overrides(config: Any, overrides: Sequence[str]) -> Any:
+    """Return the dataclass ``config`` with ``key=value`` overrides applied, each type-checked.
+
+    Raises:
+        ConfigError: an override without ``=``, an unknown key (naming the nearest), or a
+            value of the wrong type.
+    """
+    for override in overrides:
+        key, sep, text = override.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(
+                f"override {override!r}: expected KEY=VALUE with a dotted key, e.g. learner.lr=0.001"
+            )
+        parts = key.split(".")
+        if any(not p for p in parts):
+            raise ConfigError(f"override {override!r}: empty part in key {key!r}")
+        config = _apply_override(config, parts, _parse_override_value(text), "", override)
+    return config

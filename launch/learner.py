@@ -1,0 +1,306 @@
+"""One learner rank: sample, update, write priorities back. No Ray in here.
+
+The loop a ``LearnerActor`` (or a test) drives::
+
+    learner = Learner(build_algorithm(cfg, obs_space, act_space), client, batch_size=256)
+    learner.distribute()                    # DDP, once torch.distributed is initialised
+    while running:
+        metrics = learner.step(50)          # 50 optimizer steps on prefetched batches
+        publisher.publish(learner.policy_state_dict(), learner.steps)
+
+``source`` is anything with ``sample(n) -> TensorDict`` and
+``update_priority(index, priority)``: a local ``ReplayBuffer`` in tests, a
+``BufferClient`` in a run. A background thread keeps ``prefetch`` batches ready so the
+optimizer rarely waits on sampling; ``learner/sample_wait_s`` reports how long it did.
+
+Policy version: the learner's version is its optimizer step count at the last
+publish; rows carry the ``policy_version`` of the weights that collected them, so
+``learner/policy_lag`` (version minus the mean version of the sampled rows) is in
+learner steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import torch
+from tensordict import TensorDict
+from torch import nn
+
+from rlfleet.buffer.errors import StaleIndexError
+
+__all__ = ["Algorithm", "Learner", "SampleSource", "build_algorithm"]
+
+logger = logging.getLogger(__name__)
+
+# Added to |td error| so no row's priority reaches zero (it could never be sampled again).
+PRIORITY_EPS = 1e-6
+
+
+class SampleSource(Protocol):
+    """Where a learner gets its batches (a ``ReplayBuffer`` or a ``BufferClient``)."""
+
+    def sample(self, n: int) -> TensorDict: ...
+
+    def update_priority(self, index: Any, priority: Any) -> None: ...
+
+
+class Algorithm(Protocol):
+    """What ``DQNLoss`` and ``SACLoss`` provide to the learner (an ``nn.Module``)."""
+
+    policy: nn.Module
+
+    def distribute(self, device_ids: list[int] | None = None, process_group: Any = None) -> None: ...
+
+    def update(self, batch: TensorDict, step: int) -> tuple[dict[str, float], torch.Tensor | None]: ...
+
+    def optimizer_state_dict(self) -> dict: ...
+
+    def load_optimizer_state_dict(self, state: dict) -> None: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> Any: ...
+
+
+def build_algorithm(learner: Any, policy: Any, observation_space: Any, action_space: Any) -> Algorithm:
+    """Build the loss module named by ``learner.algorithm`` around the collectors' policy.
+
+    Runs on a learner rank. ``learner`` is a ``LearnerConfig`` (or any object with its
+    fields); ``policy`` a ``PolicyConfig``. The online network (DQN) or actor (SAC) is
+    ``build_policy(policy, observation_space, action_space)``, the same module the
+    collectors run, so published state dicts load there unchanged.
+    """
+    from rlfleet.collector.policies import build_policy
+
+    algorithm = getattr(learner, "algorithm", "dqn")
+    net = build_policy(policy, observation_space, action_space)
+    if algorithm == "dqn":
+        from rlfleet.launch.dqn import DQNLoss
+
+        return DQNLoss(
+            net,
+            gamma=learner.gamma,
+            double_dqn=learner.double_dqn,
+            n_step=learner.n_step,
+            target_update_every=learner.target_update_every,
+            tau=learner.tau,
+            lr=learner.lr,
+            grad_clip=learner.grad_clip,
+        )
+    if algorithm == "sac":
+        from rlfleet.launch.sac import SACLoss
+
+        return SACLoss(
+            net,
+            observation_space,
+            action_space,
+            hidden=tuple(getattr(policy, "hidden", (256, 256))),
+            gamma=learner.gamma,
+            tau=learner.tau,
+            lr=learner.lr,
+            init_alpha=learner.init_alpha,
+            target_entropy=learner.target_entropy,
+            grad_clip=learner.grad_clip,
+        )
+    raise ValueError(f"learner.algorithm={algorithm!r} is not known; use 'dqn' (discrete actions) or 'sac' (continuous)")
+
+
+class _Prefetcher:
+    """A daemon thread that keeps up to ``depth`` sampled batches in a queue."""
+
+    def __init__(self, source: SampleSource, batch_size: int, depth: int) -> None:
+        self._source = source
+        self._batch_size = batch_size
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="learner-prefetch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                item: Any = self._source.sample(self._batch_size)
+            except BaseException as e:  # handed to the consumer, which re-raises it
+                item = e
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if isinstance(item, BaseException):
+                return
+
+    def get(self) -> TensorDict:
+        while True:
+            try:
+                item = self._queue.get(timeout=1.0)
+            except queue.Empty:
+                if not self._thread.is_alive():
+                    raise RuntimeError("learner prefetch thread stopped without a batch") from None
+                continue
+            if isinstance(item, BaseException):
+                raise item
+            return item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5.0)
+
+
+class Learner:
+    """One rank of the learner group. Runs on a learner actor (or in a test process).
+
+    Not thread-safe: one caller drives ``step``; the prefetch thread only samples.
+
+    Args:
+        algorithm: a loss module (``DQNLoss`` / ``SACLoss``).
+        source: where batches come from (see ``SampleSource``).
+        batch_size: rows per optimizer step on this rank.
+        prefetch: batches sampled ahead; ``0`` samples inline.
+        device: torch device of the model; batches are moved there.
+        rank: this rank in the learner group (0 publishes).
+        world_size: ranks in the group.
+    """
+
+    def __init__(
+        self,
+        algorithm: Algorithm,
+        source: SampleSource,
+        *,
+        batch_size: int = 256,
+        prefetch: int = 2,
+        device: str = "cpu",
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"Learner: batch_size={batch_size} must be >= 1")
+        if prefetch < 0:
+            raise ValueError(f"Learner: prefetch={prefetch} must be >= 0 (0 samples inline)")
+        self.algorithm = algorithm
+        self.source = source
+        self.batch_size = int(batch_size)
+        self.device = torch.device(device)
+        self.rank = int(rank)
+        self.world_size = int(world_size)
+        self.steps = 0
+        self.policy_version = 0
+        self.algorithm.to(self.device)  # type: ignore[attr-defined]
+        self._prefetch_depth = int(prefetch)
+        self._prefetcher: _Prefetcher | None = None
+        self._writes_priorities: bool | None = None
+        self._distributed = False
+
+    def distribute(self, process_group: Any = None) -> None:
+        """Wrap the algorithm's networks in DDP; every rank calls this, in the same order."""
+        if self.world_size <= 1:
+            return
+        device_ids = [self.device.index or 0] if self.device.type == "cuda" else None
+        self.algorithm.distribute(device_ids=device_ids, process_group=process_group)
+        self._distributed = True
+
+    def _next_batch(self) -> TensorDict:
+        if self._prefetch_depth == 0:
+            return self.source.sample(self.batch_size)
+        if self._prefetcher is None:
+            self._prefetcher = _Prefetcher(self.source, self.batch_size, self._prefetch_depth)
+        return self._prefetcher.get()
+
+    def step(self, num_steps: int = 1, after_step: Callable[[int], None] | None = None) -> dict[str, float]:
+        """Run ``num_steps`` optimizer steps; returns metrics averaged over them.
+
+        Keys: ``learner/steps``, ``learner/loss``, ``learner/steps_per_s``,
+        ``learner/sample_wait_s`` (total seconds waiting for batches in this call),
+        ``learner/policy_version``, ``learner/policy_lag``, and the algorithm's own
+        metrics under ``learner/``. With DDP every rank must call this with the same
+        ``num_steps``.
+        """
+        if num_steps < 1:
+            raise ValueError(f"Learner.step: num_steps={num_steps} must be >= 1")
+        start = time.perf_counter()
+        wait_s = 0.0
+        sums: dict[str, float] = {}
+        lag_sum, lag_n = 0.0, 0
+        for _ in range(num_steps):
+            t0 = time.perf_counter()
+            batch = self._next_batch()
+            wait_s += time.perf_counter() - t0
+            batch = batch.to(self.device)
+            self.steps += 1
+            metrics, td_error = self.algorithm.update(batch, self.steps)
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v
+            if "policy_version" in batch.keys():
+                lag_sum += self.policy_version - float(batch["policy_version"].float().mean())
+                lag_n += 1
+            if td_error is not None:
+                self._write_priorities(batch, td_error)
+            if after_step is not None:
+                after_step(self.steps)
+        elapsed = time.perf_counter() - start
+        out = {f"learner/{k}": v / num_steps for k, v in sums.items()}
+        out.update(
+            {
+                "learner/steps": float(self.steps),
+                "learner/steps_per_s": num_steps / elapsed if elapsed > 0 else float("inf"),
+                "learner/sample_wait_s": wait_s,
+                "learner/policy_version": float(self.policy_version),
+                "learner/policy_lag": lag_sum / lag_n if lag_n else 0.0,
+            }
+        )
+        out.setdefault("learner/loss", 0.0)
+        return out
+
+    def _write_priorities(self, batch: TensorDict, td_error: torch.Tensor) -> None:
+        # Only prioritized samplers hand out importance weights; others ignore priorities.
+        if self._writes_priorities is None:
+            self._writes_priorities = "weight" in batch.keys()
+        if not self._writes_priorities:
+            return
+        index = batch["index"]
+        if index.dim() > 1:  # sequences: the priority belongs to the slice's first row
+            index = index[:, 0]
+        priority = td_error.abs().reshape(-1).to("cpu", torch.float64) + PRIORITY_EPS
+        try:
+            self.source.update_priority(index.cpu(), priority)
+        except StaleIndexError as e:
+            # Rows overwritten since they were sampled: their priorities no longer matter.
+            logger.debug("skipped priority update of overwritten rows: %s", e)
+
+    def mark_published(self) -> int:
+        """Record that the current weights were published; returns the new version."""
+        self.policy_version = self.steps
+        return self.policy_version
+
+    def policy_state_dict(self) -> dict[str, torch.Tensor]:
+        """CPU copies of the policy's weights (what collectors load)."""
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.algorithm.policy.state_dict().items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a checkpoint needs: networks, optimizers, counters (tensors and plain types)."""
+        return {
+            "algorithm": self.algorithm.state_dict(),
+            "optimizers": self.algorithm.optimizer_state_dict(),
+            "steps": self.steps,
+            "policy_version": self.policy_version,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (on every rank, before training)."""
+        self.algorithm.load_state_dict(state["algorithm"])
+        self.algorithm.load_optimizer_state_dict(state["optimizers"])
+        self.steps = int(state["steps"])
+        self.policy_version = int(state["policy_version"])
+
+    def close(self) -> None:
+        """Stop the prefetch thread."""
+        if self._prefetcher is not None:
+            self._prefetcher.close()
+            self._prefetcher = None

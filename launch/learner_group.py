@@ -1,0 +1,259 @@
+"""``LearnerGroup``: L learner actors in one torch.distributed group (driver side).
+
+The run loop drives it like this::
+
+    group = LearnerGroup(config, "cartpole", env.observation_space, env.action_space,
+                         run_dir=run_dir, fleet=fleet)
+    while not done:
+        metrics = group.step(config.run.steps_per_iteration)   # every rank, in lockstep
+    group.save_checkpoint(); group.shutdown()
+
+Forming the group: rank 0 reports its node IP and a free port; every rank then calls
+``init_process_group`` (gloo on CPU, nccl on CUDA) at that address at once, bounded by
+``rendezvous_timeout_s``. DDP makes all ranks start from rank 0's weights.
+
+Weights: rank 0 publishes every ``publish_every`` steps (version = its step count).
+With ``weight_transport: distributed`` it broadcasts to the collectors' receivers
+(``rlfleet.launch.weights``); whenever that group is not standing (forming, or a
+collector restarting) the driver copies the newest weights through the object store
+(``CollectorFleet.set_weights``) instead, so collectors never starve. With
+``object_store`` that copy is the only path.
+
+Checkpoints: ``<run_dir>/checkpoints/learner-<steps>.pt`` (rank 0's state, state dicts
+only) plus ``latest.pt``; ``resume=True`` loads ``latest.pt`` into every rank.
+
+Not thread-safe: one driver thread calls it.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from rlfleet.launch.remote import LearnerActor, learner_actor_name
+
+__all__ = ["LearnerGroup", "LearnerGroupError"]
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+LATEST = "latest.pt"
+
+
+class LearnerGroupError(RuntimeError):
+    """The learner group could not be placed, formed, or lost a rank."""
+
+
+def _check_resources(num_learners: int, device: str) -> None:
+    import ray
+
+    total = ray.cluster_resources()
+    need_gpu = device.startswith("cuda")
+    resource, need = ("GPU", float(num_learners)) if need_gpu else ("CPU", float(num_learners))
+    have = float(total.get(resource, 0.0))
+    if have < need:
+        raise LearnerGroupError(
+            f"learner.num_learners={num_learners} needs {need:g} {resource} (one per learner on "
+            f"device {device!r}) but the cluster has {have:g} {resource} in all; lower "
+            f"learner.num_learners, use learner.device=cpu, or add {resource} nodes"
+        )
+
+
+class LearnerGroup:
+    """L ``LearnerActor`` ranks forming one DDP group. Runs on the driver.
+
+    Args:
+        config: the ``RunConfig`` (reads ``name``, ``seed``, ``learner``, ``policy``,
+            ``collector.num_workers``).
+        buffer: name of the replay service the learners sample from.
+        observation_space: one env's observation space.
+        action_space: one env's action space.
+        run_dir: checkpoints go to ``run_dir/checkpoints``.
+        fleet: the ``CollectorFleet`` to publish weights to (None: nobody listens).
+        resume: load ``run_dir/checkpoints/latest.pt`` into every rank first.
+        rendezvous_timeout_s: bound on forming the group and on each collective.
+        num_threads: torch threads per learner actor.
+    """
+
+    def __init__(
+        self,
+        config: Any,
+        buffer: str,
+        observation_space: Any,
+        action_space: Any,
+        *,
+        run_dir: Path,
+        fleet: Any | None = None,
+        resume: bool = False,
+        rendezvous_timeout_s: float = 120.0,
+        num_threads: int = 1,
+    ) -> None:
+        import ray
+
+        cfg = config.learner
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.fleet = fleet
+        self.num_learners = int(cfg.num_learners)
+        self.publish_every = int(cfg.publish_every)
+        self.checkpoint_every = int(cfg.checkpoint_every)
+        self.transport = cfg.weight_transport
+        self.steps = 0
+        self._object_store_version = -1
+        self._last_checkpoint_step = 0
+        _check_resources(self.num_learners, cfg.device)
+
+        checkpoint: str | None = None
+        if resume:
+            latest = self.run_dir / CHECKPOINT_DIR / LATEST
+            if not latest.is_file():
+                raise FileNotFoundError(
+                    f"LearnerGroup: resume=True but {latest} does not exist; the run saved no "
+                    "learner checkpoint (start it fresh instead)"
+                )
+            checkpoint = str(latest)
+
+        gpus = 1 if cfg.device.startswith("cuda") else 0
+        actor_cls = ray.remote(LearnerActor)
+        self.actors = [
+            actor_cls.options(
+                name=learner_actor_name(config.name, rank),
+                num_cpus=1,
+                num_gpus=gpus,
+                max_restarts=0,
+            ).remote(
+                config,
+                buffer,
+                observation_space,
+                action_space,
+                rank=rank,
+                world_size=self.num_learners,
+                num_threads=num_threads,
+            )
+            for rank in range(self.num_learners)
+        ]
+        try:
+            host, port = ray.get(self.actors[0].address.remote(), timeout=rendezvous_timeout_s)
+            ray.get(
+                [a.setup.remote(host, port, rendezvous_timeout_s, checkpoint) for a in self.actors],
+                timeout=rendezvous_timeout_s + 30.0,
+            )
+        except Exception as e:
+            self._kill()
+            raise LearnerGroupError(
+                f"LearnerGroup: {self.num_learners} learner(s) did not form a group at "
+                f"rendezvous within {rendezvous_timeout_s}s: {e}"
+            ) from e
+        if resume:
+            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+            self.steps = int(state["steps"])
+            self._last_checkpoint_step = self.steps
+        if fleet is not None and self.transport == "distributed":
+            num_collectors = int(config.collector.num_workers)
+            kwargs = ray.get(self.actors[0].start_publisher.remote(num_collectors))
+            # fleet=: receivers also read the object store, which carries what broadcast cannot.
+            fleet.attach_weight_receiver("distributed", fleet=fleet.name, **kwargs)
+        self._sync_object_store(force=True)
+
+    # ------------------------------------------------------------------ steps
+
+    def step(self, num_steps: int) -> dict[str, float]:
+        """Every rank does ``num_steps`` optimizer steps; returns rank 0's metrics.
+
+        Keys: ``learner/steps``, ``learner/loss``, ``learner/steps_per_s``,
+        ``learner/sample_wait_s``, ``learner/policy_version``, ``learner/policy_lag``
+        (and algorithm and ``weights/`` extras). Publishes every ``publish_every`` steps
+        and checkpoints every ``checkpoint_every`` steps.
+        """
+        import ray
+
+        if num_steps < 1:
+            raise ValueError(f"LearnerGroup.step: num_steps={num_steps} must be >= 1")
+        refs = [a.step.remote(num_steps) for a in self.actors]
+        try:
+            results = ray.get(refs)
+        except ray.exceptions.RayActorError as e:
+            raise LearnerGroupError(f"LearnerGroup.step: a learner rank died: {e}") from e
+        self.steps = int(results[0]["learner/steps"])
+        self._sync_object_store()
+        if self.steps - self._last_checkpoint_step >= self.checkpoint_every:
+            self.save_checkpoint()
+        return results[0]
+
+    def publish(self) -> int:
+        """Publish the current weights now (broadcast and/or object store); returns the version."""
+        import ray
+
+        versions = ray.get([a.publish.remote() for a in self.actors])
+        self._sync_object_store()
+        return int(versions[0])
+
+    def _sync_object_store(self, force: bool = False) -> None:
+        # The object store carries weights with the object_store transport, and with the
+        # distributed one while its group is not standing (or has not caught up).
+        import ray
+
+        if self.fleet is None:
+            return
+        if self.transport == "distributed" and not force:
+            status = ray.get(self.actors[0].weight_status.remote())
+            if status and status["weights/group_ready"] and status["weights/delivered_version"] >= status["weights/version"]:
+                return
+        state, version = ray.get(self.actors[0].published_state_dict.remote())
+        if version <= self._object_store_version and not force:
+            return
+        self.fleet.set_weights({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, version)
+        self._object_store_version = version
+
+    # ------------------------------------------------------------------ state
+
+    def policy_state_dict(self) -> dict[str, torch.Tensor]:
+        """Rank 0's policy weights, as CPU tensors (what collectors load; what export uses)."""
+        import ray
+
+        state: dict[str, np.ndarray] = ray.get(self.actors[0].policy_state_dict.remote())
+        return {k: torch.from_numpy(np.array(v)) for k, v in state.items()}
+
+    def rank_state_dicts(self) -> list[dict[str, np.ndarray]]:
+        """Every rank's full network state (tests check that ranks agree)."""
+        import ray
+
+        return ray.get([a.full_state_dict.remote() for a in self.actors])
+
+    def save_checkpoint(self) -> Path:
+        """Write rank 0's learner state to ``run_dir/checkpoints``; returns the file."""
+        import ray
+
+        directory = self.run_dir / CHECKPOINT_DIR
+        path = directory / f"learner-{self.steps:09d}.pt"
+        ray.get(self.actors[0].save_checkpoint.remote(str(path)))
+        latest = directory / LATEST
+        tmp = directory / (LATEST + ".tmp")
+        shutil.copyfile(path, tmp)
+        tmp.replace(latest)
+        self._last_checkpoint_step = self.steps
+        return path
+
+    def shutdown(self) -> None:
+        """Stop every rank (publisher, prefetching, process group) and kill the actors."""
+        import ray
+
+        try:
+            ray.get([a.shutdown.remote() for a in self.actors], timeout=30.0)
+        except Exception as e:  # a dead or stuck rank: killing it below is all that is left
+            logger.warning("learner shutdown did not complete cleanly: %s", e)
+        self._kill()
+
+    def _kill(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            try:
+                ray.kill(actor)
+            except Exception:  # already gone
+                pass

@@ -1,0 +1,216 @@
+"""``rlfleet serve | status | sample | stop``: the replay service from the command line.
+
+Runs on the driver. Every command attaches to a running Ray cluster (``--address``,
+else ``RAY_ADDRESS``, else the local cluster started by ``ray start --head``): a
+detached service has to outlive the command that started it, so there is no embedded
+Ray here. Each command returns an exit code; errors print one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "sample", "sample_arguments", "serve", "serve_arguments",
+    "status", "status_arguments", "stop", "stop_arguments",
+]
+
+
+def _address_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--address", default=None,
+        help="Ray cluster address (default: RAY_ADDRESS, else the local cluster)",
+    )
+
+
+def _attach(address: str | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    try:
+        ray.init(address=address or "auto", namespace="rlfleet", log_to_driver=False)
+    except ConnectionError as e:
+        raise SystemExit(
+            f"error: no Ray cluster at {address or 'auto'!r} ({e}); start one with "
+            f"`ray start --head` or pass --address (with RAY_AUTH_MODE=token)"
+        ) from e
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 1
+
+
+# -- serve ---------------------------------------------------------------------------------
+
+def serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="run config YAML (its name and buffer sections are used)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. buffer.num_shards=2")
+    _address_argument(parser)
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Start (or reattach to) the config's replay service, detached, and print how to connect."""
+    from rlfleet.buffer import ReplayService
+    from rlfleet.launch.config import load_config
+
+    config = load_config(args.config, args.overrides)
+    buf = config.buffer
+    path = Path(buf.path) if buf.path else Path(config.run.dir) / config.name / "buffer"
+    _attach(args.address or config.ray.address)
+    try:
+        service = ReplayService.launch(
+            config.name, path.absolute(), buf.capacity, buf.num_shards,
+            sampler=buf.sampler.to_mapping(), rate_limiter=buf.rate_limiter.to_mapping(),
+            durability=buf.durability, placement=buf.placement, detached=True,
+            overcommit=buf.overcommit, seed=config.seed,
+        )
+    except (ValueError, OSError) as e:
+        return _fail(str(e))
+    import ray
+
+    stats = service.client().stats()
+    print(f"replay service {config.name!r}: {service.num_shards} shard(s) under {path.absolute()}")
+    print(_table(stats))
+    address = ray.get_runtime_context().gcs_address
+    print("connect from Python on the cluster:")
+    print(f"    RAY_ADDRESS={address} RAY_AUTH_MODE=token python -c \"from rlfleet.buffer import "
+          f"BufferClient; c = BufferClient.connect('{config.name}'); print(len(c))\"")
+    print(f"stop it with: rlfleet stop {config.name}")
+    return 0
+
+
+# -- status --------------------------------------------------------------------------------
+
+def status_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", nargs="?", default=None, help="one buffer (default: all)")
+    parser.add_argument("--json", action="store_true", help="print the stats as JSON")
+    parser.add_argument("--timeout-s", type=float, default=10.0, help="wait per shard (s)")
+    _address_argument(parser)
+
+
+def status(args: argparse.Namespace) -> int:
+    """Print a table of running buffers and their shards (nodes, sizes, rates, limiter)."""
+    from rlfleet.buffer import BufferClient, BufferNotFound
+    from rlfleet.buffer.service import running_buffers
+
+    _attach(args.address)
+    names = list(running_buffers())
+    if args.name is not None:
+        if args.name not in names:
+            return _fail(f"no replay buffer named {args.name!r}; running: {', '.join(names) or 'none'}")
+        names = [args.name]
+    if not names:
+        print("no replay buffers running")
+        return 0
+    everything = {}
+    for name in names:
+        try:
+            everything[name] = BufferClient.connect(name, timeout_s=args.timeout_s).stats()
+        except BufferNotFound as e:  # stopped while we listed
+            return _fail(str(e))
+    if args.json:
+        print(json.dumps(everything, default=str, indent=2))
+        return 0
+    print("\n\n".join(_table(stats) for stats in everything.values()))
+    return 0
+
+
+def _table(stats: dict[str, Any]) -> str:
+    from rlfleet.buffer.storage import human_bytes
+
+    header = ["buffer", "shard", "node", "size", "capacity", "inserted", "sampled",
+              "ins/s", "smp/s", "disk", "waiting i/s"]
+    lines = [header]
+    name = stats["total"]["buffer"]
+
+    def fmt(row: dict[str, Any], shard: str) -> list[str]:
+        limiter = row.get("rate_limiter", {})
+        return [
+            name, shard, str(row.get("node_id") or "-")[:8], str(row.get("size", "-")),
+            str(row.get("capacity", "-")), str(row.get("total_inserted", "-")),
+            str(row.get("samples", "-")), f"{row.get('inserts_per_s', 0):.0f}",
+            f"{row.get('samples_per_s', 0):.0f}", human_bytes(row.get("bytes_on_disk", 0)),
+            f"{limiter.get('inserts_waiting', 0)}/{limiter.get('samples_waiting', 0)}",
+        ]
+
+    for row in stats["shards"]:
+        if "error" in row:
+            lines.append([name, str(row["shard"]), "DOWN", row["error"]] + [""] * 7)
+        else:
+            lines.append(fmt(row, str(row["shard"])))
+    total = stats["total"]
+    lines.append(fmt(total, f"all({total['shards_up']}/{total['num_shards']})"))
+    widths = [max(len(r[i]) for r in lines) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in lines)
+
+
+# -- sample --------------------------------------------------------------------------------
+
+def sample_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", help="buffer name")
+    parser.add_argument("-n", type=int, default=4, help="rows to print (default 4)")
+    parser.add_argument("--timeout-s", type=float, default=10.0,
+                        help="longest wait for the rate limiter (s)")
+    _address_argument(parser)
+
+
+def sample(args: argparse.Namespace) -> int:
+    """Print a few sampled rows (from the shards that are up)."""
+    from rlfleet.buffer import BufferClient, BufferNotFound, SampleTimeout, ShardUnavailable
+    from rlfleet.buffer.client import SHARD_SHIFT
+
+    if args.n < 1:
+        return _fail(f"-n {args.n}: must be at least 1")
+    _attach(args.address)
+    try:
+        batch = BufferClient.connect(args.name).sample(
+            args.n, timeout_s=args.timeout_s, allow_partial=True)
+    except (BufferNotFound, SampleTimeout, ShardUnavailable) as e:
+        return _fail(str(e))
+    keys = sorted(batch.keys(include_nested=True, leaves_only=True),
+                  key=lambda k: k if isinstance(k, tuple) else (k,))
+    for i in range(batch.batch_size[0]):
+        index = int(batch["index"][i].reshape(-1)[0])
+        print(f"row {i}: shard {index >> SHARD_SHIFT}, index {index & ((1 << SHARD_SHIFT) - 1)}")
+        for key in keys:
+            if key == "index":
+                continue
+            label = ".".join(key) if isinstance(key, tuple) else key
+            print(f"  {label}: {_short(batch.get(key)[i])}")
+    return 0
+
+
+def _short(t: Any, limit: int = 8) -> str:
+    flat = t.reshape(-1).tolist()
+    text = ", ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in flat[:limit])
+    more = f", ... ({len(flat)} values, shape {list(t.shape)})" if len(flat) > limit else ""
+    return f"[{text}{more}]" if t.ndim else text
+
+
+# -- stop ----------------------------------------------------------------------------------
+
+def stop_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", help="buffer name")
+    parser.add_argument("--delete", action="store_true",
+                        help="also delete the shards' directories (the data)")
+    _address_argument(parser)
+
+
+def stop(args: argparse.Namespace) -> int:
+    """Stop a running buffer's shards; the data stays on disk unless --delete."""
+    from rlfleet.buffer import BufferNotFound, ReplayService
+
+    _attach(args.address)
+    try:
+        ReplayService.shutdown(args.name, delete=args.delete)
+    except (BufferNotFound, ValueError) as e:
+        return _fail(str(e))
+    print(f"stopped {args.name!r}" + (" and deleted its data" if args.delete else
+                                      " (data stays on disk; `rlfleet serve` reopens it)"))
+    return 0

@@ -1,0 +1,92 @@
+"""Helper process for the crash test: forks writers that the test kills with SIGKILL.
+
+Usage: ``python crash_writer.py PATH CAPACITY SAMPLER DURABILITY``. It imports rlfleet
+once, creates the buffer if absent, then serves lines on stdin:
+
+- ``run SEED``: fork a child that reopens the buffer and extends it forever with rows
+  whose every field is a function of the row's index (see ``expected_rows``), printing
+  ``committed N`` after each ``extend`` returns; the parent prints ``child PID``.
+- ``kill``: SIGKILL the child, reap it and print ``reaped PID SIGNAL`` (SIGNAL is 0 when
+  the child had exited by itself, i.e. failed). Killing before reaping means the pid
+  cannot have been reused by another process.
+- ``quit``: exit.
+
+Every line is written with one ``os.write`` so lines of the two processes never mix.
+
+Forking from an already-imported single-threaded process makes each trial cost
+milliseconds instead of a fresh interpreter with torch. The child touches numpy only.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+import numpy as np
+
+OBS_SHAPE = (16, 64)  # 1 KiB per row: a batch copy takes long enough to be interrupted
+
+
+def expected_rows(index: np.ndarray) -> dict[tuple[str, ...], np.ndarray]:
+    """Every field of row ``i`` is determined by ``i``, so a torn row is detectable."""
+    index = np.asarray(index, dtype=np.int64)
+    pattern = np.arange(int(np.prod(OBS_SHAPE)), dtype=np.int64).reshape(OBS_SHAPE)
+    obs = ((index[:, None, None] * 7 + pattern) % 251).astype(np.uint8)
+    return {
+        ("x",): index.copy(),
+        ("observation",): obs,
+        ("next", "observation"): obs[:, ::-1].copy(),
+        ("reward",): (index * 0.5).astype(np.float32),
+        ("episode_id",): index // 10,
+        ("step",): index % 10,
+    }
+
+
+def _child(path: str, seed: int) -> None:
+    from rlfleet.buffer.replay_buffer import ReplayBuffer
+
+    rng = np.random.default_rng(seed)
+    rb = ReplayBuffer.open(path, seed=seed)
+    capacity = rb.capacity
+    while True:
+        n = int(rng.integers(1, max(2, int(capacity * 0.7))))
+        first = rb.total_inserted
+        rb.extend_arrays(expected_rows(np.arange(first, first + n)))
+        os.write(1, f"committed {rb.total_inserted}\n".encode())
+        if rb.sampler_type == "prioritized" and len(rb) > 0:
+            live = np.arange(rb.total_inserted - len(rb), rb.total_inserted)
+            pick = rng.choice(live, size=min(32, len(live)), replace=False)
+            rb.update_priority(pick, rng.random(len(pick)) * 5)
+
+
+def main() -> int:
+    path, capacity, sampler, durability = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    from rlfleet.buffer.replay_buffer import ReplayBuffer
+
+    if not os.path.exists(os.path.join(path, "meta.json")):
+        ReplayBuffer.create(path, capacity=capacity, sampler=sampler, durability=durability).close()
+    os.write(1, b"ready\n")
+    pid = 0
+    for line in sys.stdin:
+        words = line.split()
+        if not words or words[0] == "quit":
+            break
+        if words[0] == "run":
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    _child(path, int(words[1]))
+                finally:
+                    os._exit(1)
+            os.write(1, f"child {pid}\n".encode())
+        elif words[0] == "kill":
+            os.kill(pid, signal.SIGKILL)
+            _, status = os.waitpid(pid, 0)
+            signum = os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0
+            os.write(1, f"reaped {pid} {signum}\n".encode())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,330 @@
+"""ReplayBuffer on real memmap directories: layout, reopen, wrap-around, positions, errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from tensordict import TensorDict
+
+from rlfleet.buffer import BufferFormatError, ReplayBuffer, SchemaMismatch, StaleIndexError
+from rlfleet.buffer.storage import parse_capacity
+
+
+def rows(first: int, n: int, episode: int = 0) -> TensorDict:
+    """Rows whose every field encodes the row number ``first + i``."""
+    ids = torch.arange(first, first + n)
+    return TensorDict(
+        {
+            "observation": ids[:, None].float().expand(n, 4).clone(),
+            "action": ids.clone(),
+            "reward": ids.float(),
+            "done": ids % 2 == 0,
+            "next": {"observation": (ids[:, None].float() + 0.5).expand(n, 4).clone()},
+            "episode_id": torch.full((n,), episode, dtype=torch.int64),
+            "step": ids.clone(),
+        },
+        batch_size=[n],
+    )
+
+
+def assert_rows(td: TensorDict, expected_ids: list[int] | np.ndarray) -> None:
+    ids = torch.as_tensor(np.asarray(expected_ids), dtype=torch.int64)
+    assert torch.equal(td["action"], ids)
+    assert torch.equal(td["observation"], ids[:, None].float().expand(len(ids), 4))
+    assert torch.equal(td["next", "observation"], ids[:, None].float().expand(len(ids), 4) + 0.5)
+    assert torch.equal(td["done"], ids % 2 == 0)
+
+
+def test_extend_then_reopen_has_same_contents(tmp_path):
+    path = tmp_path / "buf"
+    with ReplayBuffer.create(path, capacity=100, seed=0) as rb:
+        idx = rb.extend(rows(0, 30))
+        assert torch.equal(idx, torch.arange(30))
+        idx = rb.extend(rows(30, 12))
+        assert torch.equal(idx, torch.arange(30, 42))
+        assert len(rb) == 42 and rb.total_inserted == 42 and rb.capacity == 100
+        assert rb.schema[("next", "observation")] == ((4,), np.dtype("float32"))
+        assert rb.schema[("done",)] == ((), np.dtype("bool"))
+    with ReplayBuffer.open(path) as rb:
+        assert len(rb) == 42 and rb.total_inserted == 42 and rb.sampler_type == "uniform"
+        assert_rows(rb[:], range(42))
+        batch = rb.sample(1000)
+        assert_rows(batch, batch["index"].numpy())
+        assert set(batch["index"].tolist()) == set(range(42))  # 1000 draws hit all 42 rows
+
+
+def test_directory_layout_opens_with_plain_tensordict(tmp_path):
+    path = tmp_path / "buf"
+    with ReplayBuffer.create(path, capacity=16) as rb:
+        rb.extend(rows(0, 5))
+    meta = json.loads((path / "meta.json").read_text())
+    assert meta["format"] == "rlfleet.buffer" and meta["format_version"] == 1
+    assert meta["capacity"] == 16 and meta["sampler"] == {"type": "uniform"}
+    assert (path / "header.bin").stat().st_size == 64
+    data = TensorDict.load_memmap(path / "data")
+    assert data.batch_size == torch.Size([16])
+    assert torch.equal(data["action"][:5], torch.arange(5))
+    assert torch.equal(data["next", "observation"][:5, 0], torch.arange(5).float() + 0.5)
+
+
+def test_wrap_around_keeps_newest_rows_in_order(tmp_path):
+    with ReplayBuffer.create(tmp_path / "b", capacity=10, seed=1) as rb:
+        for first in range(0, 35, 7):
+            rb.extend(rows(first, 7))
+        assert len(rb) == 10 and rb.total_inserted == 35
+        assert_rows(rb[:], range(25, 35))
+        assert int(rb[0]["action"]) == 25 and int(rb[-1]["action"]) == 34
+        assert_rows(rb[torch.tensor([0, 9, -2])], [25, 34, 33])
+        assert_rows(rb[2:8:3], [27, 30])
+        batch = rb.sample(500)
+        assert set(batch["index"].tolist()) == set(range(25, 35))
+        assert_rows(batch, batch["index"].numpy())
+
+
+def test_batch_larger_than_capacity_keeps_the_newest(tmp_path):
+    path = tmp_path / "b"
+    with ReplayBuffer.create(path, capacity=8) as rb:
+        rb.extend(rows(0, 3))
+        idx = rb.extend(rows(3, 21))
+        assert torch.equal(idx, torch.arange(3, 24))
+        assert len(rb) == 8 and rb.total_inserted == 24
+        assert_rows(rb[:], range(16, 24))
+    with ReplayBuffer.open(path) as rb:
+        assert_rows(rb[:], range(16, 24))
+
+
+def test_extend_arrays_and_sample_arrays(tmp_path):
+    with ReplayBuffer.create(tmp_path / "b", capacity=50, seed=3) as rb:
+        arrays = {k: v.numpy() for k, v in rows(0, 20).items(include_nested=True, leaves_only=True)}
+        arrays = {(k,) if isinstance(k, str) else k: v for k, v in arrays.items()}
+        for a in arrays.values():
+            a.setflags(write=False)  # arrays arriving through Ray are read-only
+        idx = rb.extend_arrays(arrays)
+        assert idx.dtype == np.int64 and idx.tolist() == list(range(20))
+        out = rb.sample_arrays(64)
+        assert set(out) == set(arrays) | {("index",)}
+        assert out[("observation",)].shape == (64, 4)
+        assert np.array_equal(out[("action",)], out[("index",)])
+        assert np.array_equal(out[("next", "observation")][:, 0], out[("index",)] + 0.5)
+
+
+def test_sample_owns_its_memory(tmp_path):
+    with ReplayBuffer.create(tmp_path / "b", capacity=4, seed=0) as rb:
+        rb.extend(rows(0, 4))
+        batch = rb.sample(16)
+        before = batch["action"].clone()
+        rb.extend(rows(100, 4))  # overwrite every slot
+        assert torch.equal(batch["action"], before)
+        assert torch.equal(batch["action"], batch["index"])
+
+
+def test_counters_pass_2_to_the_31(tmp_path):
+    start = 2**31 - 5
+    # a fresh buffer with its window moved just below 2**31 (internal test hook)
+    path2 = tmp_path / "b2"
+    with ReplayBuffer.create(path2, capacity=7, sampler="prioritized") as rb:
+        rb.extend(rows(0, 0))
+        rb._set_counters_for_test(start, start)
+        idx = rb.extend(rows(start, 10))
+        assert idx.tolist() == list(range(start, start + 10))
+        assert rb.total_inserted == 2**31 + 5 and len(rb) == 7
+        rb.update_priority(torch.tensor([2**31 + 4]), torch.tensor([5.0]))
+    with ReplayBuffer.open(path2) as rb:
+        assert rb.total_inserted == 2**31 + 5
+        assert_rows(rb[:], range(2**31 - 2, 2**31 + 5))
+        batch = rb.sample(50)
+        assert int(batch["index"].min()) >= 2**31 - 2
+        assert torch.equal(batch["action"], batch["index"])
+        with pytest.raises(StaleIndexError, match=r"index\[0\]=2147483643 is not a live row \(live indices are \[2147483646, 2147483653\)\)"):
+            rb.update_priority([start], [1.0])
+
+
+@pytest.mark.parametrize(
+    "capacity, expected",
+    [
+        (1000, (1000, None)),
+        ("1_000_000", (1_000_000, None)),
+        ("500GB", (None, 500 * 10**9)),
+        ("2TiB", (None, 2 * 2**40)),
+        ("1.5 MB", (None, 1_500_000)),
+    ],
+)
+def test_parse_capacity(capacity, expected):
+    assert parse_capacity(capacity) == expected
+
+
+@pytest.mark.parametrize(
+    "capacity, message",
+    [
+        (0, r"row count must be in \[1, 2\*\*62\)"),
+        (-3, r"row count must be in"),
+        ("12 parsecs", r"not a row count or a size"),
+        (True, r"expected a row count"),
+        (1.5, r"expected a row count"),
+    ],
+)
+def test_bad_capacity(tmp_path, capacity, message):
+    with pytest.raises(ValueError, match=message):
+        ReplayBuffer.create(tmp_path / "b", capacity=capacity)
+    assert not (tmp_path / "b").exists()
+
+
+def test_byte_capacity_fixes_rows_at_first_extend(tmp_path):
+    path = tmp_path / "b"
+    # rows(): 4*4 + 8 + 4 + 1 + 4*4 + 8 + 8 = 61 bytes per row
+    with ReplayBuffer.create(path, capacity="6100B") as rb:
+        assert rb.capacity == 0
+        rb.extend(rows(0, 3))
+        assert rb.capacity == 100
+    with ReplayBuffer.open(path) as rb:
+        assert rb.capacity == 100 and len(rb) == 3
+
+
+def test_capacity_beyond_free_disk_is_refused_unless_overcommit(tmp_path):
+    with pytest.raises(ValueError, match=r"capacity='1000PB' needs 1000.00 PB but only .* is free .*overcommit=True"):
+        ReplayBuffer.create(tmp_path / "b", capacity="1000PB")
+    assert not (tmp_path / "b").exists()
+    with ReplayBuffer.create(tmp_path / "b", capacity="1000PB", overcommit=True) as rb:
+        with pytest.raises(OSError, match=r"cannot create sparse data files of .* lower the capacity"):
+            rb.extend(rows(0, 2))  # beyond what the filesystem allows in one file
+        assert len(rb) == 0 and rb.schema is None
+    with ReplayBuffer.create(tmp_path / "c", capacity=10**16) as rb:
+        with pytest.raises(ValueError, match=r"capacity=10000000000000000 needs .*overcommit=True"):
+            rb.extend(rows(0, 2))
+
+
+SCHEMA_CASES = {
+    "missing key": (lambda td: td.exclude("reward"), r"batch lacks key 'reward'"),
+    "extra key": (lambda td: td.update({"extra": torch.zeros(4)}), r"batch has key 'extra' that the buffer schema lacks"),
+    "extra nested key": (
+        lambda td: td.update({("next", "reward"): torch.zeros(4)}),
+        r"batch has key 'next.reward'",
+    ),
+    "dtype": (
+        lambda td: td.update({"observation": td["observation"].double()}),
+        r"key 'observation' has dtype float64, buffer schema says float32",
+    ),
+    "shape": (
+        lambda td: td.update({("next", "observation"): torch.zeros(4, 5)}),
+        r"key 'next.observation' has per-row shape \[5\], buffer schema says \[4\]",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(SCHEMA_CASES))
+def test_schema_mismatch_leaves_buffer_unchanged(tmp_path, case):
+    change, message = SCHEMA_CASES[case]
+    with ReplayBuffer.create(tmp_path / "b", capacity=10) as rb:
+        rb.extend(rows(0, 6))
+        with pytest.raises(SchemaMismatch, match=message):
+            rb.extend(change(rows(6, 4)))
+        assert len(rb) == 6 and rb.total_inserted == 6
+        assert_rows(rb[:], range(6))
+
+
+def test_bad_batches(tmp_path):
+    with ReplayBuffer.create(tmp_path / "b", capacity=10) as rb:
+        with pytest.raises(ValueError, match=r"expected a TensorDict with batch_size \[N\], got batch_size \[\]"):
+            rb.extend(TensorDict({"a": torch.zeros(3)}, batch_size=[]))
+        with pytest.raises(ValueError, match=r"got batch_size \[2, 3\]"):
+            rb.extend(TensorDict({"a": torch.zeros(2, 3)}, batch_size=[2, 3]))
+        with pytest.raises(SchemaMismatch, match=r"key 'index' is reserved"):
+            rb.extend(TensorDict({"index": torch.zeros(2)}, batch_size=[2]))
+        with pytest.raises(SchemaMismatch, match=r"dtype torch.bfloat16"):
+            rb.extend(TensorDict({"a": torch.zeros(2, dtype=torch.bfloat16)}, batch_size=[2]))
+        with pytest.raises(ValueError, match=r"key 'b' has 3 rows, other keys have 2"):
+            rb.extend_arrays({("a",): np.zeros(2), ("b",): np.zeros(3)})
+        assert rb.schema is None and len(rb) == 0
+
+
+@pytest.mark.parametrize("n", [0, -1, 2.0, True])
+def test_bad_sample_size(tmp_path, n):
+    with ReplayBuffer.create(tmp_path / "b", capacity=10) as rb:
+        rb.extend(rows(0, 3))
+        with pytest.raises(ValueError, match=r"sample: n=.* must be a positive int"):
+            rb.sample(n)
+
+
+def test_sample_empty_buffer(tmp_path):
+    with ReplayBuffer.create(tmp_path / "b", capacity=10) as rb:
+        with pytest.raises(ValueError, match=r"sample: the buffer is empty"):
+            rb.sample(4)
+        rb.extend(rows(0, 0))
+        with pytest.raises(ValueError, match=r"sample: the buffer is empty"):
+            rb.sample_arrays(4)
+
+
+def test_positions_out_of_range(tmp_path):
+    with ReplayBuffer.create(tmp_path / "b", capacity=10) as rb:
+        rb.extend(rows(0, 3))
+        with pytest.raises(IndexError, match=r"position 3 is out of range for a buffer of 3 rows"):
+            rb[3]
+        with pytest.raises(IndexError, match=r"position -4 is out of range"):
+            rb[-4]
+        with pytest.raises(IndexError, match=r"positions -1..5 out of range"):
+            rb[torch.tensor([-1, 5])]
+
+
+def test_create_on_non_empty_path(tmp_path):
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "x").write_text("x")
+    with pytest.raises(FileExistsError, match=r"exists and is not an empty directory"):
+        ReplayBuffer.create(tmp_path / "b", capacity=10)
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(FileExistsError):
+        ReplayBuffer.create(tmp_path / "f", capacity=10)
+    (tmp_path / "empty").mkdir()
+    ReplayBuffer.create(tmp_path / "empty", capacity=10).close()
+
+
+def test_open_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"no buffer directory at"):
+        ReplayBuffer.open(tmp_path / "nothing")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(BufferFormatError, match=r"is not an rlfleet buffer \(no meta.json\)"):
+        ReplayBuffer.open(tmp_path / "plain")
+    (tmp_path / "plain" / "meta.json").write_text("{not json")
+    with pytest.raises(BufferFormatError, match=r"is not valid JSON"):
+        ReplayBuffer.open(tmp_path / "plain")
+    (tmp_path / "plain" / "meta.json").write_text('{"format": "other"}')
+    with pytest.raises(BufferFormatError, match=r"format is 'other'"):
+        ReplayBuffer.open(tmp_path / "plain")
+    ReplayBuffer.create(tmp_path / "newer", capacity=10).close()
+    meta = json.loads((tmp_path / "newer" / "meta.json").read_text())
+    meta["format_version"] = 99
+    (tmp_path / "newer" / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(BufferFormatError, match=r"format version 99; this rlfleet reads versions up to 1: upgrade"):
+        ReplayBuffer.open(tmp_path / "newer")
+    meta["format_version"] = 1
+    del meta["sampler"]
+    (tmp_path / "newer" / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(BufferFormatError, match=r"lacks 'sampler'; the buffer directory is damaged"):
+        ReplayBuffer.open(tmp_path / "newer")
+    (tmp_path / "newer" / "header.bin").unlink()
+    meta["sampler"] = {"type": "uniform"}
+    (tmp_path / "newer" / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(BufferFormatError, match=r"header .* is missing or not 64 bytes"):
+        ReplayBuffer.open(tmp_path / "newer")
+
+
+def test_closed_buffer_refuses_calls(tmp_path):
+    rb = ReplayBuffer.create(tmp_path / "b", capacity=10)
+    rb.extend(rows(0, 2))
+    rb.close()
+    rb.close()
+    with pytest.raises(ValueError, match=r"is closed; reopen it"):
+        rb.sample(1)
+
+
+def test_stats(tmp_path):
+    with ReplayBuffer.create(tmp_path / "b", capacity=10, seed=0) as rb:
+        rb.extend(rows(0, 4))
+        rb.extend(rows(4, 4))
+        rb.sample(3)
+        s = rb.stats()
+        assert s["size"] == 8 and s["capacity"] == 10 and s["total_inserted"] == 8
+        assert s["inserts"] == 8 and s["samples"] == 3 and s["priority_mass"] == 8
+        assert s["bytes_on_disk"] > 0

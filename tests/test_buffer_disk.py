@@ -1,0 +1,149 @@
+"""Disk: sparse overcommit, a full disk as a clean OSError, and ``check_buffer``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+
+import numpy as np
+import pytest
+
+from crash_writer import expected_rows
+from rlfleet.buffer import ReplayBuffer
+from rlfleet.buffer.check import check_buffer
+from rlfleet.launch.check import check, check_arguments
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
+
+
+def cartpole_rows(first: int, n: int) -> dict[tuple[str, ...], np.ndarray]:
+    idx = np.arange(first, first + n)
+    obs = np.repeat(idx[:, None].astype(np.float32), 4, axis=1)
+    return {
+        ("observation",): obs, ("next", "observation"): obs + 1, ("action",): idx,
+        ("reward",): np.ones(n, np.float32), ("done",): idx % 100 == 99,
+    }
+
+
+def test_one_terabyte_sparse_buffer_stays_small(tmp_path):
+    path = tmp_path / "big"
+    rb = ReplayBuffer.create(path, capacity="1TB", overcommit=True, seed=0)
+    rss_before = rss_bytes()
+    for first in range(0, 50_000, 5_000):
+        rb.extend_arrays(cartpole_rows(first, 5_000))
+    for _ in range(50):
+        batch = rb.sample_arrays(256)
+        assert np.array_equal(batch[("action",)], batch[("index",)])
+    assert rb.capacity == 10**12 // (16 + 16 + 8 + 4 + 1)
+    stats = rb.stats()
+    assert stats["size"] == 50_000
+    # disk: the rows written plus the blocks reserved ahead of the cursor, not 1 TB
+    assert stats["bytes_on_disk"] < 200 * 2**20
+    assert rss_bytes() - rss_before < 200 * 2**20
+    rb.close()
+    assert sum(f.stat().st_size for f in (path / "data").rglob("*.memmap")) >= 10**12 - 64
+    with ReplayBuffer.open(path) as rb:
+        assert len(rb) == 50_000 and int(rb[-1]["action"]) == 49_999
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 8 MB tmpfs mounted under tmp_path (needs mount rights: root here and in CI)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8M", "tmpfs", str(mnt)], capture_output=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {res.stderr.decode().strip()}")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_full_disk_is_a_clean_oserror(small_disk):
+    path = small_disk / "b"
+    with ReplayBuffer.create(path, capacity=100_000) as rb:  # 100 MB of rows on an 8 MB disk
+        with pytest.raises(ValueError, match=r"capacity=100000 needs .* but only .* is free .*overcommit=True"):
+            rb.extend_arrays(expected_rows(np.arange(10)))
+        assert rb.schema is None
+    path2 = small_disk / "c"
+    rb = ReplayBuffer.create(path2, capacity=100_000, overcommit=True)
+    first = 0
+    with pytest.raises(OSError, match=r"extend: cannot reserve \d+ bytes on disk for .*\.memmap .*No space left"):
+        while first < 100_000:
+            rb.extend_arrays(expected_rows(np.arange(first, first + 500)))
+            first += 500
+    assert 0 < first < 100_000
+    assert len(rb) == first and rb.total_inserted == first  # the failed batch left no trace
+    batch = rb.sample(100)
+    assert np.array_equal(batch["x"].numpy(), batch["index"].numpy())
+    rb.close()
+    assert check_buffer(path2).ok
+    with ReplayBuffer.open(path2) as rb:
+        assert len(rb) == first
+        got = rb[:]
+        assert np.array_equal(got["observation"].numpy(), expected_rows(np.arange(first))[("observation",)])
+
+
+def run_check_cli(path, as_json=False) -> int:
+    parser = argparse.ArgumentParser()
+    check_arguments(parser)
+    return check(parser.parse_args([str(path)] + (["--json"] if as_json else [])))
+
+
+def test_check_reports_intact_and_damaged_buffers(tmp_path, capsys):
+    path = tmp_path / "b"
+    with ReplayBuffer.create(path, capacity=50, sampler="prioritized") as rb:
+        rb.extend_arrays(expected_rows(np.arange(70)))
+    report = check_buffer(path)
+    assert report.ok and report.size == 50 and report.total_inserted == 70 and report.rows_checked == 50
+    assert report.schema["observation"] == "uint8[16, 64]"
+    assert run_check_cli(path) == 0
+    assert "OK" in capsys.readouterr().out
+
+    # damage 1: a NaN priority of a live row
+    prio = np.memmap(path / "priorities.bin", dtype=np.float64, mode="r+", shape=(50,))
+    prio[3] = np.nan
+    prio.flush()
+    del prio
+    report = check_buffer(path)
+    assert report.problems == ["priority of slot 3 is nan: not finite and non-negative"]
+    assert run_check_cli(path, as_json=True) == 1
+    out = json.loads(capsys.readouterr().out)
+    assert out["ok"] is False and out["buffers"][0]["problems"] == report.problems
+
+    # damage 2: a truncated data file
+    os.truncate(path / "data" / "observation.memmap", 1000)
+    report = check_buffer(path)
+    assert not report.ok and "observation.memmap is 1000 bytes, expected 51200" in report.problems[0]
+
+    # damage 3: header window past capacity
+    header = np.memmap(path / "header.bin", dtype=np.int64, mode="r+", shape=(8,))
+    header[2] = 0
+    header.flush()
+    del header
+    assert check_buffer(path).problems == ["header window holds 70 rows, more than capacity 50"]
+
+    assert "is not an rlfleet buffer" in check_buffer(tmp_path).problems[0]
+
+
+def test_check_command_line_on_sharded_directory(tmp_path, capsys):
+    from rlfleet.launch.cli import main as cli_main
+
+    for k in range(2):
+        with ReplayBuffer.create(tmp_path / "svc" / f"shard-{k}", capacity=10) as rb:
+            rb.extend_arrays(expected_rows(np.arange(5 * (k + 1))))
+    assert cli_main(["check", str(tmp_path / "svc")]) == 0
+    out = capsys.readouterr().out
+    assert out.count(": OK") == 2 and "2 shards: all OK" in out
+    os.truncate(tmp_path / "svc" / "shard-1" / "data" / "x.memmap", 8)
+    assert cli_main(["check", str(tmp_path / "svc")]) == 1
+    out = capsys.readouterr().out
+    assert "shard-1: DAMAGED" in out and "x.memmap is 8 bytes, expected 80" in out
+    assert "2 shards: 1 DAMAGED" in out

@@ -1,0 +1,238 @@
+"""Samplers on real buffers: prioritized frequencies, epochs, episode sequences, sum-tree."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from tensordict import TensorDict
+
+from rlfleet.buffer import ReplayBuffer, SchemaMismatch, StaleIndexError
+from rlfleet.buffer.samplers import parse_sampler_spec
+from rlfleet.buffer.sumtree import SumTree
+
+# chi-square critical values at p = 0.001
+CHI2_999 = {4: 18.47, 9: 27.88}
+
+
+def rows(first: int, n: int) -> TensorDict:
+    ids = torch.arange(first, first + n)
+    return TensorDict({"x": ids.clone(), "obs": ids[:, None].float().expand(n, 2).clone()}, batch_size=[n])
+
+
+def episodes(lengths: list[int], first_row: int = 0, first_episode: int = 0) -> TensorDict:
+    """Env-major rows: episode k has lengths[k] steps 0..len-1; ``x`` is the row number."""
+    ep = torch.cat([torch.full((n,), first_episode + k, dtype=torch.int64) for k, n in enumerate(lengths)])
+    step = torch.cat([torch.arange(n) for n in lengths])
+    x = torch.arange(first_row, first_row + len(ep))
+    return TensorDict({"episode_id": ep, "step": step, "x": x}, batch_size=[len(ep)])
+
+
+def chi_square(counts: np.ndarray, probs: np.ndarray) -> float:
+    expected = probs * counts.sum()
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+def test_prioritized_frequencies_match_priorities(tmp_path):
+    alpha = 0.7
+    with ReplayBuffer.create(tmp_path / "b", capacity=8, sampler={"type": "prioritized", "alpha": alpha, "beta": 0.5}, seed=7) as rb:
+        rb.extend(rows(0, 6))
+        prio = np.array([1.0, 2.0, 3.0, 4.0, 0.0, 6.0])
+        rb.update_priority(torch.arange(6), torch.tensor(prio))
+        batch = rb.sample_arrays(40_000)
+        counts = np.bincount(batch[("index",)], minlength=6)
+        assert counts[4] == 0  # priority 0: never drawn
+        live = prio != 0
+        probs = prio[live] ** alpha / (prio[live] ** alpha).sum()
+        assert chi_square(counts[live], probs) < CHI2_999[4]
+        assert np.array_equal(batch[("x",)], batch[("index",)])
+        # unnormalised weights: (N * P(i)) ** -beta with N = 6 live rows
+        p_i = prio ** alpha / (prio ** alpha).sum()
+        expected = (6 * p_i[batch[("index",)]]) ** -0.5
+        np.testing.assert_allclose(batch[("weight",)], expected, rtol=1e-12)
+        assert rb.priority_mass == pytest.approx((prio ** alpha).sum(), rel=1e-12)
+        # caller-supplied totals (a sharded buffer passes the whole service's)
+        out = rb.sample_arrays(10, total_mass=100.0, total_size=1000)
+        np.testing.assert_allclose(out[("weight",)], (1000 * prio[out[("index",)]] ** alpha / 100.0) ** -0.5)
+        td = rb.sample(64)
+        assert td["weight"].dtype == torch.float32 and float(td["weight"].max()) == 1.0
+
+
+def test_prioritized_new_rows_at_max_priority_and_reopen(tmp_path):
+    path = tmp_path / "b"
+    with ReplayBuffer.create(path, capacity=10, sampler={"type": "prioritized", "alpha": 1.0, "beta": 0.4}, seed=0) as rb:
+        rb.extend(rows(0, 4))
+        rb.update_priority(np.arange(4), np.array([1.0, 1.0, 9.0, 1.0]))
+        rb.extend(rows(4, 2))  # enter at the max priority seen: 9
+        assert rb.priority_mass == pytest.approx(1 + 1 + 9 + 1 + 9 + 9)
+        rb.extend(rows(6, 8))  # wraps: rows 0..3 overwritten, their priority leaves the mass
+        assert len(rb) == 10
+        assert rb.priority_mass == pytest.approx(9 * 10)
+        rb.update_priority([4, 13], [2.0, 0.5])
+        mass = rb.priority_mass
+    with ReplayBuffer.open(path, seed=1) as rb:
+        assert rb.sampler_type == "prioritized"
+        assert rb.priority_mass == pytest.approx(mass)
+        counts = np.bincount(rb.sample_arrays(30_000)[("index",)] - 4, minlength=10)
+        probs = np.array([2.0] + [9.0] * 8 + [0.5])
+        assert chi_square(counts, probs / probs.sum()) < CHI2_999[9]
+        rb.extend(rows(14, 1))  # max priority survives reopen
+        assert rb.priority_mass == pytest.approx(mass - 2.0 + 9.0)  # row 4 (2.0) evicted, row 14 at 9
+
+
+BAD_PRIORITIES = {
+    "negative": ([0, 1], [1.0, -0.5], ValueError, r"priority\[1\]=-0.5 is not a finite number >= 0"),
+    "nan": ([0, 1], [float("nan"), 1.0], ValueError, r"priority\[0\]=nan is not a finite"),
+    "inf": ([0], [float("inf")], ValueError, r"priority\[0\]=inf is not a finite"),
+    "wrong length": ([0, 1, 2], [1.0, 2.0], ValueError, r"2 priorities \(shape \[2\]\) for 3 indices"),
+    "float index": ([0.5], [1.0], ValueError, r"index has dtype float32; pass integer indices"),
+    "overwritten": ([2, 3], [1.0, 1.0], StaleIndexError, r"index\[0\]=2 is not a live row \(live indices are \[3, 13\)\)"),
+    "never written": ([12, 13], [1.0, 1.0], StaleIndexError, r"index\[1\]=13 is not a live row"),
+    "negative index": ([-1], [1.0], StaleIndexError, r"index\[0\]=-1 is not a live row"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_PRIORITIES))
+def test_bad_priority_updates_change_nothing(tmp_path, case):
+    index, priority, error, message = BAD_PRIORITIES[case]
+    with ReplayBuffer.create(tmp_path / "b", capacity=10, sampler="prioritized") as rb:
+        rb.extend(rows(0, 13))
+        before = rb.priority_mass
+        with pytest.raises(error, match=message):
+            rb.update_priority(torch.tensor(index), torch.tensor(priority))
+        assert rb.priority_mass == before
+
+
+def test_update_priority_on_uniform_validates_then_ignores(tmp_path):
+    with ReplayBuffer.create(tmp_path / "b", capacity=10) as rb:
+        rb.extend(rows(0, 5))
+        rb.update_priority([0, 1], [3.0, 4.0])
+        assert rb.priority_mass == 5
+        with pytest.raises(StaleIndexError):
+            rb.update_priority([7], [1.0])
+
+
+def test_all_zero_priorities_cannot_be_sampled(tmp_path):
+    with ReplayBuffer.create(tmp_path / "b", capacity=10, sampler="prioritized") as rb:
+        rb.extend(rows(0, 3))
+        rb.update_priority([0, 1, 2], [0.0, 0.0, 0.0])
+        with pytest.raises(ValueError, match=r"every live row has priority 0"):
+            rb.sample(2)
+
+
+def test_without_replacement_returns_each_row_once_per_epoch(tmp_path):
+    with ReplayBuffer.create(tmp_path / "b", capacity=100, sampler="without_replacement", seed=5) as rb:
+        rb.extend(rows(0, 60))
+        for _ in range(3):  # three epochs of 60 rows in batches of 12
+            seen = np.concatenate([rb.sample(12)["index"].numpy() for _ in range(5)])
+            assert sorted(seen.tolist()) == list(range(60))
+        with pytest.raises(ValueError, match=r"n=61 is above the 60 rows left to draw without replacement"):
+            rb.sample(61)
+
+
+def test_without_replacement_skips_overwritten_rows(tmp_path):
+    with ReplayBuffer.create(tmp_path / "b", capacity=20, sampler="without_replacement", seed=2) as rb:
+        rb.extend(rows(0, 20))
+        first = rb.sample(5)["index"].tolist()
+        rb.extend(rows(20, 10))  # rows 0..9 leave; rows 20..29 join the next epoch
+        rest = rb.sample(5)["index"].tolist()  # at least 5 of rows 10..19 are left this epoch
+        assert all(10 <= i < 20 for i in rest) and not set(rest) & set(first)
+        assert len(set(rest)) == 5
+
+
+def test_sequences_stay_inside_one_episode(tmp_path):
+    rng = np.random.default_rng(0)
+    length = 5
+    with ReplayBuffer.create(tmp_path / "b", capacity=500, sampler={"type": "sequence", "length": length}, seed=3) as rb:
+        row, episode = 0, 0
+        for _ in range(12):  # wraps the ring several times
+            lengths = rng.integers(1, 12, size=10).tolist()
+            rb.extend(episodes(lengths, row, episode))
+            row += sum(lengths)
+            episode += len(lengths)
+            batch = rb.sample(200)
+            assert batch.batch_size == torch.Size([200, length])
+            ep, step, idx = batch["episode_id"], batch["step"], batch["index"]
+            assert (ep == ep[:, :1]).all()
+            assert (step.diff(dim=1) == 1).all()
+            assert (idx.diff(dim=1) == 1).all()
+            assert torch.equal(batch["x"], idx)
+            # inside the live window: never across the write cursor or overwritten rows
+            assert int(idx.min()) >= rb.total_inserted - len(rb)
+            assert int(idx.max()) < rb.total_inserted
+
+
+def test_sequence_errors(tmp_path):
+    with ReplayBuffer.create(tmp_path / "b", capacity=50, sampler={"type": "sequence", "length": 4}) as rb:
+        with pytest.raises(SchemaMismatch, match=r"sampler 'sequence' needs key 'episode_id'"):
+            rb.extend(rows(0, 5))
+        assert rb.schema is None
+        rb.extend(episodes([3]))
+        with pytest.raises(ValueError, match=r"holds 3 rows, fewer than the sequence length 4"):
+            rb.sample(1)
+        rb.extend(episodes([2, 3], 3, 1))
+        with pytest.raises(ValueError, match=r"no episode segment of 4 consecutive steps"):
+            rb.sample(1)
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("reservoir", r"sampler type 'reservoir' is unknown"),
+        ({"type": "prioritized", "gamma": 1}, r"sampler 'prioritized' has no parameter 'gamma'"),
+        ({"type": "prioritized", "alpha": -1}, r"sampler alpha=-1: must be a finite number >= 0"),
+        ({"type": "prioritized", "beta": float("nan")}, r"sampler beta=nan"),
+        ({"type": "sequence", "length": 0}, r"sampler length=0: must be an integer >= 1"),
+        ({"type": "uniform", "length": 3}, r"sampler 'uniform' has no parameter 'length'"),
+        (3, r"sampler=3: expected a name"),
+    ],
+)
+def test_bad_sampler_specs(tmp_path, spec, message):
+    with pytest.raises(ValueError, match=message):
+        ReplayBuffer.create(tmp_path / "b", capacity=10, sampler=spec)
+
+
+def test_sampler_spec_defaults_are_stored():
+    assert parse_sampler_spec("prioritized") == {"type": "prioritized", "alpha": 0.6, "beta": 0.4}
+    assert parse_sampler_spec({"type": "sequence"}) == {"type": "sequence", "length": 8}
+    assert parse_sampler_spec({"type": "uniform"}) == {"type": "uniform"}
+
+
+@pytest.mark.parametrize("size", [1, 7, 16, 17, 1000, 70_000])
+def test_sumtree_find_matches_cumsum(size):
+    rng = np.random.default_rng(size)
+    tree = SumTree(size)
+    values = rng.random(size) * (rng.random(size) > 0.3)
+    tree.set(np.arange(size), values)
+    if size > 2:
+        tree.set_range(1, np.array([0.25, 0.0]))
+        values[1:3] = [0.25, 0.0]
+    assert tree.total == pytest.approx(values.sum(), rel=1e-12)
+    if values.sum() == 0:
+        return
+    u = rng.random(5000) * values.sum()
+    expected = np.searchsorted(np.cumsum(values), u, side="right")
+    assert np.array_equal(tree.find(u), expected)
+    rebuilt = SumTree(size)
+    rebuilt.rebuild(values)
+    assert rebuilt.total == pytest.approx(tree.total, rel=1e-12)
+    assert np.array_equal(rebuilt.find(u), expected)
+
+
+def test_open_can_switch_sampler(tmp_path):
+    path = tmp_path / "b"
+    with ReplayBuffer.create(path, capacity=10) as rb:
+        rb.extend(episodes([6, 6]))
+    with ReplayBuffer.open(path, sampler={"type": "prioritized", "alpha": 1.0}) as rb:
+        assert rb.sampler_type == "prioritized" and rb.priority_mass == pytest.approx(10.0)
+        rb.update_priority([2], [5.0])
+        assert rb.priority_mass == pytest.approx(14.0)
+    with ReplayBuffer.open(path) as rb:
+        assert rb.sampler_type == "prioritized" and rb.priority_mass == pytest.approx(14.0)
+    with ReplayBuffer.open(path, sampler={"type": "sequence", "length": 3}) as rb:
+        batch = rb.sample(20)
+        assert (batch["episode_id"] == batch["episode_id"][:, :1]).all()
+    with ReplayBuffer.create(tmp_path / "c", capacity=10) as rb:
+        rb.extend(rows(0, 3))
+    with pytest.raises(ValueError, match=r"sampler 'sequence' needs key 'episode_id'"):
+        ReplayBuffer.open(tmp_path / "c", sampler="sequence")

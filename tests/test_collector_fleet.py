@@ -1,0 +1,275 @@
+"""``CollectorFleet`` on the real local Ray cluster, streaming into a real replay service."""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from rlfleet.buffer import ReplayService
+from rlfleet.collector import CollectorConfig, CollectorError, CollectorFleet, EnvConfig, PolicyConfig
+from rlfleet.collector.testing import check_counting_stream
+
+COUNTING = "rlfleet.collector.testing:CountingEnv"
+MAX_LEN = 6
+KEYS = {
+    ("observation",): ((4,), torch.float32), ("action",): ((), torch.int64),
+    ("reward",): ((), torch.float32), ("terminated",): ((), torch.bool),
+    ("truncated",): ((), torch.bool), ("done",): ((), torch.bool),
+    ("next", "observation"): ((4,), torch.float32), ("episode_id",): ((), torch.int64),
+    ("step",): ((), torch.int64), ("collector_id",): ((), torch.int64),
+    ("policy_version",): ((), torch.int64),
+}
+
+
+def run_config(name, env, **collector):
+    collector = {"num_workers": 2, "frames_per_batch": 64, "init_random_frames": 256, **collector}
+    return SimpleNamespace(name=name, seed=0, env=env, collector=CollectorConfig(**collector),
+                           policy=PolicyConfig(hidden=(16,)))
+
+
+def wait_for(predicate, timeout_s=90.0, what="condition"):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def cartpole(ray_cluster, tmp_path_factory):
+    svc = ReplayService.launch("collect-cartpole", tmp_path_factory.mktemp("cartpole"),
+                               capacity=200_000, detached=False)
+    client = svc.client()
+    fleet = CollectorFleet(run_config("fleet-cartpole", EnvConfig(num_envs=4)), client)
+    fleet.start()
+    yield fleet, client
+    fleet.stop()
+    ReplayService.shutdown("collect-cartpole", delete=True)
+
+
+def test_fleet_fills_the_service_with_complete_transitions(cartpole):
+    fleet, client = cartpole
+    wait_for(lambda: len(client) >= 2048, what="2048 rows")
+    wait_for(lambda: all(c is not None for c in fleet.stats()["collectors"]), what="reports from both")
+    batch = client.sample(512)
+    for key, (shape, dtype) in KEYS.items():
+        assert batch[key].shape == (512, *shape) and batch[key].dtype == dtype, key
+    assert set(batch["collector_id"].tolist()) <= {0, 1}
+    assert torch.equal(batch["done"], batch["terminated"] | batch["truncated"])
+    ids = batch["episode_id"]
+    assert set((ids >> 48).tolist()) == set(batch["collector_id"].tolist())
+    stats = fleet.stats()
+    assert stats["frames"] >= 2048 and stats["episodes"] > 0
+    assert len(stats["recent_returns"]) == len(stats["recent_lengths"]) <= 100
+    assert stats["recent_returns"] == [float(n) for n in stats["recent_lengths"]]  # CartPole: +1 per step
+    assert [c["collector_id"] for c in stats["collectors"]] == [0, 1]
+
+
+def test_weights_reach_every_collector_and_stamp_rows(cartpole):
+    fleet, client = cartpole
+    template = fleet._template.state_dict()
+    with pytest.raises(ValueError, match=r"weights do not match the policy \(missing keys \['head.2.bias'\]"):
+        fleet.set_weights({k: v for k, v in template.items() if k != "head.2.bias"}, 1)
+    fleet.set_weights(template, 3)
+    wait_for(lambda: fleet.stats()["policy_version"] == 3, what="version 3 everywhere")
+    before = client.stats()["total"]["total_inserted"]
+    wait_for(lambda: client.stats()["total"]["total_inserted"] >= before + 512, what="new rows")
+    newest = client.sample(2048)
+    assert (newest["policy_version"] == 3).any()
+    assert set(newest["policy_version"].tolist()) <= {0, 3}
+
+
+def test_pause_stops_inserts_and_resume_restarts_them(cartpole):
+    fleet, client = cartpole
+    fleet.pause()
+    n = client.stats()["total"]["total_inserted"]
+    time.sleep(1.0)
+    assert client.stats()["total"]["total_inserted"] == n
+    assert [c["state"] for c in fleet.stats()["collectors"]] == ["paused", "paused"]
+    fleet.resume()
+    wait_for(lambda: client.stats()["total"]["total_inserted"] > n, what="inserts after resume")
+
+
+def test_metrics_reach_the_prometheus_endpoint(cartpole, ray_cluster):
+    import urllib.request
+
+    url = f"http://127.0.0.1:{ray_cluster.metrics_export_port}/metrics"
+    wanted = [f"ray_rlfleet_collector_{m}" for m in (
+        "frames", "fps", "episode_return", "episode_length", "policy_version",
+        "env_time_s", "policy_time_s", "send_time_s")]
+
+    def scraped():
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        lines = [line for line in text.splitlines() if 'collector="fleet-cartpole:0"' in line]
+        return all(any(line.startswith(w) for line in lines) for w in wanted) and lines
+
+    lines = wait_for(scraped, what="collector metrics on the endpoint")
+    frames = [line for line in lines if line.startswith("ray_rlfleet_collector_frames")]
+    assert float(frames[0].rsplit(" ", 1)[1]) > 0
+
+
+def test_killed_collector_is_restarted_and_episode_ids_stay_unique(cartpole, ray_cluster):
+    import ray
+
+    fleet, client = cartpole
+    fleet.health_check()
+    victim = ray.get_actor("rlfleet:fleet-cartpole:collector-0", namespace="rlfleet")
+    ray.kill(victim, no_restart=False)  # a crash: Ray restarts it
+
+    def restarted():
+        fleet.health_check()
+        return fleet.stats()["restarts"] == 1 and fleet.stats()["collectors"][0]["incarnation"] == 1
+
+    wait_for(restarted, what="collector 0 back as incarnation 1")
+    assert fleet.stats()["collectors"][0]["frames"] > 0
+    n = client.stats()["total"]["total_inserted"]
+    wait_for(lambda: client.stats()["total"]["total_inserted"] >= n + 1024, what="the run going on")
+    rows = client.sample(4096)
+    ids = rows["episode_id"].numpy()
+    incarnations = {(int(i) >> 48, (int(i) >> 32) & 0xFFFF) for i in ids}
+    assert (0, 1) in incarnations and incarnations <= {(0, 0), (0, 1), (1, 0)}
+    # an episode id belongs to one collector and one incarnation, and its steps are consistent
+    by_episode: dict[int, set[int]] = {}
+    for eid, cid in zip(ids, rows["collector_id"].numpy()):
+        by_episode.setdefault(int(eid), set()).add(int(cid))
+    assert all(len(c) == 1 for c in by_episode.values())
+
+
+def test_dead_collector_is_recreated_by_health_check(cartpole):
+    import ray
+
+    fleet, client = cartpole
+    fleet.health_check()
+    before = fleet.stats()["restarts"]
+    ray.kill(fleet._actors[1], no_restart=True)  # Ray will not bring this one back
+
+    def recreated():
+        fleet.health_check()
+        c = fleet.stats()["collectors"][1]
+        return c["incarnation"] == 1 and c["state"] == "running"
+
+    wait_for(recreated, what="collector 1 re-created")
+    assert fleet.stats()["restarts"] == before + 1
+
+
+def test_counting_env_rows_survive_a_restart_intact(ray_cluster, tmp_path):
+    import ray
+
+    svc = ReplayService.launch("collect-counting", tmp_path / "buf", capacity=100_000, detached=False)
+    client = svc.client()
+    env = EnvConfig(id=COUNTING, kwargs={"max_length": MAX_LEN}, num_envs=3)
+    fleet = CollectorFleet(run_config("fleet-counting", env, num_workers=1, frames_per_batch=30,
+                                      init_random_frames=0), "collect-counting")
+    try:
+        fleet.start()
+        wait_for(lambda: all(c is not None and c["batches"] >= 3 for c in fleet.stats()["collectors"]),
+                 what="the collector sending")
+        ray.kill(ray.get_actor("rlfleet:fleet-counting:collector-0", namespace="rlfleet"), no_restart=False)
+
+        def restarted():
+            c = fleet.stats()["collectors"][0]
+            return c["incarnation"] == 1 and c["batches"] >= 3
+
+        wait_for(restarted, what="collector 0 restarted and collecting")
+        fleet.pause()
+        size = len(client)
+        rows = svc_rows(tmp_path / "buf", size)
+    finally:
+        fleet.stop()
+        ReplayService.shutdown("collect-counting")
+    counts = check_counting_stream(rows, max_length=MAX_LEN)
+    # 3 envs of the first incarnation, 3 fresh envs (new seeds) of the restarted one
+    assert len(counts) == 6
+    assert sum(counts.values()) == size and size % 30 == 0
+    incarnations = {(int(i) >> 48, (int(i) >> 32) & 0xFFFF) for i in rows["episode_id"]}
+    assert incarnations == {(0, 0), (0, 1)}
+    # after stop, stats() answers from the final snapshot
+    assert fleet.stats()["frames"] >= size and fleet.stats()["restarts"] == 1
+
+
+def svc_rows(path, size):
+    """All rows of the (paused) service's only shard, oldest first, read from disk."""
+    from rlfleet.buffer import ReplayBuffer
+
+    rb = ReplayBuffer.open(path / "shard-0")
+    try:
+        if size is not None:
+            assert len(rb) == size
+        return rb[0:len(rb)]
+    finally:
+        rb.close()
+
+
+def test_object_store_receiver_can_be_attached_again(cartpole):
+    fleet, _ = cartpole
+    with pytest.raises(ValueError, match=r"weight receiver kind 'carrier-pigeon': must be one of \['object_store', 'distributed'\]"):
+        fleet.attach_weight_receiver("carrier-pigeon")
+    fleet.attach_weight_receiver("object_store", timeout_s=2.0)  # fleet= defaults to this fleet
+    version = fleet.stats()["policy_version"] + 1
+    fleet.set_weights(fleet._template.state_dict(), version)
+    wait_for(lambda: fleet.stats()["policy_version"] == version, what="weights through the new receiver")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_fleet_collects_on_cuda(ray_cluster, tmp_path):
+    import ray
+
+    if ray.cluster_resources().get("GPU", 0) < 1:
+        pytest.skip("the Ray cluster has no GPU")
+    ReplayService.launch("collect-gpu", tmp_path / "buf", capacity=10_000, detached=False)
+    env = EnvConfig(id=COUNTING, kwargs={"max_length": MAX_LEN}, num_envs=4)
+    fleet = CollectorFleet(run_config("fleet-gpu", env, device="cuda", num_gpus=0.25, init_random_frames=0),
+                           "collect-gpu")
+    try:
+        fleet.start()
+        wait_for(lambda: fleet.stats()["frames"] >= 512, what="frames from GPU collectors")
+        fleet.pause()
+        size = fleet.stats()["frames"]
+    finally:
+        fleet.stop()
+        ReplayService.shutdown("collect-gpu")
+    rows = svc_rows(tmp_path / "buf", None)
+    counts = check_counting_stream(rows, max_length=MAX_LEN)
+    assert len(counts) == 8 and sum(counts.values()) == len(rows) <= size
+
+
+def test_bad_input_is_refused_before_any_actor_starts(ray_cluster):
+    import ray
+
+    cases = [
+        (run_config("bad-env", EnvConfig(id="CartPol-v1")), ValueError, r"env.id 'CartPol-v1' is not a registered gymnasium id \(close matches: \['CartPole-v1'"),
+        (run_config("bad-obs", EnvConfig(id="FrozenLake-v1")), ValueError, r"observation space Discrete\(16\) is not supported"),
+        (run_config("bad-expl", EnvConfig(id="Pendulum-v1")), ValueError, r"exploration.type = 'epsilon_greedy' does not fit the action space Box"),
+        (run_config("bad-name/x", EnvConfig()), ValueError, r"config.name = 'bad-name/x'"),
+    ]
+    if not torch.cuda.is_available() and ray.cluster_resources().get("GPU", 0) == 0:
+        cases.append((run_config("bad-dev", EnvConfig(), device="cuda", num_gpus=0.5), ValueError,
+                      r"collector.device = 'cuda' but the Ray cluster has no GPU"))
+    for config, error, match in cases:
+        with pytest.raises(error, match=match):
+            CollectorFleet(config, "no-buffer-needed")
+    names = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
+    assert not any(n.startswith(("rlfleet:bad-", "rlfleet:bad")) for n in names)
+    with pytest.raises(ValueError, match=r"env.num_envs = 0: must be an integer >= 1"):
+        EnvConfig(num_envs=0)
+
+
+def test_actor_construction_failure_is_reported_and_cleaned_up(ray_cluster):
+    import ray
+
+    # The driver can build the env; the buffer does not exist, so each actor's
+    # BufferClient.connect fails inside the actor.
+    fleet = CollectorFleet(run_config("fleet-nobuf", EnvConfig(num_envs=1), num_workers=1), "no-such-buffer")
+    with pytest.raises(CollectorError, match=r"collector fleet 'fleet-nobuf': an actor failed to start: "
+                       r"rlfleet.buffer.errors.BufferNotFound: no replay buffer named 'no-such-buffer'"):
+        fleet.start()
+    names = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
+    assert not any(n.startswith("rlfleet:fleet-nobuf:") for n in names)
+    np.testing.assert_equal(fleet._actors, [])

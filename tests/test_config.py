@@ -1,0 +1,169 @@
+"""The strict config loader: shipped configs, unknown keys, parse errors, typed overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from rlfleet.launch.config import (
+    ConfigError,
+    RunConfig,
+    RunSection,
+    SamplerConfig,
+    apply_overrides,
+    dump_config,
+    load_config,
+    parse_config,
+)
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+RUN_CONFIGS = ["cartpole_dqn.yaml", "pendulum_sac.yaml", "smoke.yaml"]
+
+
+@pytest.mark.parametrize("name", RUN_CONFIGS)
+def test_shipped_configs_load_and_round_trip(name):
+    config = load_config(CONFIGS / name)
+    assert isinstance(config, RunConfig)
+    assert parse_config(dump_config(config)) == config
+
+
+def test_shipped_configs_match_their_algorithms():
+    cartpole = load_config(CONFIGS / "cartpole_dqn.yaml")
+    assert (cartpole.env.id, cartpole.learner.algorithm) == ("CartPole-v1", "dqn")
+    assert cartpole.run.total_frames == 300_000
+    assert cartpole.run.target_return == 475
+    pendulum = load_config(CONFIGS / "pendulum_sac.yaml")
+    assert (pendulum.env.id, pendulum.learner.algorithm) == ("Pendulum-v1", "sac")
+    assert pendulum.run.target_return == -200
+
+
+def test_n_step_with_matching_sequences_loads():
+    config = parse_config("learner: {n_step: 3}\nbuffer: {sampler: {type: sequence, length: 3}}")
+    assert config.buffer.sampler.to_mapping() == {"type": "sequence", "length": 3}
+
+
+def test_empty_text_gives_the_defaults():
+    assert parse_config("") == RunConfig()
+
+
+def test_values_are_converted_to_their_field_types():
+    config = parse_config(
+        "learner: {lr: 1, batch_size: 64}\npolicy: {hidden: [32, 16]}\n"
+        "buffer: {sampler: prioritized, capacity: 2GB}\nenv: {kwargs: {max_episode_steps: 50}}\n"
+    )
+    assert config.learner.lr == 1.0 and isinstance(config.learner.lr, float)
+    assert config.learner.batch_size == 64
+    assert config.policy.hidden == (32, 16)
+    assert config.buffer.sampler == SamplerConfig(type="prioritized")
+    assert config.buffer.capacity == "2GB"
+    assert config.env.kwargs == {"max_episode_steps": 50}
+
+
+def test_sampler_mapping_holds_only_its_own_parameters():
+    assert SamplerConfig().to_mapping() == {"type": "uniform"}
+    assert SamplerConfig("prioritized", alpha=0.7).to_mapping() == {
+        "type": "prioritized",
+        "alpha": 0.7,
+        "beta": 0.4,
+    }
+    assert SamplerConfig("sequence", length=4).to_mapping() == {"type": "sequence", "length": 4}
+    kwargs = parse_config("buffer: {num_shards: 2, rate_limiter: {min_size_to_sample: 7}}").buffer.service_kwargs()
+    assert kwargs["num_shards"] == 2
+    assert kwargs["rate_limiter"] == {
+        "min_size_to_sample": 7,
+        "samples_per_insert": None,
+        "error_margin": 0.0,
+        "timeout_s": 60.0,
+    }
+
+
+BAD_TEXT = [
+    ("unknown_top", "lerner: {lr: 1}", r"unknown key 'lerner'; did you mean 'learner'\?"),
+    ("unknown_nested", "learner: {batchsize: 3}", r"unknown key 'learner.batchsize'; did you mean 'learner.batch_size'\?"),
+    ("unknown_deep", "collector: {exploration: {sigmaa: 1}}", r"'collector.exploration.sigmaa'; did you mean 'collector.exploration.sigma'"),
+    ("unknown_far", "run: {zzz: 1}", r"unknown key 'run.zzz'; valid keys in 'run': dir, learner_steps_per_frame"),
+    ("wrong_type", "learner: {batch_size: many}", r"learner.batch_size: expected int, got 'many' \(str\)"),
+    ("bool_for_int", "seed: true", r"seed: expected int, got True \(bool\)"),
+    ("section_scalar", "learner: 3", r"learner: expected mapping, got 3 \(int\)"),
+    ("out_of_range", "learner: {gamma: 1.5}", r"learner.gamma: 1.5 must be in \[0, 1\]"),
+    ("bad_choice", "learner: {algorithm: ppo}", r"learner.algorithm: 'ppo' is not one of 'dqn', 'sac'"),
+    ("collector_check", "env: {num_envs: 0}", r"env.num_envs = 0: must be an integer >= 1"),
+    ("bad_capacity", "buffer: {capacity: lots}", r"buffer.capacity: 'lots' is neither a row count"),
+    ("bad_name", "name: ../x", r"name: '../x' must be"),
+    ("n_step_without_sequences", "learner: {n_step: 3}",
+     r"learner.n_step: 3 needs slices of 3 rows, but buffer.sampler is \{'type': 'uniform'\}; "
+     r"set buffer.sampler to \{type: sequence, length: 3\}"),
+    ("top_list", "- 1\n- 2", r"the top level must be a mapping of sections, got list"),
+    ("syntax", "learner:\n  lr: [1,\n  gamma: 2\n", r"<string>:4:1: "),
+    ("bad_indent", "learner:\n  lr: 1\n gamma: 2\n", r"<string>:3:2: "),
+    ("duplicate", "seed: 1\nname: a\nseed: 2\n", r"<string>:3:1: duplicated key 'seed' \(first on line 1\)"),
+]
+
+
+@pytest.mark.parametrize("text,match", [c[1:] for c in BAD_TEXT], ids=[c[0] for c in BAD_TEXT])
+def test_bad_config_text_is_refused(text, match):
+    with pytest.raises(ConfigError, match=match):
+        parse_config(text)
+
+
+def test_missing_file_names_the_path(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(FileNotFoundError, match=r"config file '.*nope.yaml' does not exist"):
+        load_config(missing)
+
+
+def test_parse_error_names_file_line_and_column(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("name: x\nlearner: {lr: 0.1\n")
+    with pytest.raises(ConfigError, match=r"broken.yaml:3:1: "):
+        load_config(path)
+
+
+GOOD_OVERRIDES = [
+    ("learner.lr=1e-3", lambda c: c.learner.lr == 0.001),
+    ("learner.batch_size=1e3", lambda c: c.learner.batch_size == 1000),
+    ("policy.hidden=[128, 128]", lambda c: c.policy.hidden == (128, 128)),
+    ("env.kwargs.max_episode_steps=200", lambda c: c.env.kwargs == {"max_episode_steps": 200}),
+    ("buffer.sampler=prioritized", lambda c: c.buffer.sampler.type == "prioritized"),
+    ("buffer.sampler.alpha=0.5", lambda c: c.buffer.sampler.alpha == 0.5),
+    ("run.target_return=null", lambda c: c.run.target_return is None),
+    ("ray.address=auto", lambda c: c.ray.address == "auto"),
+    ("learner.double_dqn=false", lambda c: c.learner.double_dqn is False),
+    ("name=my-run", lambda c: c.name == "my-run"),
+    ("buffer.capacity=10GB", lambda c: c.buffer.capacity == "10GB"),
+]
+
+
+@pytest.mark.parametrize("override,check", GOOD_OVERRIDES, ids=[c[0] for c in GOOD_OVERRIDES])
+def test_overrides_apply_typed_values(override, check):
+    base = RunConfig(run=RunSection(target_return=100.0))
+    assert not check(base)
+    assert check(apply_overrides(base, [override]))
+
+
+def test_later_overrides_win_and_file_values_are_overridden(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("learner: {lr: 0.1, batch_size: 32}\n")
+    config = load_config(path, ["learner.lr=0.2", "learner.lr=0.3"])
+    assert (config.learner.lr, config.learner.batch_size) == (0.3, 32)
+
+
+BAD_OVERRIDES = [
+    ("no_equals", "learner.lr", r"expected KEY=VALUE with a dotted key"),
+    ("empty_part", "learner..lr=1", r"empty part in key 'learner..lr'"),
+    ("unknown", "learner.batchsize=3", r"unknown key 'learner.batchsize'; did you mean 'learner.batch_size'\?"),
+    ("wrong_type", "learner.batch_size=abc", r"learner.batch_size: expected int, got 'abc' \(str\)"),
+    ("float_for_int", "seed=1.5", r"seed: expected int, got 1.5 \(float\)"),
+    ("into_leaf", "learner.lr.x=1", r"'learner.lr' is a float, it has no key 'x'"),
+    ("bad_value", "collector.exploration.start=2", r"collector.exploration.start = 2.0: must be a number in"),
+    ("bad_choice", "buffer.sampler.type=bad", r"buffer.sampler.type: 'bad' is not one of"),
+    ("list_for_int", "learner.n_step=[1]", r"learner.n_step: expected int, got \[1\] \(list\)"),
+]
+
+
+@pytest.mark.parametrize("override,match", [c[1:] for c in BAD_OVERRIDES], ids=[c[0] for c in BAD_OVERRIDES])
+def test_bad_overrides_are_refused_naming_the_override(override, match):
+    with pytest.raises(ConfigError, match=match) as info:
+        apply_overrides(RunConfig(), [override])
+    assert str(info.value).startswith(f"override {override!r}")

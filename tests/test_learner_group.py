@@ -1,0 +1,176 @@
+"""``LearnerGroup`` on the shared local Ray cluster: real gloo groups of 1 and 2 ranks
+sampling from a real replay service."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from tensordict import TensorDict
+
+from rlfleet.buffer import ReplayService
+from rlfleet.collector.config import PolicyConfig
+from rlfleet.launch.config import LearnerConfig, RunConfig
+from rlfleet.launch.learner_group import LearnerGroup, LearnerGroupError
+
+OBS_SPACE = gym.spaces.Box(-1.0, 1.0, (4,))
+ACT_SPACE = gym.spaces.Discrete(2)
+
+
+def bandit_rows(n: int, seed: int = 0) -> TensorDict:
+    g = torch.Generator().manual_seed(seed)
+    obs = torch.rand(n, 4, generator=g) * 2 - 1
+    action = torch.randint(0, 2, (n,), generator=g)
+    ones = torch.ones(n, dtype=torch.bool)
+    return TensorDict(
+        {
+            "observation": obs,
+            "action": action,
+            "reward": (action == 0).float(),
+            "terminated": ones,
+            "truncated": ~ones,
+            "done": ones,
+            ("next", "observation"): obs,
+            "episode_id": torch.arange(n),
+            "step": torch.zeros(n, dtype=torch.int64),
+            "collector_id": torch.zeros(n, dtype=torch.int64),
+            "policy_version": torch.zeros(n, dtype=torch.int64),
+        },
+        [n],
+    )
+
+
+def config(name: str, num_learners: int, **learner) -> RunConfig:
+    params = {"batch_size": 32, "publish_every": 5, "checkpoint_every": 1000, "prefetch": 1}
+    params.update(learner)
+    return RunConfig(
+        name=name,
+        policy=PolicyConfig(hidden=(16,)),
+        learner=LearnerConfig(num_learners=num_learners, **params),
+    )
+
+
+@pytest.fixture
+def service(ray_cluster, tmp_path: Path, request):
+    name = f"lg-{request.node.name.split('[')[0][-20:].replace('_', '-')}"
+    svc = ReplayService.launch(name, tmp_path / "buffer", capacity=2000, detached=False, seed=0)
+    svc.client().extend(bandit_rows(512))
+    yield name
+    ReplayService.shutdown(name)
+
+
+def test_two_ranks_hold_identical_weights(service: str, tmp_path: Path) -> None:
+    group = LearnerGroup(config(service, 2), service, OBS_SPACE, ACT_SPACE, run_dir=tmp_path / "run")
+    try:
+        before = group.rank_state_dicts()
+        metrics = group.step(12)
+        after = group.rank_state_dicts()
+    finally:
+        group.shutdown()
+    assert metrics["learner/steps"] == 12.0
+    assert metrics["learner/policy_version"] == 10.0  # published at steps 5 and 10
+    # DDP starts every rank from rank 0's weights and keeps them equal...
+    for state in (before, after):
+        assert list(state[0]) == list(state[1])
+        for key in state[0]:
+            np.testing.assert_array_equal(state[0][key], state[1][key], err_msg=key)
+    # ...while they did learn.
+    assert any(not np.array_equal(before[0][k], after[0][k]) for k in before[0])
+
+
+def pendulum_rows(n: int) -> TensorDict:
+    g = torch.Generator().manual_seed(0)
+    obs = torch.rand(n, 3, generator=g) * 2 - 1
+    action = torch.rand(n, 1, generator=g) * 4 - 2
+    flags = torch.zeros(n, dtype=torch.bool)
+    return TensorDict(
+        {
+            "observation": obs,
+            "action": action,
+            "reward": -(action[:, 0] ** 2),
+            "terminated": flags,
+            "truncated": flags,
+            "done": flags,
+            ("next", "observation"): obs,
+            "episode_id": torch.zeros(n, dtype=torch.int64),
+            "step": torch.arange(n),
+            "collector_id": torch.zeros(n, dtype=torch.int64),
+            "policy_version": torch.zeros(n, dtype=torch.int64),
+        },
+        [n],
+    )
+
+
+def test_two_sac_ranks_hold_identical_weights(ray_cluster, tmp_path: Path) -> None:
+    name = "lg-sac"
+    svc = ReplayService.launch(name, tmp_path / "buffer", capacity=1000, detached=False, seed=0)
+    try:
+        svc.client().extend(pendulum_rows(512))
+        cfg = config(name, 2, algorithm="sac", tau=0.1)
+        obs_space = gym.spaces.Box(-1.0, 1.0, (3,))
+        act_space = gym.spaces.Box(-2.0, 2.0, (1,))
+        group = LearnerGroup(cfg, name, obs_space, act_space, run_dir=tmp_path / "run")
+        try:
+            before = group.rank_state_dicts()
+            group.step(6)
+            after = group.rank_state_dicts()
+        finally:
+            group.shutdown()
+    finally:
+        ReplayService.shutdown(name)
+    # Actor, critics, target critics and the temperature agree across ranks.
+    assert {k.split(".")[0] for k in after[0]} == {"actor", "critic", "target_critic", "log_alpha", "action_center", "action_half"}
+    for key in after[0]:
+        np.testing.assert_array_equal(after[0][key], after[1][key], err_msg=key)
+    assert not np.array_equal(before[0]["log_alpha"], after[0]["log_alpha"])
+
+
+def test_checkpoint_and_resume(service: str, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    group = LearnerGroup(config(service, 1), service, OBS_SPACE, ACT_SPACE, run_dir=run_dir)
+    try:
+        group.step(7)
+        path = group.save_checkpoint()
+        saved = group.policy_state_dict()
+    finally:
+        group.shutdown()
+    assert path == run_dir / "checkpoints" / "learner-000000007.pt"
+    state = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=True)
+    assert state["steps"] == 7 and state["policy_version"] == 5
+
+    resumed = LearnerGroup(config(service, 1), service, OBS_SPACE, ACT_SPACE, run_dir=run_dir, resume=True)
+    try:
+        restored = resumed.policy_state_dict()
+        metrics = resumed.step(3)
+    finally:
+        resumed.shutdown()
+    for key in saved:
+        assert torch.equal(saved[key], restored[key]), key
+    assert metrics["learner/steps"] == 10.0
+    assert metrics["learner/policy_version"] == 10.0
+
+
+def test_checkpoints_every_n_steps(service: str, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    group = LearnerGroup(config(service, 1, checkpoint_every=4), service, OBS_SPACE, ACT_SPACE, run_dir=run_dir)
+    try:
+        for _ in range(3):
+            group.step(3)
+    finally:
+        group.shutdown()
+    # Checked after each call of 3 steps: at 3 (3 < 4), 6 (6 >= 4: saved), 9 (9 - 6 < 4).
+    names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert names == ["latest.pt", "learner-000000006.pt"]
+
+
+def test_resume_without_checkpoint(ray_cluster, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"resume=True but .*latest.pt does not exist"):
+        LearnerGroup(config("lg-none", 1), "lg-none", OBS_SPACE, ACT_SPACE, run_dir=tmp_path, resume=True)
+
+
+def test_unplaceable_learner_count(ray_cluster, tmp_path: Path) -> None:
+    with pytest.raises(LearnerGroupError, match=r"num_learners=64 needs 64 CPU .* the cluster has 8 CPU"):
+        LearnerGroup(config("lg-big", 64), "lg-big", OBS_SPACE, ACT_SPACE, run_dir=tmp_path)

@@ -1,0 +1,244 @@
+"""The plain ``Learner`` on a real local ReplayBuffer (no Ray): learning a known
+Q-function, priorities written back, policy lag, checkpoints, errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gymnasium as gym
+import pytest
+import torch
+from tensordict import TensorDict
+
+from rlfleet.buffer import ReplayBuffer
+from rlfleet.collector.config import PolicyConfig
+from rlfleet.collector.policies import build_policy
+from rlfleet.launch.dqn import DQNLoss
+from rlfleet.launch.learner import PRIORITY_EPS, Learner
+
+OBS_SPACE = gym.spaces.Box(-1.0, 1.0, (4,))
+ACT_SPACE = gym.spaces.Discrete(2)
+METRIC_KEYS = {
+    "learner/steps",
+    "learner/loss",
+    "learner/steps_per_s",
+    "learner/sample_wait_s",
+    "learner/policy_version",
+    "learner/policy_lag",
+    "learner/q_mean",
+    "learner/target_mean",
+    "learner/grad_norm",
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    yield
+    torch.set_num_threads(threads)
+
+
+def bandit_rows(n: int, *, policy_version: int = 0, seed: int = 0) -> TensorDict:
+    """One-step episodes: action 0 pays 1, action 1 pays 0, then the episode ends."""
+    g = torch.Generator().manual_seed(seed)
+    obs = torch.rand(n, 4, generator=g) * 2 - 1
+    action = torch.randint(0, 2, (n,), generator=g)
+    ones = torch.ones(n, dtype=torch.bool)
+    return TensorDict(
+        {
+            "observation": obs,
+            "action": action,
+            "reward": (action == 0).float(),
+            "terminated": ones,
+            "truncated": ~ones,
+            "done": ones,
+            ("next", "observation"): obs,
+            "policy_version": torch.full((n,), policy_version, dtype=torch.int64),
+        },
+        [n],
+    )
+
+
+def make_learner(source, **kwargs) -> Learner:
+    net = build_policy(PolicyConfig(hidden=(32, 32)), OBS_SPACE, ACT_SPACE)
+    return Learner(DQNLoss(net, lr=kwargs.pop("lr", 3e-3)), source, **kwargs)
+
+
+class RecordingSource:
+    """A real buffer behind a validating recorder of what the learner asked of it."""
+
+    def __init__(self, buffer: ReplayBuffer) -> None:
+        self.buffer = buffer
+        self.sampled: list[torch.Tensor] = []
+        self.updates: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def sample(self, n: int) -> TensorDict:
+        batch = self.buffer.sample(n)
+        self.sampled.append(batch["index"].clone())
+        return batch
+
+    def update_priority(self, index, priority) -> None:
+        assert index.shape == priority.shape, "index and priority must align"
+        self.updates.append((index.clone(), priority.clone()))
+        self.buffer.update_priority(index, priority)
+
+
+class RecordingAlgorithm:
+    """Wraps a DQNLoss and keeps every TD error it returned."""
+
+    def __init__(self, loss: DQNLoss) -> None:
+        self.loss = loss
+        self.td_errors: list[torch.Tensor] = []
+        self.policy = loss.policy
+
+    def __getattr__(self, name):
+        return getattr(self.loss, name)
+
+    def update(self, batch, step):
+        metrics, td = self.loss.update(batch, step)
+        self.td_errors.append(td.clone())
+        return metrics, td
+
+
+def test_learns_bandit_q_values(tmp_path: Path) -> None:
+    with ReplayBuffer.create(tmp_path / "rb", capacity=1000, seed=0) as rb:
+        rb.extend(bandit_rows(512))
+        learner = make_learner(rb, batch_size=64, prefetch=2)
+        try:
+            metrics = learner.step(300)
+        finally:
+            learner.close()
+    assert set(metrics) == METRIC_KEYS
+    assert metrics["learner/steps"] == 300.0
+    with torch.no_grad():
+        q = learner.algorithm.policy(bandit_rows(256, seed=1)["observation"])
+    assert (q[:, 0] - 1.0).abs().max() < 0.15
+    assert q[:, 1].abs().max() < 0.15
+
+
+def test_priorities_written_back(tmp_path: Path) -> None:
+    sampler = {"type": "prioritized", "alpha": 0.6, "beta": 0.4}
+    with ReplayBuffer.create(tmp_path / "rb", capacity=100, sampler=sampler, seed=0) as rb:
+        rb.extend(bandit_rows(64))
+        source = RecordingSource(rb)
+        net = build_policy(PolicyConfig(hidden=(8,)), OBS_SPACE, ACT_SPACE)
+        algorithm = RecordingAlgorithm(DQNLoss(net))
+        learner = Learner(algorithm, source, batch_size=16, prefetch=0)
+        learner.step(3)
+        assert len(source.updates) == 3
+        for sampled, (index, priority), td in zip(source.sampled, source.updates, algorithm.td_errors, strict=True):
+            assert torch.equal(index, sampled)
+            assert torch.equal(priority, td.abs().double() + PRIORITY_EPS)
+        # The buffer took them: its mass is sum(p ** alpha) over rows, the new ones included.
+        assert rb.priority_mass != pytest.approx(64.0)
+
+
+def test_uniform_buffer_gets_no_priorities(tmp_path: Path) -> None:
+    with ReplayBuffer.create(tmp_path / "rb", capacity=100, seed=0) as rb:
+        rb.extend(bandit_rows(64))
+        source = RecordingSource(rb)
+        learner = make_learner(source, batch_size=16, prefetch=0)
+        learner.step(4)
+    assert len(source.sampled) == 4
+    assert source.updates == []
+
+
+def test_policy_lag_counts_learner_steps(tmp_path: Path) -> None:
+    with ReplayBuffer.create(tmp_path / "rb", capacity=100, seed=0) as rb:
+        rb.extend(bandit_rows(64, policy_version=0))
+        learner = make_learner(rb, batch_size=8, prefetch=0)
+
+        def publish_every_5(steps: int) -> None:
+            if steps % 5 == 0:
+                learner.mark_published()
+
+        metrics = learner.step(10, after_step=publish_every_5)
+    # Steps 1-5 sample under version 0 (lag 0), steps 6-10 under version 5 (lag 5).
+    assert metrics["learner/policy_lag"] == 2.5
+    assert metrics["learner/policy_version"] == 10.0
+
+
+def test_checkpoint_round_trip(tmp_path: Path) -> None:
+    batch = bandit_rows(32)
+
+    class FixedBatch:
+        def sample(self, n: int) -> TensorDict:
+            assert n == 32
+            return batch.clone()
+
+        def update_priority(self, index, priority) -> None:
+            raise AssertionError("a uniform batch carries no weights: no priority updates")
+
+    first = make_learner(FixedBatch(), batch_size=32, prefetch=0)
+    first.step(5)
+    first.mark_published()
+    torch.save(first.state_dict(), tmp_path / "ckpt.pt")
+    second = make_learner(FixedBatch(), batch_size=32, prefetch=0)
+    second.load_state_dict(torch.load(tmp_path / "ckpt.pt", weights_only=True))
+    assert second.steps == 5 and second.policy_version == 5
+    first.step(3)
+    second.step(3)
+    for (k, a), (_, b) in zip(first.algorithm.state_dict().items(), second.algorithm.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
+
+
+def test_sample_errors_reach_the_caller(tmp_path: Path) -> None:
+    with ReplayBuffer.create(tmp_path / "rb", capacity=10, seed=0) as rb:
+        learner = make_learner(rb, batch_size=4, prefetch=2)
+        try:
+            with pytest.raises(ValueError, match="the buffer is empty"):
+                learner.step(1)
+        finally:
+            learner.close()
+
+
+def test_n_step_with_sequence_sampler(tmp_path: Path) -> None:
+    # Two 6-step episodes, rewards 1 per step, the second ends terminated.
+    n = 12
+    episode = torch.arange(n) // 6
+    step = torch.arange(n) % 6
+    terminated = step == 5
+    obs = torch.rand(n, 4)
+    rows = TensorDict(
+        {
+            "observation": obs,
+            "action": torch.zeros(n, dtype=torch.int64),
+            "reward": torch.ones(n),
+            "terminated": terminated,
+            "truncated": torch.zeros(n, dtype=torch.bool),
+            "done": terminated,
+            ("next", "observation"): obs,
+            "episode_id": episode,
+            "step": step,
+            "policy_version": torch.zeros(n, dtype=torch.int64),
+        },
+        [n],
+    )
+    with ReplayBuffer.create(tmp_path / "rb", capacity=100, sampler={"type": "sequence", "length": 3}, seed=0) as rb:
+        rb.extend(rows)
+        net = build_policy(PolicyConfig(hidden=(8,)), OBS_SPACE, ACT_SPACE)
+        learner = Learner(DQNLoss(net, n_step=3), rb, batch_size=4, prefetch=0)
+        metrics = learner.step(2)
+    assert metrics["learner/steps"] == 2.0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        pytest.param({"batch_size": 0}, r"batch_size=0 must be >= 1", id="batch_size"),
+        pytest.param({"prefetch": -1}, r"prefetch=-1 must be >= 0", id="prefetch"),
+    ],
+)
+def test_bad_arguments(tmp_path: Path, kwargs: dict, match: str) -> None:
+    with ReplayBuffer.create(tmp_path / "rb", capacity=10) as rb:
+        with pytest.raises(ValueError, match=match):
+            make_learner(rb, **kwargs)
+
+
+def test_bad_step_count(tmp_path: Path) -> None:
+    with ReplayBuffer.create(tmp_path / "rb", capacity=10) as rb:
+        learner = make_learner(rb)
+        with pytest.raises(ValueError, match=r"num_steps=0 must be >= 1"):
+            learner.step(0)

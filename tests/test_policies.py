@@ -1,0 +1,116 @@
+"""Policies built from config and spaces: shapes, bounds, weight checks, devices."""
+
+from __future__ import annotations
+
+import gymnasium
+import numpy as np
+import pytest
+import torch
+
+from rlfleet.collector.config import PolicyConfig
+from rlfleet.collector.policies import GaussianActor, QNetwork, build_policy, check_state_dict, resolve_device
+
+Box, Discrete = gymnasium.spaces.Box, gymnasium.spaces.Discrete
+VECTOR = Box(-1.0, 1.0, (4,), np.float32)
+IMAGE = Box(0, 255, (3, 20, 24), np.uint8)
+
+
+def test_cartpole_qnetwork_is_4_64_64_2():
+    q = build_policy(PolicyConfig(), VECTOR, Discrete(2))
+    assert isinstance(q, QNetwork)
+    shapes = {k: tuple(v.shape) for k, v in q.state_dict().items()}
+    assert shapes == {
+        "head.0.weight": (64, 4), "head.0.bias": (64,),
+        "head.2.weight": (64, 64), "head.2.bias": (64,),
+        "head.4.weight": (2, 64), "head.4.bias": (2,),
+    }
+    assert q(torch.zeros(5, 4)).shape == (5, 2)
+    # int64 observations (the counting env) are cast, not refused
+    assert q(torch.zeros(5, 4, dtype=torch.int64)).shape == (5, 2)
+
+
+@pytest.mark.parametrize(("obs_space", "obs"), [
+    (VECTOR, torch.zeros(3, 4)),
+    (IMAGE, torch.randint(0, 256, (3, 3, 20, 24), dtype=torch.uint8)),
+])
+def test_gaussian_actor_shapes_and_bounds(obs_space, obs):
+    actions = Box(np.array([-2.0, 0.0], np.float32), np.array([2.0, 1.0], np.float32))
+    torch.manual_seed(0)
+    actor = build_policy(PolicyConfig(hidden=(32,)), obs_space, actions)
+    assert isinstance(actor, GaussianActor)
+    mean, log_std = actor(obs)
+    assert mean.shape == log_std.shape == (3, 2)
+    assert ((log_std >= -5.0) & (log_std <= 2.0)).all()
+    a, logp = actor.rsample(obs)
+    assert a.shape == (3, 2) and logp.shape == (3,)
+    assert ((a[:, 0] >= -2) & (a[:, 0] <= 2) & (a[:, 1] >= 0) & (a[:, 1] <= 1)).all()
+    assert torch.allclose(actor.unscale(actor.scale(torch.tensor([[0.5, -0.5]]))), torch.tensor([[0.5, -0.5]]))
+    assert torch.allclose(actor.deterministic(obs), actor.scale(torch.tanh(mean)))
+    # the bounds come from the space, not from the weights
+    assert set(actor.state_dict()) == {k for k, _ in actor.named_parameters()}
+
+
+def test_image_policy_uses_the_cnn():
+    q = build_policy(PolicyConfig(type="cnn", hidden=(16,)), IMAGE, Discrete(3))
+    assert any(isinstance(m, torch.nn.Conv2d) for m in q.modules())
+    assert q(torch.zeros(2, 3, 20, 24, dtype=torch.uint8)).shape == (2, 3)
+
+
+def test_learner_and_collector_builds_share_state_dicts():
+    a = build_policy(PolicyConfig(hidden=(8, 8)), VECTOR, Discrete(2))
+    b = build_policy(PolicyConfig(hidden=(8, 8)), VECTOR, Discrete(2))
+    check_state_dict(b, a.state_dict())
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(4, 4)
+    assert torch.equal(a(x), b(x))
+
+
+@pytest.mark.parametrize(
+    ("policy", "obs_space", "act_space", "match"),
+    [
+        (PolicyConfig(), Discrete(5), Discrete(2), r"observation space Discrete\(5\) is not supported.*FlattenObservation"),
+        (PolicyConfig(), Box(0, 1, (2, 3)), Discrete(2), r"observation space Box\(0.0, 1.0, \(2, 3\), float32\) is not supported"),
+        (PolicyConfig(), gymnasium.spaces.Dict({"a": VECTOR}), Discrete(2), r"observation space Dict.*is not supported"),
+        (PolicyConfig(), Box(0, 255, (64, 64, 3), np.uint8), Discrete(2), r"looks channels-last \[H, W, C\]"),
+        (PolicyConfig(type="cnn"), VECTOR, Discrete(2), r"policy.type 'cnn' needs \[C, H, W\] uint8 image observations"),
+        (PolicyConfig(), VECTOR, gymnasium.spaces.MultiDiscrete([2, 2]), r"action space MultiDiscrete\(\[2 2\]\) is not supported"),
+        (PolicyConfig(), VECTOR, Box(-np.inf, np.inf, (2,)), r"has infinite bounds.*ClipAction"),
+        (PolicyConfig(), VECTOR, Box(-1, 1, (2, 2)), r"a Box action space must be 1-D"),
+    ],
+)
+def test_unsupported_spaces_are_refused_with_the_fix(policy, obs_space, act_space, match):
+    with pytest.raises(ValueError, match=match):
+        build_policy(policy, obs_space, act_space)
+
+
+def test_check_state_dict_names_keys_and_shapes():
+    q = build_policy(PolicyConfig(hidden=(8,)), VECTOR, Discrete(2))
+    other = build_policy(PolicyConfig(hidden=(16,)), VECTOR, Discrete(2)).state_dict()
+    with pytest.raises(ValueError, match=r"shape mismatch head.0.weight: got \(16, 4\), policy has \(8, 4\); head.0.bias"):
+        check_state_dict(q, other)
+    actor = build_policy(PolicyConfig(hidden=(8,)), VECTOR, Box(-1, 1, (1,))).state_dict()
+    with pytest.raises(ValueError, match=r"missing keys \['head.0.bias'.*unexpected keys \['log_std.bias'"):
+        check_state_dict(q, actor)
+
+
+def test_resolve_device():
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match=r"device = 'gpu': must be 'cpu', 'cuda' or 'cuda:N'"):
+        resolve_device("gpu")
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"device = 'cuda:99' but only \d+ CUDA device"):
+            resolve_device("cuda:99")
+    else:
+        with pytest.raises(ValueError, match=r"device = 'cuda' but CUDA is not available in this process"):
+            resolve_device("cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_policy_on_cuda_matches_cpu():
+    torch.manual_seed(0)
+    q = build_policy(PolicyConfig(), VECTOR, Discrete(2))
+    x = torch.randn(8, 4)
+    expected = q(x)
+    q_cuda = q.to(resolve_device("cuda:0"))
+    assert torch.allclose(q_cuda(x.cuda()).cpu(), expected, atol=1e-5)

@@ -1,0 +1,102 @@
+"""``rlfleet serve | status | sample | stop`` and ``rlfleet bench remote --quick`` on the
+session's real local Ray cluster (the commands find it already initialised)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+from tensordict import TensorDict
+
+from rlfleet.buffer import BufferClient, ReplayService
+from rlfleet.launch.cli import main
+
+
+@pytest.fixture()
+def config(tmp_path):
+    path = tmp_path / "serve.yaml"
+    path.write_text(
+        "name: svc-cli\n"
+        "seed: 3\n"
+        "buffer:\n"
+        f"  path: {tmp_path / 'buf'}\n"
+        "  capacity: 200\n"
+        "  num_shards: 2\n"
+        "  rate_limiter: {min_size_to_sample: 1, timeout_s: 5.0}\n"
+    )
+    yield path
+    if "svc-cli" in ReplayService.running():
+        ReplayService.shutdown("svc-cli", delete=True)
+
+
+def test_serve_status_sample_stop_round_trip(ray_cluster, config, tmp_path, capsys):
+    assert main(["serve", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert f"replay service 'svc-cli': 2 shard(s) under {tmp_path / 'buf'}" in out
+    assert "BufferClient.connect('svc-cli')" in out and "rlfleet stop svc-cli" in out
+
+    ids = torch.arange(10)
+    BufferClient.connect("svc-cli").extend(
+        TensorDict({"step": ids, "observation": ids.float()[:, None].repeat(1, 3)}, batch_size=[10]))
+
+    assert main(["status"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    header = table[0].split()
+    assert header[:8] == ["buffer", "shard", "node", "size", "capacity", "inserted", "sampled", "ins/s"]
+    mine = [line.split() for line in table if line.startswith("svc-cli")]
+    assert [(r[1], r[3], r[4]) for r in mine] == [("0", "10", "100"), ("1", "0", "100"),
+                                                  ("all(2/2)", "10", "200")]
+
+    assert main(["status", "svc-cli", "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)["svc-cli"]
+    assert stats["total"]["size"] == 10 and [s["size"] for s in stats["shards"]] == [10, 0]
+
+    assert main(["sample", "svc-cli", "-n", "3"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split(",")[0] for line in printed if line.startswith("row")] == \
+        ["row 0: shard 0", "row 1: shard 0", "row 2: shard 0"]
+    steps = [int(line.split(": ")[1]) for line in printed if line.startswith("  step:")]
+    observations = [line for line in printed if line.startswith("  observation:")]
+    assert len(steps) == 3 and all(0 <= s < 10 for s in steps)
+    assert observations == [f"  observation: [{s}, {s}, {s}]" for s in steps]
+
+    assert main(["stop", "svc-cli"]) == 0
+    assert "stopped 'svc-cli' (data stays on disk" in capsys.readouterr().out
+    assert "svc-cli" not in ReplayService.running()
+    assert sorted(p.name for p in (tmp_path / "buf").iterdir()) == ["shard-0", "shard-1"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["status", "nope"], "error: no replay buffer named 'nope'; running:"),
+        (["sample", "nope"], "error: no replay buffer named 'nope' runs on this Ray cluster"),
+        (["stop", "nope"], "error: no replay buffer named 'nope' runs on this Ray cluster"),
+        (["stop", "../x"], "error: buffer name '../x' is not allowed"),
+        (["sample", "svc-x", "-n", "0"], "error: -n 0: must be at least 1"),
+    ],
+)
+def test_commands_fail_with_one_clear_line(ray_cluster, argv, message, capsys):
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(message), err
+
+
+def test_bench_remote_quick_prints_its_figures_and_ratios(ray_cluster, capsys):
+    from rlfleet.launch.bench import remote
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--json", action="store_true")
+    remote.add_arguments(parser)
+    args = parser.parse_args(["--quick", "--schemas", "cartpole", "--shards", "1", "--json"])
+    assert remote.main(args) == 0
+    results = json.loads(capsys.readouterr().out)["results"]
+    assert [(r["schema"], r["op"], r["batch"], r["prefetch"]) for r in results] == [
+        ("cartpole", "insert", 1024, 0), ("cartpole", "sample", 256, 0),
+        ("cartpole", "sample", 256, 2)]
+    for r in results:
+        assert r["rows_per_s"] > 0 and r["bare_rows_per_s"] > 0
+        assert r["ratio"] == pytest.approx(r["rows_per_s"] / r["bare_rows_per_s"])
+    assert not [n for n in ReplayService.running() if n.startswith("bench-remote")]

@@ -1,0 +1,136 @@
+"""``ReplayShard`` as a plain class (no Ray) on real memmap directories, and the
+service's argument checks that need no cluster."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from rlfleet.buffer import SampleTimeout, SchemaMismatch
+from rlfleet.buffer.remote import ReplayShard, shard_actor_name
+from rlfleet.buffer.service import _split_capacity, validate_name
+
+
+def arrays(ids) -> dict[tuple[str, ...], np.ndarray]:
+    ids = np.asarray(list(ids), dtype=np.int64)
+    obs = np.repeat(ids.astype(np.float32)[:, None], 3, axis=1)
+    return {("observation",): obs, ("next", "observation"): obs + 1, ("step",): ids}
+
+
+def make(path, **kwargs) -> ReplayShard:
+    args = dict(buffer="t", shard=1, num_shards=2, path=str(path), capacity=50,
+                rate_limiter={"min_size_to_sample": 5, "timeout_s": 5.0}, export_metrics=False,
+                seed=0)
+    args.update(kwargs)
+    return ReplayShard(**args)
+
+
+def test_extend_sample_and_state(tmp_path):
+    shard = make(tmp_path / "shard-1")
+    out = shard.extend(arrays(range(10)))
+    assert out["index"].tolist() == list(range(10))
+    assert out["state"] == {"size": 10, "mass": 10.0, "total_inserted": 10}
+    got = shard.sample(32)
+    assert set(got["arrays"]) == {("observation",), ("next", "observation"), ("step",), ("index",)}
+    np.testing.assert_array_equal(got["arrays"][("step",)], got["arrays"][("index",)])
+    np.testing.assert_array_equal(got["arrays"][("observation",)][:, 0], got["arrays"][("step",)])
+    assert shard.sample(0) == {"arrays": None, "state": out["state"]}
+    info = shard.info()
+    assert (info["buffer"], info["shard"], info["num_shards"], info["path"]) == \
+        ("t", 1, 2, str(tmp_path / "shard-1"))
+    assert info["schema"][("observation",)] == ((3,), np.dtype("float32"))
+    stats = shard.stats()
+    assert (stats["size"], stats["samples"], stats["rate_limiter"]["samples"]) == (10, 32, 32)
+    assert shard_actor_name("t", 1) == "rlfleet:t:shard-1"
+    shard.close()
+
+
+def test_a_restarted_shard_reopens_its_committed_rows(tmp_path):
+    shard = make(tmp_path / "shard-1")
+    shard.extend(arrays(range(30)))
+    shard.extend(arrays(range(30, 60)))  # capacity 50: rows 0..9 are overwritten
+    # a second construction over the same directory is what a Ray restart does
+    again = make(tmp_path / "shard-1")
+    assert again.state() == {"size": 50, "mass": 50.0, "total_inserted": 60}
+    steps = again.sample(500)["arrays"][("step",)]
+    assert set(steps.tolist()) == set(range(10, 60))
+    assert again.limiter.state()["size"] == 50
+    shard.close()
+    again.close()
+
+
+def test_a_refused_batch_leaves_counts_and_limiter_unchanged(tmp_path):
+    shard = make(tmp_path / "shard-1", rate_limiter={"min_size_to_sample": 5,
+                                                     "samples_per_insert": 1.0,
+                                                     "error_margin": 100.0})
+    shard.extend(arrays(range(10)))
+    bad = arrays(range(10, 12))
+    bad[("step",)] = bad[("step",)].astype(np.int32)
+    with pytest.raises(SchemaMismatch, match="extend: key 'step' has dtype int32, buffer schema says int64"):
+        shard.extend(bad)
+    assert shard.state()["size"] == 10
+    assert shard.limiter.state()["inserts"] == 10
+    with pytest.raises(ValueError, match="expected a non-empty dict of numpy arrays"):
+        shard.extend({})
+    shard.close()
+
+
+def test_sample_below_min_size_times_out(tmp_path):
+    shard = make(tmp_path / "shard-1")
+    shard.extend(arrays(range(3)))
+    with pytest.raises(SampleTimeout, match="holds 3 of the 5 rows needed"):
+        shard.sample(2, timeout_s=0.05)
+    shard.close()
+
+
+def test_destroy_removes_the_directory(tmp_path):
+    shard = make(tmp_path / "svc" / "shard-1")
+    shard.extend(arrays(range(3)))
+    shard.destroy()
+    assert not (tmp_path / "svc").exists()
+
+
+@pytest.mark.parametrize(
+    "capacity, shards, parts",
+    [
+        (10, 3, [4, 3, 3]),
+        ("1000", 2, [500, 500]),
+        ("1kB", 3, ["334B", "333B", "333B"]),
+        ("1KiB", 2, ["512B", "512B"]),
+    ],
+)
+def test_capacity_is_split_evenly(capacity, shards, parts):
+    assert _split_capacity(capacity, shards) == parts
+
+
+def test_capacity_below_the_shard_count_is_refused():
+    with pytest.raises(ValueError, match=r"capacity=2 is smaller than num_shards=3"):
+        _split_capacity(2, 3)
+    with pytest.raises(ValueError, match=r"capacity='lots': not a row count or a size"):
+        _split_capacity("lots", 2)
+
+
+@pytest.mark.parametrize("good", ["cartpole", "a", "Pong-v5.run_2", "x" * 64])
+def test_good_names(good):
+    assert validate_name(good) == good
+
+
+@pytest.mark.parametrize("bad", ["a/b", "../x", "..", "a..b", "a:b", "", " a", "_x", "x" * 65, 3])
+def test_bad_names(bad):
+    with pytest.raises(ValueError, match="is not allowed: use 1-64 letters, digits"):
+        validate_name(bad)
+
+
+def test_a_shard_killed_inside_create_starts_clean_but_never_clobbers_data(tmp_path):
+    d = tmp_path / "shard-1"
+    d.mkdir()
+    (d / "header.bin").write_bytes(b"\0" * 64)  # what create writes before meta.json
+    shard = make(d)
+    assert shard.state()["size"] == 0 and (d / "meta.json").exists()
+    shard.close()
+    other = tmp_path / "shard-2"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="exists and is not an empty directory"):
+        make(other)
+    assert (other / "notes.txt").read_text() == "keep me"
