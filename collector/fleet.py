@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from rlfleet.collector.collector import INCARNATION_BITS
 from rlfleet.collector.config import CollectorConfig, EnvConfig, PolicyConfig
 from rlfleet.collector.envs import make_env
 from rlfleet.collector.errors import CollectorError
@@ -68,7 +69,7 @@ class CollectorFleet:
         RuntimeError: Ray is not initialised in this process.
     """
 
-    def __init__(self, config: Any, buffer: Any) -> None:
+    def __init__(self, config: Any, buffer: Any, *, first_incarnation: int = 0) -> None:
         import ray
 
         if not ray.is_initialized():
@@ -85,6 +86,13 @@ class CollectorFleet:
                                   ("policy", policy, PolicyConfig)):
             if not isinstance(value, cls):
                 raise ValueError(f"config.{field} must be a {cls.__name__}, got {type(value).__name__}")
+        if isinstance(first_incarnation, bool) or not isinstance(first_incarnation, int) or not (
+            0 <= first_incarnation < 2**INCARNATION_BITS
+        ):
+            raise ValueError(
+                f"first_incarnation = {first_incarnation!r}: must be an int in [0, {2**INCARNATION_BITS}); "
+                "pass the previous session's stats()['next_incarnation'] when resuming a run"
+            )
         buffer_name = buffer if isinstance(buffer, str) else getattr(buffer, "name", None)
         if not isinstance(buffer_name, str):
             raise ValueError(f"buffer = {buffer!r}: pass a BufferClient or a buffer name")
@@ -110,7 +118,8 @@ class CollectorFleet:
             raise ValueError(f"a collector fleet named {name!r} is running; stop it or pick another config.name")
         self._registry = ray.remote(FleetRegistry).options(
             name=registry_name(name), namespace=NAMESPACE, num_cpus=0, max_concurrency=1,
-        ).remote(name, self.num_workers)
+        ).remote(name, self.num_workers, first_incarnation)
+        self.first_incarnation = first_incarnation
         self._actors: list[Any] = []
         self._restarts_seen = 0
         self._stopped = False
@@ -350,5 +359,7 @@ class CollectorFleet:
             "recent_lengths": lengths,
             "policy_version": min((r["policy_version"] for r in live), default=0),
             "restarts": sum(max(0, n - 1) for n in snap["registrations"]),
+            # the first_incarnation a later fleet writing into the same buffer must use
+            "next_incarnation": self.first_incarnation + max(snap["registrations"], default=0),
             "collectors": reports,
         }

@@ -52,8 +52,11 @@ def worker_name(fleet: str, index: int) -> str:
 class FleetRegistry:
     """State shared by a fleet's collectors (one actor per fleet; calls run one at a time)."""
 
-    def __init__(self, fleet: str, num_collectors: int) -> None:
+    def __init__(self, fleet: str, num_collectors: int, first_incarnation: int = 0) -> None:
         self.fleet = fleet
+        # Incarnations of this fleet start here, so a resumed run (a new fleet writing into
+        # the same buffer) never reuses the episode ids of an earlier session.
+        self.first_incarnation = first_incarnation
         self.state = "created"
         self.weights: tuple[int, list[Any]] | None = None
         self.receiver: tuple[str, dict[str, Any]] = ("object_store", {"fleet": fleet})
@@ -67,7 +70,7 @@ class FleetRegistry:
 
     def register(self, index: int) -> dict[str, Any]:
         """Called by a worker as it starts; returns its incarnation and what it must resume."""
-        incarnation = self.registrations[index]
+        incarnation = self.first_incarnation + self.registrations[index]
         self.registrations[index] += 1
         last = self.reports[index]
         start_frames = 0

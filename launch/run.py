@@ -198,6 +198,9 @@ def run(
         previous = run_dir.read_summary() or (run_dir.read_metrics() or [{}])[-1]
         frames_before = int(previous.get("frames") or 0)
         wall_before = float(previous.get("wall_s") or 0.0)
+        # Collector incarnations go on from the last session's, so episode ids stay unique
+        # in the buffer both sessions write.
+        first_incarnation = int(previous.get("collector/next_incarnation") or 0)
         buffer_path = Path(config.buffer.path) if config.buffer.path else run_dir.buffer_dir
         check_resume_schema(buffer_schema(buffer_path), observation_space, action_space, str(buffer_path))
         run_dir.write_config(config)  # the overrides of this session, for export and resume
@@ -206,7 +209,7 @@ def run(
     else:
         run_dir = RunDir.create(config.run.dir, config.name)
         run_dir.write_config(config)
-        frames_before, wall_before = 0, 0.0
+        frames_before, wall_before, first_incarnation = 0, 0.0, 0
         buffer_path = Path(config.buffer.path) if config.buffer.path else run_dir.buffer_dir
     # Actors and the service are named after the run directory, unique per run, so two
     # runs of one config on a shared cluster do not collide.
@@ -230,7 +233,7 @@ def run(
         )
         session.client = session.service.client(seed=config.seed)
         phase("replay service")
-        session.fleet = CollectorFleet(actor_config, session.client)
+        session.fleet = CollectorFleet(actor_config, session.client, first_incarnation=first_incarnation)
         # Learner and collector actors take seconds each to start (imports, gloo): start
         # the collectors on a helper thread meanwhile, and pause them as soon as they are
         # up, so they do not spend the exploration schedule before the learners exist.
@@ -405,6 +408,7 @@ class _Session:
             "buffer/size": len(self.client) if self.client is not None else 0,
             "collector/policy_version": self.stats.get("policy_version"),
             "collector/restarts": self.stats.get("restarts", 0),
+            "collector/next_incarnation": self.stats.get("next_incarnation", 0),
             "learner/steps": 0,
         }
         record.update(self.learner_metrics)
@@ -463,6 +467,7 @@ class _Session:
             "mean_return": _mean(recent[-config.run.return_window:]),
             "policy_version": int(self.learner_metrics.get("learner/policy_version") or 0),
             "restarts": int(self.stats.get("restarts", 0)),
+            "collector/next_incarnation": int(self.stats.get("next_incarnation", 0)),
             "policy_path": str(policy_path) if policy_path else None,
         }
         attempt("writing summary.json", lambda: run_dir.write_summary(summary))

@@ -191,6 +191,8 @@ def test_counting_env_rows_survive_a_restart_intact(ray_cluster, tmp_path):
     assert incarnations == {(0, 0), (0, 1)}
     # after stop, stats() answers from the final snapshot
     assert fleet.stats()["frames"] >= size and fleet.stats()["restarts"] == 1
+    # a later fleet writing into the same buffer (a resumed run) starts from here
+    assert fleet.stats()["next_incarnation"] == 2
 
 
 def svc_rows(path, size):
@@ -255,6 +257,8 @@ def test_bad_input_is_refused_before_any_actor_starts(ray_cluster):
     for config, error, match in cases:
         with pytest.raises(error, match=match):
             CollectorFleet(config, "no-buffer-needed")
+    with pytest.raises(ValueError, match=r"first_incarnation = 65536: must be an int in \[0, 65536\)"):
+        CollectorFleet(run_config("bad-inc", EnvConfig()), "no-buffer-needed", first_incarnation=2**16)
     names = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
     assert not any(n.startswith(("rlfleet:bad-", "rlfleet:bad")) for n in names)
     with pytest.raises(ValueError, match=r"env.num_envs = 0: must be an integer >= 1"):

@@ -127,15 +127,29 @@ def test_return_window_takes_an_equal_share_from_each_collector():
     assert _window_returns({}, 20) == []
 
 
-def test_an_unknown_env_fails_before_a_run_directory_or_ray_exists(tmp_path, capsys):
+def test_an_unknown_env_fails_before_a_run_directory_or_ray_exists(tmp_path):
+    # A fresh process: this test session may already hold a Ray cluster of its own.
+    import os
+    import subprocess
+    import sys
     from pathlib import Path
 
-    import ray
-
-    config = Path(__file__).resolve().parent.parent / "configs" / "smoke.yaml"
+    root = Path(__file__).resolve().parent.parent
     runs = tmp_path / "runs"
-    assert main(["run", str(config), "env.id=CartPol-v1", f"run.dir={runs}"]) == 1
-    err = capsys.readouterr().err
-    assert "rlfleet run: ValueError:" in err and "CartPole-v1" in err, err
+    code = (
+        "import sys, ray\n"
+        "from rlfleet.launch.cli import main\n"
+        "rc = main(sys.argv[1:])\n"
+        "print('ray initialized:', ray.is_initialized())\n"
+        "sys.exit(rc)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, "run", str(root / "configs" / "smoke.yaml"), "env.id=CartPol-v1",
+         f"run.dir={runs}"],
+        capture_output=True, text=True, timeout=120, cwd=root,
+        env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+    )
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "rlfleet run: ValueError:" in out.stderr and "CartPole-v1" in out.stderr, out.stderr
+    assert "ray initialized: False" in out.stdout
     assert not runs.exists()
-    assert not ray.is_initialized()

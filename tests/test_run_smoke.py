@@ -161,7 +161,15 @@ def test_ctrl_c_stops_cleanly_and_resume_continues_the_run(tmp_path):
     assert second["learner_steps"] > first["learner_steps"]
     with ReplayBuffer.open(run_dir / "buffer" / "shard-0") as rb:
         assert rb.total_inserted >= target
-        versions = rb[:]["policy_version"].numpy()
+        rows = rb[:]
+        versions = rows["policy_version"].numpy()
+        episode_ids, steps = rows["episode_id"].numpy(), rows["step"].numpy()
+    # Episode ids stay unique across the two sessions: no (episode, step) pair twice, and
+    # the second session's collectors carry on from the first one's incarnations.
+    pairs = np.stack([episode_ids, steps], axis=1)
+    assert len(np.unique(pairs, axis=0)) == len(pairs)
+    assert first["collector/next_incarnation"] >= 1
+    assert (episode_ids[-1] >> 32) & 0xFFFF >= first["collector/next_incarnation"]
     # Rows of the second session were acted by weights at least as new as the checkpoint.
     assert versions[-1] >= first["policy_version"] > 0
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
