@@ -26,11 +26,19 @@ RUN_FILES = ["config.yaml", "metrics.jsonl", "returns.png", "summary.json", "pol
 RANDOM_RETURN = 22.0
 
 
+def _default_sigint() -> None:
+    # A process started in the background by a non-interactive shell inherits SIGINT
+    # ignored, and Python then never raises KeyboardInterrupt; give the child the default
+    # so Ctrl-C (SIGINT) reaches `rlfleet run` however this test run was started.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _rlfleet(args: list[str], **kwargs) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     return subprocess.Popen(
         [sys.executable, "-m", "rlfleet.launch.cli", *args],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs,
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        preexec_fn=_default_sigint, **kwargs,
     )
 
 
