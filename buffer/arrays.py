@@ -100,18 +100,18 @@ def arrays_to_tensordict(arrays: Mapping[tuple[str, ...], np.ndarray], batch_siz
     The arrays must be writable and own-able by the result (fresh sample outputs are);
     every array has the leading dims ``batch_size``.
     """
+    size = torch.Size(batch_size)
+    if _new_unsafe is not None:
+        try:
+            return _build(_plan(tuple(arrays)), arrays, size)
+        except TypeError:  # a tensordict whose private constructor takes other arguments
+            pass
     nested: dict[str, Any] = {}
     for key, arr in arrays.items():
         node = nested
         for part in key[:-1]:
             node = node.setdefault(part, {})
         node[key[-1]] = torch.from_numpy(arr)
-    size = torch.Size(batch_size)
-    if _new_unsafe is not None:
-        try:
-            return _wrap_unchecked(nested, size)
-        except TypeError:  # a tensordict whose private constructor takes other arguments
-            pass
     return TensorDict(nested, batch_size=size)
 
 
@@ -120,9 +120,41 @@ def arrays_to_tensordict(arrays: Mapping[tuple[str, ...], np.ndarray], batch_siz
 # size by construction, so the unchecked constructor is safe. Fall back if it is gone.
 _new_unsafe = getattr(TensorDict, "_new_unsafe", None)
 
+# A plan is the nesting of one key layout, worked out once: a tuple of
+# (name, key path) for leaves and (name, sub-plan) for nested TensorDicts. A buffer
+# has one or two layouts (with and without "weight"), so the cache stays tiny.
+_Plan = tuple[tuple[str, Any, bool], ...]
+_plans: dict[tuple[tuple[str, ...], ...], _Plan] = {}
+_MAX_PLANS = 256
 
-def _wrap_unchecked(nested: dict[str, Any], size: torch.Size) -> TensorDict:
-    source = {k: _wrap_unchecked(v, size) if isinstance(v, dict) else v for k, v in nested.items()}
+
+def _plan(keys: tuple[tuple[str, ...], ...]) -> _Plan:
+    plan = _plans.get(keys)
+    if plan is None:
+        nested: dict[str, Any] = {}
+        for key in keys:
+            node = nested
+            for part in key[:-1]:
+                node = node.setdefault(part, {})
+            node[key[-1]] = key
+        plan = _compile(nested)
+        if len(_plans) < _MAX_PLANS:
+            _plans[keys] = plan
+    return plan
+
+
+def _compile(nested: dict[str, Any]) -> _Plan:
+    return tuple(
+        (name, _compile(item), False) if isinstance(item, dict) else (name, item, True)
+        for name, item in nested.items()
+    )
+
+
+def _build(plan: _Plan, arrays: Mapping[tuple[str, ...], np.ndarray], size: torch.Size) -> TensorDict:
+    source = {
+        name: torch.from_numpy(arrays[item]) if leaf else _build(item, arrays, size)
+        for name, item, leaf in plan
+    }
     return _new_unsafe(source=source, batch_size=size)
 
 

@@ -104,20 +104,25 @@ class ReplayBuffer:
         self._committed = threading.Condition(self._lock)
         self._columns: MemmapColumns | None = None
         self._views: dict[tuple[str, ...], np.ndarray] = {}
+        self._layout: list[tuple[tuple[str, ...], np.ndarray, tuple[int, ...], np.dtype]] = []
         self._schema: Schema | None = None
         self._capacity = int(meta["capacity"] or 0)
         start, end = header.start, header.end
-        if start > end or end - start > max(self._capacity, 0):
+        repair = start > end or end - start > max(self._capacity, 0)
+        if repair:
             # a crash between the two stores of an oversized extend (see extend)
             start = end if start > end else end - self._capacity
-            header.start = start
         self._start, self._end = start, end
         self._reserved = 0
+        self._limit_key: tuple[float, int] | None = None  # _priority_limit's cache
+        self._limit = np.inf
         self._samples = 0
         self._inserts = 0
         self._closed = False
         if meta.get("schema") is not None:
             self._attach(schema_from_json(meta["schema"]), create=False)
+        if repair:  # stored only once the files proved to match meta.json
+            header.start = start
         tune_allocator()
 
     # ------------------------------------------------------------------ construction
@@ -254,6 +259,7 @@ class ReplayBuffer:
         self._capacity = capacity
         self._columns = columns
         self._views = columns.views
+        self._layout = [(key, v, v.shape[1:], v.dtype) for key, v in self._views.items()]
         self._schema = schema
         self._reserved = min(self._capacity, self._end)
 
@@ -299,6 +305,8 @@ class ReplayBuffer:
 
         N may exceed the room left before the ring wraps. With N above the capacity only
         the newest ``capacity`` rows are kept (the returned indices still cover all N).
+        With N = 0 nothing is stored and the indices are empty (a first batch of 0 rows
+        still fixes the schema).
         Thread-safe. Raises ``SchemaMismatch`` (buffer unchanged) on a batch that differs
         from the schema the first batch fixed.
         """
@@ -397,10 +405,7 @@ class ReplayBuffer:
         ``weight`` (float32 importance weights normalised by the batch max). The result
         owns its memory: later writes never change it. Thread-safe.
         """
-        arrays = self.sample_arrays(n)
-        if ("weight",) in arrays:
-            w = arrays[("weight",)]
-            arrays[("weight",)] = (w / w.max()).astype(np.float32)
+        arrays = self._sample(n, None, None, normalised=True)
         batch = [n] if self._sampler.sequence_length is None else [n, self._sampler.sequence_length]
         return arrays_to_tensordict(arrays, batch)
 
@@ -417,23 +422,28 @@ class ReplayBuffer:
                 cannot serve ``n`` rows (without replacement above the rows left; no
                 episode segment of the sequence length).
         """
+        return self._sample(n, total_mass, total_size, normalised=False)
+
+    def _sample(self, n: int, total_mass: float | None, total_size: int | None, *,
+                normalised: bool) -> dict[tuple[str, ...], np.ndarray]:
         self._check_open()
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n <= 0:
             raise ValueError(f"sample: n={n!r} must be a positive int")
         n = int(n)
-        idx, mass, size, total = self._draw_accepted(n)
+        idx, mass, size, total, drawn_start = self._draw_accepted(n)
         out = self._gather(idx)
         first_col = idx if idx.ndim == 1 else idx[:, 0]
         for _ in range(MAX_REDRAWS):
             with self._lock:
                 start_now = self._start
             # rows drawn from [start, end) are intact unless the window start passed them
-            if first_col.min() >= start_now:
+            # (the common case, a window that did not move, needs no scan of the draw)
+            if start_now == drawn_start or first_col.min() >= start_now:
                 break
             stale = first_col < start_now
             # rows overwritten while we copied them: their copy may be torn, redraw
             k = int(stale.sum())
-            new_idx, new_mass, _, _ = self._draw_accepted(k)
+            new_idx, new_mass, _, _, _ = self._draw_accepted(k)
             fresh = self._gather(new_idx)
             for key in out:
                 out[key][stale] = fresh[key]
@@ -448,7 +458,10 @@ class ReplayBuffer:
                 f"for its insert rate"
             )
         out[("index",)] = idx
-        if mass is not None:
+        if mass is not None and normalised:
+            # (size * P(i)) ** -beta over its batch max is (mass_i / min mass) ** -beta
+            out[("weight",)] = np.power(mass.min() / mass, self._sampler.beta, dtype=np.float32)
+        elif mass is not None:
             beta = self._sampler.beta
             tm = total if total_mass is None else float(total_mass)
             ts = size if total_size is None else int(total_size)
@@ -457,7 +470,9 @@ class ReplayBuffer:
             self._samples += n
         return out
 
-    def _draw(self, n: int) -> tuple[np.ndarray, np.ndarray | None, int, float]:
+    def _draw(self, n: int) -> tuple[np.ndarray, np.ndarray | None, int, float, int]:
+        """Indices, their sampling mass (prioritized) or None, the window's size, the
+        sampler's total mass and the window start they were drawn from."""
         with self._lock:
             while True:
                 start, end = self._start, self._end
@@ -465,13 +480,13 @@ class ReplayBuffer:
                     if end <= start:
                         raise ValueError("sample: the buffer is empty; extend it before sampling")
                     idx, mass = self._sampler.draw(n, start, end, self._rng)
-                    return idx, mass, end - start, self._sampler.mass(start, end)
+                    return idx, mass, end - start, self._sampler.mass(start, end), start
                 except ValueError:
                     if not self._shrunk:
                         raise
                     self._committed.wait()  # the rows an extend in flight evicted come back
 
-    def _draw_accepted(self, n: int) -> tuple[np.ndarray, np.ndarray | None, int, float]:
+    def _draw_accepted(self, n: int) -> tuple[np.ndarray, np.ndarray | None, int, float, int]:
         """Draw ``n`` rows the sampler accepts after reading them (sequence boundaries).
 
         Samplers that reject draw a quarter more candidates than asked, so most calls
@@ -481,15 +496,17 @@ class ReplayBuffer:
             return self._draw(n)
         kept: list[np.ndarray] = []
         got = 0
-        size, total = 0, 0.0
+        size, total, first_start = 0, 0.0, None
         for _ in range(MAX_REDRAWS):
             want = n - got
-            idx, _, size, total = self._draw(want + want // 4 + 4)
+            idx, _, size, total, start = self._draw(want + want // 4 + 4)
+            first_start = start if first_start is None else first_start
             ok = self._sampler.accept(idx, self._read_column)
             kept.append(idx[ok])
             got += len(kept[-1])
             if got >= n:
-                return np.concatenate(kept)[:n], None, size, total
+                # the oldest window start of the rounds: rows it held may since be evicted
+                return np.concatenate(kept)[:n], None, size, total, first_start
         raise ValueError(
             f"sample: found no valid {self._sampler.type} rows in {MAX_REDRAWS} redraws "
             f"(e.g. no episode segment of {self._sampler.sequence_length} consecutive steps); "
@@ -501,10 +518,11 @@ class ReplayBuffer:
 
     def _gather(self, idx: np.ndarray) -> dict[tuple[str, ...], np.ndarray]:
         slots = idx % self._capacity
+        lead = slots.shape
         out = {}
-        for key, src in self._views.items():
-            dst = np.empty(slots.shape + src.shape[1:], dtype=src.dtype)
-            src.take(slots, axis=0, out=dst, mode="clip")  # 'clip': unbuffered into out
+        for key, src, row_shape, dtype in self._layout:
+            dst = np.empty(lead + row_shape, dtype=dtype)
+            src.take(slots, 0, dst, "clip")  # 'clip': unbuffered into out (positional: cheaper)
             out[key] = dst
         return out
 
@@ -544,7 +562,8 @@ class ReplayBuffer:
         whatever the sampler. Thread-safe.
 
         Raises:
-            ValueError: priorities negative, NaN, inf, or not one per index.
+            ValueError: priorities negative, NaN, inf, so large that ``p**alpha`` summed over
+                the capacity overflows, or not one per index.
             StaleIndexError: an index of a row overwritten or never written.
         """
         self._check_open()
@@ -555,13 +574,23 @@ class ReplayBuffer:
                 f"update_priority: {prio.size} priorities (shape {list(prio.shape)}) for "
                 f"{idx.size} indices (shape {list(idx.shape)}); pass one priority per index"
             )
-        idx, prio = idx.reshape(-1), prio.reshape(-1)
+        if idx.ndim == 0:
+            idx, prio = idx.reshape(-1), prio.reshape(-1)
         # two reductions catch every bad value: NaN fails both comparisons
-        if len(prio) and not (prio.min() >= 0 and prio.max() < np.inf):
+        if len(prio) and not (prio.min() >= 0 and (top := prio.max()) < np.inf):
             i = int(np.flatnonzero(~np.isfinite(prio) | (prio < 0))[0])
             raise ValueError(
                 f"update_priority: priority[{i}]={float(prio[i])!r} is not a finite number >= 0; "
                 f"priorities must be finite and non-negative"
+            )
+        if len(prio) and top > self._priority_limit():
+            alpha = float(getattr(self._sampler, "alpha", 0.0))
+            i = int(np.argmax(prio))
+            raise ValueError(
+                f"update_priority: priority[{i}]={float(prio[i])!r} is above "
+                f"{self._priority_limit():.4g}, the largest whose p**alpha (alpha={alpha:g}) "
+                f"summed over capacity={self._capacity} rows stays finite; scale the "
+                f"priorities down"
             )
         with self._lock:
             start, end = self._start, self._end
@@ -576,6 +605,19 @@ class ReplayBuffer:
             top = self._sampler.update(idx, prio)
             if top > self._header.max_priority:
                 self._header.max_priority = top
+
+    def _priority_limit(self) -> float:
+        """The largest priority whose ``p**alpha``, summed over every slot, stays finite
+        (sampling would draw NaN weights past it); inf for samplers without priorities."""
+        alpha = float(getattr(self._sampler, "alpha", 0.0))
+        key = (alpha, self._capacity)
+        if self._limit_key != key:
+            limit = np.inf
+            if alpha > 0:
+                log_limit = (np.log(np.finfo(np.float64).max) - np.log(4.0 * max(self._capacity, 1))) / alpha
+                limit = float(np.exp(log_limit)) if log_limit < 709.0 else np.inf
+            self._limit_key, self._limit = key, limit
+        return self._limit
 
     # ------------------------------------------------------------------ misc
     def stats(self) -> dict[str, float | int]:
@@ -616,6 +658,7 @@ class ReplayBuffer:
             if self._columns is not None:
                 self._columns.close()
             self._views = {}
+            self._layout = []
             self._header.close()
 
     def __enter__(self) -> "ReplayBuffer":

@@ -118,7 +118,7 @@ class Sampler:
              rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None]:
         """``n`` indices in ``[start, end)`` (``[n]``, or ``[n, L]`` for sequences) and the
         sampling probability mass of each row (prioritized) or None."""
-        return rng.integers(start, end, size=n, dtype=np.int64), None
+        return uniform_indices(rng, n, start, end), None
 
     def accept(self, idx: np.ndarray, read: Any) -> np.ndarray | None:
         """Which drawn rows are acceptable after reading them (bool ``[n]``); None: all."""
@@ -312,7 +312,7 @@ class SequenceSampler(Sampler):
                 f"sample: the buffer holds {end - start} rows, fewer than the sequence "
                 f"length {length}; insert more rows first"
             )
-        starts = rng.integers(start, end - length + 1, size=n, dtype=np.int64)
+        starts = uniform_indices(rng, n, start, end - length + 1)
         return starts[:, None] + np.arange(length, dtype=np.int64), None
 
     def accept(self, idx: np.ndarray, read: Any) -> np.ndarray | None:
@@ -321,6 +321,22 @@ class SequenceSampler(Sampler):
         same = (episode == episode[:, :1]).all(axis=1)
         rising = (np.diff(step, axis=1) == 1).all(axis=1)
         return same & rising
+
+
+def uniform_indices(rng: np.random.Generator, n: int, lo: int, hi: int) -> np.ndarray:
+    """``n`` int64 indices uniform in ``[lo, hi)``.
+
+    Scaled float draws instead of ``rng.integers``: that call costs about 8 us for a
+    batch of 256 here, this one about 3. The float has 53 random bits, so the bias is
+    below 2**-53 * (hi - lo), far under anything a sampling test can see; the clamp
+    guards the one product that could round up to ``hi - lo``.
+    """
+    u = rng.random(n)
+    u *= hi - lo
+    idx = u.astype(np.int64)
+    np.minimum(idx, hi - lo - 1, out=idx)
+    idx += lo
+    return idx
 
 
 def make_sampler(spec: dict[str, Any]) -> Sampler:

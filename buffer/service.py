@@ -134,6 +134,7 @@ class ReplayService:
         rate_limiter: Mapping[str, Any] | None = None,
         durability: str = "process",
         placement: str = "spread",
+        nodes: list[str] | None = None,
         detached: bool = True,
         overcommit: bool = False,
         seed: int | None = None,
@@ -158,6 +159,8 @@ class ReplayService:
                 limits beyond a non-empty shard.
             durability: ``"process"`` or ``"fsync"``.
             placement: ``"spread"`` (over nodes) or ``"pack"`` (all on this node).
+            nodes: the node id of each shard (``num_shards`` ids), overriding
+                ``placement``; ``rlfleet run`` passes the nodes it reserved.
             detached: shards outlive this process (``lifetime="detached"``).
             overcommit: allow capacity beyond the free disk (sparse files).
             seed: sampler seed; shard ``k`` uses ``seed + k`` (None: from the OS).
@@ -178,6 +181,11 @@ class ReplayService:
             )
         if placement not in ("spread", "pack"):
             raise ValueError(f"placement={placement!r}: must be 'spread' or 'pack'")
+        if nodes is not None and len(nodes) != num_shards:
+            raise ValueError(
+                f"nodes: {len(nodes)} node id(s) given for num_shards={num_shards}; "
+                f"give one node id per shard, or None to place by placement={placement!r}"
+            )
         if durability not in ("process", "fsync"):
             raise ValueError(f"durability={durability!r}: must be 'process' or 'fsync'")
         limiter = RateLimiterSpec.from_mapping(rate_limiter).to_mapping()
@@ -197,7 +205,7 @@ class ReplayService:
 
         actor_class = ray.remote(ReplayShard)
         handles = []
-        for k, node in enumerate(_nodes_for(placement, num_shards)):
+        for k, node in enumerate(nodes if nodes is not None else _nodes_for(placement, num_shards)):
             options: dict[str, Any] = dict(
                 name=shard_actor_name(name, k),
                 namespace=NAMESPACE,

@@ -135,8 +135,28 @@ def schema_from_arrays(arrays: dict[tuple[str, ...], np.ndarray]) -> Schema:
                 f"extend: key '{format_key(key)}' is reserved for sample output; "
                 f"rename it in the batch"
             )
+        bad = next((part for part in key if not _safe_key_part(part)), None)
+        if bad is not None:
+            raise SchemaMismatch(
+                f"extend: key {format_key(key)!r} has the part {bad!r}, which cannot name a "
+                f"data file; key parts must be 1-200 bytes, not '.' or '..', and hold no space, "
+                f"control character or any of {_UNSAFE_KEY_CHARS}: rename it in the batch"
+            )
         schema[key] = (tuple(int(s) for s in arr.shape[1:]), np.dtype(arr.dtype))
     return schema
+
+
+# each key part names a file or directory under data/: refuse what would escape it or
+# what tensordict would escape into another file name than the one we open
+_UNSAFE_KEY_CHARS = '/ \\ < > : " | ? * %'
+
+
+def _safe_key_part(part: str) -> bool:
+    return (
+        part not in ("", ".", "..")
+        and len(part.encode("utf-8", "replace")) <= 200  # a file name holds 255 bytes
+        and not any(c in '/\\<>:"|?*% \x7f' or ord(c) < 32 for c in part)
+    )
 
 
 def check_arrays(schema: Schema, arrays: dict[tuple[str, ...], np.ndarray], where: str) -> int:
@@ -214,6 +234,11 @@ def write_meta(directory: Path, meta: dict[str, Any]) -> None:
 def read_meta(directory: Path) -> dict[str, Any]:
     """Load and validate ``meta.json``; ``BufferFormatError`` when it is not ours."""
     path = directory / "meta.json"
+    if path.is_symlink():
+        raise BufferFormatError(
+            f"open: {path} is a symbolic link; a buffer directory holds its own meta.json "
+            f"(copy the buffer directory instead of linking its files)"
+        )
     if not path.is_file():
         raise BufferFormatError(
             f"open: {directory} is not an rlfleet buffer (no meta.json); create one with "
@@ -237,7 +262,9 @@ def read_meta(directory: Path) -> dict[str, Any]:
     missing = [k for k in ("capacity", "capacity_bytes", "sampler", "durability", "schema") if k not in meta]
     if missing:
         raise BufferFormatError(f"open: {path} lacks {missing[0]!r}; the buffer directory is damaged")
-    return meta
+    from rlfleet.buffer.check import check_meta  # check.py imports this module at load
+
+    return check_meta(path, meta)
 
 
 class Header:
@@ -257,6 +284,10 @@ class Header:
                 f.write(words.tobytes())
                 f.flush()
                 os.fsync(f.fileno())
+        if path.is_symlink():
+            raise BufferFormatError(
+                f"open: header {path} is a symbolic link; a buffer directory holds its own header"
+            )
         if not path.is_file() or path.stat().st_size != HEADER_WORDS * 8:
             raise BufferFormatError(
                 f"open: header {path} is missing or not {HEADER_WORDS * 8} bytes; the buffer "

@@ -22,9 +22,10 @@ collector incarnation's episodes from 0. Distinct collectors and distinct incarn
 (restarts) of one collector never share an id; limits are 32767 collectors, 65535
 restarts each, and 2**32 episodes per incarnation (each is checked).
 
-The vector env autoresets in ``SAME_STEP`` mode (see ``envs.py``): every step is a
-transition, and ``("next", "observation")`` of a step that ends an episode is the true
-final observation from ``infos["final_obs"]``. Not thread-safe: one thread drives it.
+The vector env autoresets in ``SAME_STEP`` mode and is stepped by ``VectorStepper`` (see
+``envs.py``): every step is a transition, and ``("next", "observation")`` of a step that
+ends an episode is the true final observation, never the reset one. Not thread-safe: one
+thread drives it.
 """
 
 from __future__ import annotations
@@ -41,9 +42,9 @@ import torch
 from tensordict import TensorDict
 
 from rlfleet.collector.config import EnvConfig, ExplorationConfig, PolicyConfig
-from rlfleet.collector.envs import derive_seeds, reset_vector_env
+from rlfleet.collector.envs import VectorStepper, derive_seeds, reset_vector_env
 from rlfleet.collector.exploration import Explorer
-from rlfleet.collector.policies import build_policy, check_state_dict, resolve_device
+from rlfleet.collector.policies import acting_forward, build_policy, check_state_dict, resolve_device
 
 __all__ = ["Collector", "Sink", "episode_id"]
 
@@ -109,6 +110,7 @@ class Collector:
         actor_seed = derive_seeds(seed, 1, salt=(collector_id, incarnation))[0]
         self.venv, first_obs = reset_vector_env(env, seed=actor_seed)
         try:
+            self.stepper = VectorStepper(self.venv)
             obs_space = self.venv.single_observation_space
             act_space = self.venv.single_action_space
             # Every collector of a run starts from the same weights, whatever the global RNG.
@@ -116,6 +118,7 @@ class Collector:
                 torch.manual_seed(seed)
                 module = build_policy(policy, obs_space, act_space)
             self.policy = module.to(self.device).eval()
+            self._forward = acting_forward(self.policy)
             self.explorer = Explorer(
                 exploration or ExplorationConfig(), act_space, num_envs=env.num_envs,
                 init_random_frames=init_random_frames, seed=actor_seed,
@@ -128,7 +131,7 @@ class Collector:
         self.batches = 0
         self.episodes = 0
         self._next_episode = 0
-        self._obs = first_obs
+        self._obs = np.array(first_obs)  # our own copy: updated in place every step
         k, t = self.num_envs, self.steps_per_batch
         self._episode_ids = np.array([self._new_episode_id() for _ in range(k)], dtype=np.int64)
         self._steps = np.zeros(k, dtype=np.int64)
@@ -180,41 +183,41 @@ class Collector:
         """Step ``T`` times and return the batch ``[T*K]``, env-major, without sending it."""
         buf = self._buf
         obs_buf, next_buf, act_buf = buf["observation"], buf["next_observation"], buf["action"]
+        reward_buf, term_buf, trunc_buf = buf["reward"], buf["terminated"], buf["truncated"]
+        episode_buf, step_buf = buf["episode_id"], buf["step"]
+        step, act, policy, device = self.stepper.step, self.explorer.act, self._forward, self.device
+        discrete, num_envs = self.explorer.discrete, self.num_envs
+        obs = self._obs
         env_time = policy_time = 0.0
         for t in range(self.steps_per_batch):
-            obs_buf[t] = self._obs
+            obs_buf[t] = obs
             t0 = time.perf_counter()
-            obs_t = torch.from_numpy(obs_buf[t]).to(self.device)
-            actions = self.explorer.act(self.policy, obs_t, self.frames)
+            actions = act(policy, torch.from_numpy(obs_buf[t]).to(device), self.frames)
             t1 = time.perf_counter()
             # Python ints take the fast path of Discrete.contains, which envs assert per step.
-            step_actions = actions.tolist() if self.explorer.discrete else actions
-            next_obs, reward, terminated, truncated, infos = self.venv.step(step_actions)
+            reward, terminated, truncated, resets = step(actions.tolist() if discrete else actions,
+                                                         next_buf[t])
             t2 = time.perf_counter()
             policy_time += t1 - t0
             env_time += t2 - t1
             act_buf[t] = actions
-            next_buf[t] = next_obs
-            buf["reward"][t] = reward
-            buf["terminated"][t] = terminated
-            buf["truncated"][t] = truncated
-            buf["episode_id"][t] = self._episode_ids
-            buf["step"][t] = self._steps
+            reward_buf[t] = reward
+            term_buf[t] = terminated
+            trunc_buf[t] = truncated
+            episode_buf[t] = self._episode_ids
+            step_buf[t] = self._steps
             self._returns += reward
             self._steps += 1
-            done = terminated | truncated
-            if done.any():
-                final_obs = infos["final_obs"]
-                for j in np.flatnonzero(done):
-                    next_buf[t, j] = final_obs[j]
-                    self.recent_returns.append(float(self._returns[j]))
-                    self.recent_lengths.append(int(self._steps[j]))
-                    self._returns[j] = 0.0
-                    self._steps[j] = 0
-                    self._episode_ids[j] = self._new_episode_id()
-                    self.episodes += 1
-            self._obs = next_obs
-            self.frames += self.num_envs
+            obs[...] = next_buf[t]
+            for j, first in resets.items():
+                obs[j] = first  # next_buf keeps the true final observation
+                self.recent_returns.append(float(self._returns[j]))
+                self.recent_lengths.append(int(self._steps[j]))
+                self._returns[j] = 0.0
+                self._steps[j] = 0
+                self._episode_ids[j] = self._new_episode_id()
+                self.episodes += 1
+            self.frames += num_envs
         self.env_time_s += env_time
         self.policy_time_s += policy_time
         self.last_batch = {"env_time_s": env_time, "policy_time_s": policy_time,

@@ -16,7 +16,8 @@ observation space it cannot handle is refused), the exploration must fit the act
 space, and a cuda device needs GPUs in the cluster and a ``num_gpus`` share.
 
 Actors (``rlfleet:<name>:collector-<i>``, namespace ``rlfleet``) take one CPU each (and
-``collector.num_gpus``), are spread over the nodes, and restart up to ``MAX_RESTARTS``
+``collector.num_gpus``), are spread over the nodes (or run in the bundles of a
+placement group passed in), and restart up to ``MAX_RESTARTS``
 times by Ray; a restarted actor resumes collecting by itself (see ``remote.py``), and
 ``health_check`` re-creates an actor that Ray gave up on. Every call to an actor has a
 timeout and tolerates dead actors, so a run never hangs on one. Statistics come from the
@@ -63,13 +64,19 @@ class CollectorFleet:
             ``collector: CollectorConfig`` and ``policy: PolicyConfig`` (launch's
             ``RunConfig`` is one).
         buffer: The replay service's ``BufferClient`` or its name.
+        first_incarnation: Where collector incarnations (episode id bits) start.
+        placement_group: A Ray placement group with one bundle per collector
+            (collector ``i`` runs in bundle ``i``, also when restarted); None: the
+            actors are spread over the nodes without a reservation.
 
     Raises:
         ValueError: A bad name, env, space, exploration or device (no actor started).
         RuntimeError: Ray is not initialised in this process.
     """
 
-    def __init__(self, config: Any, buffer: Any, *, first_incarnation: int = 0) -> None:
+    def __init__(
+        self, config: Any, buffer: Any, *, first_incarnation: int = 0, placement_group: Any | None = None
+    ) -> None:
         import ray
 
         if not ray.is_initialized():
@@ -93,6 +100,12 @@ class CollectorFleet:
                 f"first_incarnation = {first_incarnation!r}: must be an int in [0, {2**INCARNATION_BITS}); "
                 "pass the previous session's stats()['next_incarnation'] when resuming a run"
             )
+        if placement_group is not None and placement_group.bundle_count != collector.num_workers:
+            raise ValueError(
+                f"placement_group has {placement_group.bundle_count} bundle(s) but "
+                f"collector.num_workers = {collector.num_workers}; give one bundle per collector"
+            )
+        self._placement_group = placement_group
         buffer_name = buffer if isinstance(buffer, str) else getattr(buffer, "name", None)
         if not isinstance(buffer_name, str):
             raise ValueError(f"buffer = {buffer!r}: pass a BufferClient or a buffer name")
@@ -154,15 +167,23 @@ class CollectorFleet:
     def _spawn(self, index: int) -> Any:
         import ray
 
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
         c = self.collector
+        strategy: Any = "SPREAD"
+        if self._placement_group is not None:
+            strategy = PlacementGroupSchedulingStrategy(self._placement_group, placement_group_bundle_index=index)
         return ray.remote(CollectorWorker).options(
             name=worker_name(self.name, index), namespace=NAMESPACE, num_cpus=1,
             num_gpus=c.num_gpus, max_restarts=MAX_RESTARTS, max_concurrency=4,
-            scheduling_strategy="SPREAD",
+            scheduling_strategy=strategy,
         ).remote(self.name, index, self.num_workers, self.seed, self.env, c, self.policy, self._buffer)
 
-    def start(self) -> None:
+    def start(self, *, paused: bool = False) -> None:
         """Start the M actors and wait until each is collecting (or resume a paused fleet).
+
+        Args:
+            paused: start the actors paused (they collect nothing until ``resume``).
 
         Raises:
             CollectorError: An actor failed to construct (its error is in the message) or
@@ -176,7 +197,8 @@ class CollectorFleet:
             self.resume()
             return
         # The first call also waits for the registry actor to come up.
-        ray.get(self._registry.set_state.remote("running"), timeout=START_TIMEOUT_S)
+        # Actors read the state as they start: paused ones collect nothing until resumed.
+        ray.get(self._registry.set_state.remote("paused" if paused else "running"), timeout=START_TIMEOUT_S)
         self._actors = [self._spawn(i) for i in range(self.num_workers)]
         refs = [a.ping.remote() for a in self._actors]
         try:

@@ -12,12 +12,16 @@ Both start with an encoder chosen by the observation space: 1-D ``Box`` observat
 straight to the MLP (cast to float32); ``[C, H, W]`` uint8 images go through a small
 stride-2 CNN (scaled to [0, 1]) first. Modules are plain ``nn.Module``s: not thread-safe
 while training, fine to share read-only under ``torch.inference_mode``.
+
+``acting_forward`` is the collectors' way to call them: the same computation without
+``nn.Module.__call__`` around every layer, whose hook dispatch (a few microseconds per
+layer) measured more than the arithmetic itself for a 4-64-64-2 MLP on 32 observations.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import gymnasium
@@ -27,7 +31,9 @@ from torch import nn
 
 from rlfleet.collector.config import PolicyConfig
 
-__all__ = ["GaussianActor", "QNetwork", "build_policy", "check_state_dict", "resolve_device"]
+__all__ = [
+    "GaussianActor", "QNetwork", "acting_forward", "build_policy", "check_state_dict", "resolve_device",
+]
 
 LOG_STD_MIN = -5.0
 LOG_STD_MAX = 2.0
@@ -54,6 +60,13 @@ class _VectorEncoder(nn.Module):
         return obs.to(torch.float32)
 
 
+class _ToUnitFloat(nn.Module):
+    """uint8 ``[0, 255]`` -> float32 ``[0, 1]`` (no parameters)."""
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return obs.to(torch.float32) / 255.0
+
+
 class _ImageEncoder(nn.Module):
     """``[B, C, H, W]`` uint8 images -> float32 ``[B, F]``: three stride-2 3x3 convs.
 
@@ -73,11 +86,12 @@ class _ImageEncoder(nn.Module):
             nn.ReLU(),
             nn.Flatten(),
         )
+        self._scale = _ToUnitFloat()
         with torch.no_grad():
             self.out_dim = int(self.convs(torch.zeros(1, *obs_shape)).shape[1])
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.convs(obs.to(torch.float32) / 255.0)
+        return self.convs(self._scale(obs))
 
 
 class QNetwork(nn.Module):
@@ -123,10 +137,13 @@ class GaussianActor(nn.Module):
         self.register_buffer("action_bias", (high_t + low_t) / 2.0, persistent=False)
 
     def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.trunk(self.encoder(obs))
-        log_std = torch.tanh(self.log_std(h))
+        return self.heads(self.trunk(self.encoder(obs)))
+
+    def heads(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mean, log_std)`` from the trunk's features ``h [B, F]``."""
+        log_std = torch.tanh(self.log_std.forward(h))
         log_std = LOG_STD_MIN + 0.5 * (LOG_STD_MAX - LOG_STD_MIN) * (log_std + 1.0)
-        return self.mean(h), log_std
+        return self.mean.forward(h), log_std
 
     def scale(self, unit_action: torch.Tensor) -> torch.Tensor:
         """Map actions in ``[-1, 1]`` to the box bounds."""
@@ -155,6 +172,47 @@ class GaussianActor(nn.Module):
         gauss = -0.5 * ((z - mean) / std).pow(2) - log_std - 0.5 * math.log(2 * math.pi)
         log_prob = gauss - torch.log(self.action_scale * (1 - u.pow(2)) + 1e-6)
         return self.scale(u), log_prob.sum(-1)
+
+
+def _layers(module: nn.Module) -> list[nn.Module]:
+    """The leaf layers of nested ``nn.Sequential``s and encoders, in call order."""
+    if isinstance(module, nn.Sequential):
+        return [leaf for child in module for leaf in _layers(child)]
+    if isinstance(module, _ImageEncoder):
+        return [module._scale, *_layers(module.convs)]
+    return [module]
+
+
+def acting_forward(module: nn.Module) -> Callable[[torch.Tensor], Any]:
+    """``module``'s forward pass with the least Python per call, for choosing actions.
+
+    Runs wherever the policy acts (a collector), usually under ``torch.inference_mode``.
+    For a ``QNetwork`` or ``GaussianActor`` from ``build_policy`` the result calls each
+    layer's ``forward`` in turn, skipping ``nn.Module.__call__`` (so forward hooks on
+    the layers do not run); it computes exactly what ``module(obs)`` computes, and reads
+    the parameters at each call, so weights loaded later apply at once. Any other
+    module is returned as it is. Thread-safe as far as the module is.
+    """
+    if isinstance(module, QNetwork) and type(module).forward is QNetwork.forward:
+        calls = [layer.forward for layer in [*_layers(module.encoder), *_layers(module.head)]]
+
+        def q_values(obs: torch.Tensor) -> torch.Tensor:
+            for call in calls:
+                obs = call(obs)
+            return obs
+
+        return q_values
+    if isinstance(module, GaussianActor) and type(module).forward is GaussianActor.forward:
+        calls = [layer.forward for layer in [*_layers(module.encoder), *_layers(module.trunk)]]
+        heads = module.heads
+
+        def mean_log_std(obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            for call in calls:
+                obs = call(obs)
+            return heads(obs)
+
+        return mean_log_std
+    return module
 
 
 def _encoder(policy: PolicyConfig, space: gymnasium.Space) -> nn.Module:

@@ -79,16 +79,20 @@ class RayConfig:
         num_cpus: logical CPUs of an embedded local Ray (None: the machine's count).
         include_dashboard: start the dashboard of an embedded Ray (None: when the
             dashboard package imports). It binds to 127.0.0.1.
+        placement_timeout_s: how long the run waits for its placement groups (shards,
+            collectors, learners) before it fails naming what does not fit.
     """
 
     address: str | None = None
     namespace: str = "rlfleet"
     num_cpus: int | None = None
     include_dashboard: bool | None = None
+    placement_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
         if self.num_cpus is not None:
             _positive("num_cpus", self.num_cpus)
+        _positive("placement_timeout_s", self.placement_timeout_s)
 
 
 @dataclass(frozen=True)
@@ -168,6 +172,8 @@ class BufferConfig:
         rate_limiter: see :class:`RateLimiterConfig`.
         durability: process | fsync.
         placement: spread | pack (how shards are placed over nodes).
+        node_resource: a custom Ray resource naming the nodes that may hold shards
+            (e.g. ``rlfleet_buffer``, as the cluster files declare it); None: any node.
         overcommit: allow a capacity beyond the free disk (sparse files).
     """
 
@@ -178,6 +184,7 @@ class BufferConfig:
     rate_limiter: RateLimiterConfig = field(default_factory=RateLimiterConfig)
     durability: str = "process"
     placement: str = "spread"
+    node_resource: str | None = None
     overcommit: bool = False
 
     def __post_init__(self) -> None:
@@ -190,6 +197,10 @@ class BufferConfig:
         _positive("num_shards", self.num_shards)
         _one_of("durability", self.durability, ("process", "fsync"))
         _one_of("placement", self.placement, ("spread", "pack"))
+        if self.node_resource is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", self.node_resource):
+            raise ConfigError(
+                f"node_resource: {self.node_resource!r} is not a Ray resource name (e.g. 'rlfleet_buffer')"
+            )
 
     def service_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``ReplayService.launch`` besides ``name`` and ``path``."""

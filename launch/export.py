@@ -23,6 +23,7 @@ import argparse
 import copy
 import logging
 import os
+import pickle
 import sys
 from pathlib import Path
 from typing import Any
@@ -122,13 +123,23 @@ def load_policy_state(run_dir: RunDir) -> dict[str, torch.Tensor]:
 
     Raises:
         FileNotFoundError: the run wrote no final policy (it never reached a learner step).
+        pickle.UnpicklingError: the file holds more than tensors (pickled code, objects):
+            refused, never executed.
     """
-    if not run_dir.policy_state_path.exists():
+    path = run_dir.policy_state_path
+    if not path.exists():
         raise FileNotFoundError(
-            f"export: {str(run_dir.policy_state_path)!r} does not exist: the run saved no policy "
+            f"export: {str(path)!r} does not exist: the run saved no policy "
             "yet; continue it with `rlfleet run --resume RUN_DIR` and export when it stops"
         )
-    return torch.load(run_dir.policy_state_path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise pickle.UnpicklingError(
+            f"export: {str(path)!r} holds more than a state_dict of tensors (Weights only load "
+            f"failed: {str(e).splitlines()[0]}); it was refused and nothing in it ran. Use a "
+            f"policy_state.pt that rlfleet wrote, or re-save it as a plain state_dict"
+        ) from e
 
 
 def export_run(path: str | os.PathLike) -> Path:

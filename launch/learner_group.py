@@ -78,6 +78,8 @@ class LearnerGroup:
         resume: load ``run_dir/checkpoints/latest.pt`` into every rank first.
         rendezvous_timeout_s: bound on forming the group and on each collective.
         num_threads: torch threads per learner actor.
+        placement_group: a Ray placement group with one bundle per rank (rank ``r``
+            runs in bundle ``r``); None: Ray places the ranks where it finds room.
     """
 
     def __init__(
@@ -92,8 +94,10 @@ class LearnerGroup:
         resume: bool = False,
         rendezvous_timeout_s: float = 120.0,
         num_threads: int = 1,
+        placement_group: Any | None = None,
     ) -> None:
         import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         cfg = config.learner
         self.config = config
@@ -107,6 +111,11 @@ class LearnerGroup:
         self._object_store_version = -1
         self._last_checkpoint_step = 0
         _check_resources(self.num_learners, cfg.device)
+        if placement_group is not None and placement_group.bundle_count != self.num_learners:
+            raise ValueError(
+                f"placement_group has {placement_group.bundle_count} bundle(s) but "
+                f"learner.num_learners={self.num_learners}; give one bundle per rank"
+            )
 
         checkpoint: str | None = None
         if resume:
@@ -126,6 +135,8 @@ class LearnerGroup:
                 num_cpus=1,
                 num_gpus=gpus,
                 max_restarts=0,
+                scheduling_strategy=None if placement_group is None else PlacementGroupSchedulingStrategy(
+                    placement_group, placement_group_bundle_index=rank),
             ).remote(
                 config,
                 buffer,
@@ -177,13 +188,45 @@ class LearnerGroup:
         refs = [a.step.remote(num_steps) for a in self.actors]
         try:
             results = ray.get(refs)
-        except ray.exceptions.RayActorError as e:
-            raise LearnerGroupError(f"LearnerGroup.step: a learner rank died: {e}") from e
+        except ray.exceptions.RayError as e:
+            dead = self._dead_ranks(refs)
+            if not dead and not isinstance(e, ray.exceptions.RayActorError):
+                raise  # a rank's own error (a sample timeout, bad data): its type says it
+            raise LearnerGroupError(self._lost_rank_message(dead or {-1: e})) from e
         self.steps = int(results[0]["learner/steps"])
         self._sync_object_store()
         if self.steps - self._last_checkpoint_step >= self.checkpoint_every:
             self.save_checkpoint()
         return results[0]
+
+    def _dead_ranks(self, refs: list[Any]) -> dict[int, Exception]:
+        # The surviving ranks fail too (their collectives lose a peer), usually within
+        # moments: wait briefly for every answer so the rank that died is the one named.
+        import ray
+
+        ray.wait(refs, num_returns=len(refs), timeout=10.0)
+        dead: dict[int, Exception] = {}
+        for rank, ref in enumerate(refs):
+            try:
+                ray.get(ref, timeout=0)
+            except ray.exceptions.RayActorError as e:
+                dead[rank] = e
+            except Exception:  # a survivor's own failure, or still blocked: not dead
+                pass
+        return dead
+
+    def _lost_rank_message(self, dead: dict[int, Exception]) -> str:
+        ranks = [r for r in dead if r >= 0]
+        names = ", ".join(learner_actor_name(self.config.name, r) for r in ranks) or "unknown"
+        error = next(iter(dead.values()))
+        cause = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        return (
+            f"learner rank(s) {ranks or '?'} ({names}) died after step {self.steps} "
+            f"({type(error).__name__}: {cause}); every rank takes part in each DDP step, so "
+            f"the run stops. The buffer on disk and the last checkpoint "
+            f"({self.run_dir / CHECKPOINT_DIR / LATEST}) are kept: continue with "
+            f"`rlfleet run --resume {self.run_dir}`"
+        )
 
     def publish(self) -> int:
         """Publish the current weights now (broadcast and/or object store); returns the version."""

@@ -2,7 +2,7 @@
 
 Runs on the driver. One call of :func:`run` does, in order::
 
-    ray (embedded local, or join a cluster)  ->  placement check
+    ray (embedded local, or join a cluster)  ->  placement check, placement groups
     ReplayService (buffer in <run dir>/buffer)  ->  LearnerGroup (+ weight transport)
     CollectorFleet.start()  ->  loop: LearnerGroup.step(k), fleet stats, metrics.jsonl
     stop (total_frames | target_return | time_limit | Ctrl-C)  ->  checkpoint, export,
@@ -43,11 +43,17 @@ from rlfleet.launch.preflight import (
     required_resources,
     resume_exploration,
 )
+from rlfleet.launch.placement import cluster_nodes, plan_placement, reserve
 from rlfleet.launch.rundir import RunDir
 
 __all__ = ["RunResult", "run", "run_command", "run_command_arguments"]
 
 logger = logging.getLogger(__name__)
+
+# Longest wait for Ray to declare a silent node dead (its health check gives up after
+# about 15 s), so an error caused by a lost shard is reported as that loss.
+NODE_LOSS_WAIT_S = 30.0
+
 
 @dataclass(frozen=True)
 class RunResult:
@@ -105,6 +111,9 @@ def _init_ray(config: RunConfig) -> bool:
     num_cpus = config.ray.num_cpus or max(os.cpu_count() or 1, int(need_cpus + 0.999))
     dashboard = _dashboard_works() if config.ray.include_dashboard is None else config.ray.include_dashboard
     ray.init(
+        # "local": never join a cluster that `ray start` left on this machine (Ray would
+        # otherwise pick it up from its temp dir and refuse num_cpus)
+        address="local",
         namespace=config.ray.namespace,
         num_cpus=num_cpus,
         include_dashboard=dashboard,
@@ -178,7 +187,10 @@ def run(
         A :class:`RunResult`.
 
     Raises:
-        ValueError: the learners or collectors cannot be placed on the cluster.
+        ValueError: the learners or collectors cannot be placed on the cluster
+            (``PlacementError`` names the bundles that do not fit).
+        ShardUnavailable: a node holding a shard left the cluster mid-run (the message
+            names the node and the shards; ``summary.json`` says ``node_lost``).
         SchemaMismatch: a resumed run's buffer differs from what the env produces.
     """
     import ray
@@ -227,20 +239,29 @@ def run(
     phase("ray")
     try:
         check_placement(config, ray.cluster_resources())
-        session.service_name = service_name
+        session.service_name, session.buffer_path = service_name, buffer_path
+        session.placement = reserve(
+            plan_placement(config, service_name, cluster_nodes(), ray.get_runtime_context().get_node_id()),
+            timeout_s=config.ray.placement_timeout_s,
+        )
+        phase("placement groups")
         session.service = ReplayService.launch(
-            service_name, buffer_path, detached=False, seed=config.seed, **config.buffer.service_kwargs()
+            service_name, buffer_path, detached=False, seed=config.seed,
+            nodes=list(session.placement.shard_nodes), **config.buffer.service_kwargs()
         )
         session.client = session.service.client(seed=config.seed)
         phase("replay service")
-        session.fleet = CollectorFleet(actor_config, session.client, first_incarnation=first_incarnation)
+        session.fleet = CollectorFleet(
+            actor_config, session.client, first_incarnation=first_incarnation,
+            placement_group=session.placement.group("collector"),
+        )
         # Learner and collector actors take seconds each to start (imports, gloo): start
-        # the collectors on a helper thread meanwhile, and pause them as soon as they are
-        # up, so they do not spend the exploration schedule before the learners exist.
+        # the collectors on a helper thread meanwhile, paused from their first moment, so
+        # they do not spend the exploration schedule before the learners exist.
         # The fleet tolerates a receiver being attached while it starts (new actors read
         # it from the fleet's registry).
         fleet = session.fleet
-        fleet_start = _Background(lambda: (fleet.start(), fleet.pause()))
+        fleet_start = _Background(lambda: fleet.start(paused=True))
         try:
             session.group = LearnerGroup(
                 actor_config,
@@ -250,13 +271,14 @@ def run(
                 run_dir=run_dir.path,
                 fleet=session.fleet,
                 resume=resume is not None,
+                placement_group=session.placement.group("learner"),
             )
         finally:
             fleet_start.join()
         phase("learners and collectors")
         session.group.publish()
         fleet.resume()
-        session.loop()
+        session.loop_or_report_lost_shards()
     except KeyboardInterrupt:
         session.stop_reason = "interrupted"
         logger.info("interrupted: stopping cleanly")
@@ -327,11 +349,45 @@ class _Session:
         self.progress = progress
         self.stop_event = stop_event
         self.service_name = ""
+        self.buffer_path: Path | None = None
+        self.placement = None
         self.service = self.client = self.fleet = self.group = None
         self.stop_reason = "error"
         self.frames = frames_before
         self.stats: dict[str, Any] = {}
         self.learner_metrics: dict[str, float] = {}
+        # shard number -> pid last seen: a new pid means Ray restarted that shard
+        self.shard_pids: dict[int, int] = {}
+        self.shard_restarts = 0
+
+    def loop_or_report_lost_shards(self) -> None:
+        """``loop``; when a shard's node left the cluster, raise saying so instead."""
+        try:
+            self.loop()
+        except Exception as e:
+            if self.stop_reason == "node_lost":  # raised by the loop's own check
+                raise
+            # A lost node surfaces first as a failed sample, insert or learner call; when
+            # shards live on other nodes, give Ray the time to notice the node is gone.
+            multi_node = len(set(self.placement.shard_nodes)) > 1 if self.placement else False
+            self.raise_if_shards_lost(NODE_LOSS_WAIT_S if multi_node else 0.0, cause=e)
+            raise
+
+    def raise_if_shards_lost(self, wait_s: float = 0.0, cause: BaseException | None = None) -> None:
+        """Raise ``ShardUnavailable`` naming node and shards if a shard's node is gone."""
+        from rlfleet.buffer import ShardUnavailable
+
+        if self.placement is None:
+            return
+        deadline = time.monotonic() + wait_s
+        while True:
+            message = self.placement.lost_shards_message(self.service_name, self.buffer_path)
+            if message:
+                self.stop_reason = "node_lost"
+                raise ShardUnavailable(message) from cause
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(1.0)
 
     def loop(self) -> None:
         """Learn, poll, log and pace until a stop condition; sets ``stop_reason``."""
@@ -364,6 +420,7 @@ class _Session:
                 self.stop_reason = reason
                 return
             if now - last_health >= 5.0:
+                self.raise_if_shards_lost()
                 restarted = fleet.health_check()
                 if restarted:
                     logger.warning("restarted %d collector actor(s)", restarted)
@@ -405,7 +462,7 @@ class _Session:
             "episodes": int(self.stats.get("episodes", 0)),
             "return_mean": _mean(recent[-self.config.run.return_window:]),
             "return_last": recent[-1] if recent else None,
-            "buffer/size": len(self.client) if self.client is not None else 0,
+            **self._buffer_numbers(),
             "collector/policy_version": self.stats.get("policy_version"),
             "collector/restarts": self.stats.get("restarts", 0),
             "collector/next_incarnation": self.stats.get("next_incarnation", 0),
@@ -415,6 +472,22 @@ class _Session:
         self.run_dir.append_metrics(record)
         if self.progress is not None:
             self.progress(record)
+
+    def _buffer_numbers(self) -> dict[str, int]:
+        """Rows in the buffer, and shard restarts seen so far (a shard answering from a
+        new process). ``stats`` never raises: a shard that does not answer is left out."""
+        if self.client is None:
+            return {"buffer/size": 0, "buffer/restarts": self.shard_restarts}
+        stats = self.client.stats()
+        for row in stats["shards"]:
+            k, pid = row.get("shard"), row.get("pid")
+            if pid is None:
+                continue
+            if self.shard_pids.get(k, pid) != pid:
+                self.shard_restarts += 1
+                logger.warning("replay shard %d was restarted (its committed rows are kept)", k)
+            self.shard_pids[k] = pid
+        return {"buffer/size": int(stats["total"]["size"]), "buffer/restarts": self.shard_restarts}
 
     def finish(self, observation_space: Any, action_space: Any) -> dict[str, Any]:
         """Stop what was started, write the run's files; logs (never raises) on cleanup errors."""
@@ -451,6 +524,8 @@ class _Session:
             attempt("stopping the learners", self.group.shutdown)
         if self.service is not None:
             attempt("stopping the replay service", lambda: ReplayService.shutdown(self.service_name))
+        if self.placement is not None:
+            attempt("removing the placement groups", self.placement.remove)
 
         recent = _window_returns(self.stats, config.run.return_window)
         records = run_dir.read_metrics()
@@ -467,6 +542,7 @@ class _Session:
             "mean_return": _mean(recent[-config.run.return_window:]),
             "policy_version": int(self.learner_metrics.get("learner/policy_version") or 0),
             "restarts": int(self.stats.get("restarts", 0)),
+            "shard_restarts": self.shard_restarts,
             "collector/next_incarnation": int(self.stats.get("next_incarnation", 0)),
             "policy_path": str(policy_path) if policy_path else None,
         }

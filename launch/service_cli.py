@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -63,17 +64,26 @@ def serve(args: argparse.Namespace) -> int:
     buf = config.buffer
     path = Path(buf.path) if buf.path else Path(config.run.dir) / config.name / "buffer"
     _attach(args.address or config.ray.address)
+    import ray
+
+    nodes = None
+    if buf.node_resource is not None:  # shards only on the nodes offering it, as `run` does
+        from rlfleet.launch.placement import cluster_nodes, plan_placement
+
+        plan = plan_placement(config, config.name, cluster_nodes(), ray.get_runtime_context().get_node_id())
+        if not plan.shard_nodes:
+            return _fail(f"buffer.node_resource={buf.node_resource!r}: no alive node offers it; start nodes "
+                         f"with --resources='{{\"{buf.node_resource}\": 1}}' or unset buffer.node_resource")
+        nodes = list(plan.shard_nodes)
     try:
         service = ReplayService.launch(
             config.name, path.absolute(), buf.capacity, buf.num_shards,
             sampler=buf.sampler.to_mapping(), rate_limiter=buf.rate_limiter.to_mapping(),
-            durability=buf.durability, placement=buf.placement, detached=True,
+            durability=buf.durability, placement=buf.placement, nodes=nodes, detached=True,
             overcommit=buf.overcommit, seed=config.seed,
         )
     except (ValueError, OSError) as e:
         return _fail(str(e))
-    import ray
-
     stats = service.client().stats()
     print(f"replay service {config.name!r}: {service.num_shards} shard(s) under {path.absolute()}")
     print(_table(stats))
@@ -88,37 +98,85 @@ def serve(args: argparse.Namespace) -> int:
 # -- status --------------------------------------------------------------------------------
 
 def status_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("name", nargs="?", default=None, help="one buffer (default: all)")
-    parser.add_argument("--json", action="store_true", help="print the stats as JSON")
+    parser.add_argument("name", nargs="?", default=None, help="one buffer or run (default: all)")
+    parser.add_argument("--json", action="store_true", help="print buffers, components and nodes as JSON")
     parser.add_argument("--timeout-s", type=float, default=10.0, help="wait per shard (s)")
+    parser.add_argument("--watch", nargs="?", const=2.0, default=None, type=float, metavar="SECONDS",
+                        help="redraw every SECONDS (default 2) until Ctrl-C")
+    parser.add_argument("--iterations", type=int, default=None, metavar="N",
+                        help="with --watch: stop after N redraws")
     _address_argument(parser)
 
 
 def status(args: argparse.Namespace) -> int:
-    """Print a table of running buffers and their shards (nodes, sizes, rates, limiter)."""
-    from rlfleet.buffer import BufferClient, BufferNotFound
-    from rlfleet.buffer.service import running_buffers
-
+    """Print running buffers and their shards (nodes, sizes, rates, limiter), then every
+    rlfleet actor with its state (starting, running, restarting, stopped) and node, then
+    the nodes; with ``--watch``, redraw until Ctrl-C (or ``--iterations``)."""
+    if args.watch is not None and not args.watch > 0:
+        return _fail(f"--watch {args.watch:g}: must be > 0 seconds")
+    if args.iterations is not None and args.iterations < 1:
+        return _fail(f"--iterations {args.iterations}: must be at least 1")
     _attach(args.address)
-    names = list(running_buffers())
-    if args.name is not None:
-        if args.name not in names:
-            return _fail(f"no replay buffer named {args.name!r}; running: {', '.join(names) or 'none'}")
-        names = [args.name]
-    if not names:
-        print("no replay buffers running")
+    if args.watch is None:
+        code, text = _status_once(args)
+        if code:
+            return _fail(text)
+        print(text)
         return 0
-    everything = {}
+    clear = sys.stdout.isatty() and not args.json
+    done = 0
+    try:
+        while True:
+            code, text = _status_once(args)
+            if clear:
+                print("\x1b[H\x1b[2J", end="")
+            if not args.json:
+                what = f" {args.name}" if args.name else ""
+                print(f"every {args.watch:g}s: rlfleet status{what}  {time.strftime('%Y-%m-%d %H:%M:%S')}")
+            print(f"error: {text}" if code else text, flush=True)
+            done += 1
+            if args.iterations is not None and done >= args.iterations:
+                return 0
+            time.sleep(args.watch)
+    except KeyboardInterrupt:  # the way out of --watch
+        return 0
+
+
+def _status_once(args: argparse.Namespace) -> tuple[int, str]:
+    """(0, the status text) or (1, an error message)."""
+    from rlfleet.buffer import BufferClient, BufferNotFound, ShardUnavailable
+    from rlfleet.buffer.service import running_buffers
+    from rlfleet.launch.status import components_table, list_components, list_nodes, nodes_table
+
+    names = list(running_buffers())
+    components = list_components(args.name)
+    if args.name is not None:
+        if args.name not in names and not components:
+            return 1, f"no replay buffer named {args.name!r}; running: {', '.join(names) or 'none'}"
+        names = [args.name] if args.name in names else []
+    everything: dict[str, Any] = {}
+    problems: dict[str, str] = {}
     for name in names:
         try:
             everything[name] = BufferClient.connect(name, timeout_s=args.timeout_s).stats()
         except BufferNotFound as e:  # stopped while we listed
-            return _fail(str(e))
+            return 1, str(e)
+        except ShardUnavailable as e:  # a shard is down: the components below say which
+            problems[name] = str(e)
+    nodes = list_nodes(components)
     if args.json:
-        print(json.dumps(everything, default=str, indent=2))
-        return 0
-    print("\n\n".join(_table(stats) for stats in everything.values()))
-    return 0
+        return 0, json.dumps({
+            "buffers": everything, "unavailable": problems,
+            "components": [c.to_dict() for c in components], "nodes": [n.to_dict() for n in nodes],
+        }, default=str, indent=None if args.watch is not None else 2)
+    parts = [_table(stats) for stats in everything.values()]
+    parts += [f"buffer {name!r}: {message}" for name, message in problems.items()]
+    if not names:
+        parts.append("no replay buffers running")
+    if components:
+        parts.append(components_table(components))
+    parts.append(nodes_table(nodes, components))
+    return 0, "\n\n".join(parts)
 
 
 def _table(stats: dict[str, Any]) -> str:

@@ -29,7 +29,10 @@ def ray_cluster():
     import ray
 
     port = _free_port()
+    # address="local": always a fresh cluster of our own, never one that another
+    # process (a multi-node test's `ray start`, a user's cluster) left running here
     ctx = ray.init(
+        address="local",
         num_cpus=8,
         object_store_memory=512 * 1024**2,
         namespace="rlfleet",

@@ -3,9 +3,13 @@
 Usage: ``python crash_writer.py PATH CAPACITY SAMPLER DURABILITY``. It imports rlfleet
 once, creates the buffer if absent, then serves lines on stdin:
 
-- ``run SEED``: fork a child that reopens the buffer and extends it forever with rows
-  whose every field is a function of the row's index (see ``expected_rows``), printing
-  ``committed N`` after each ``extend`` returns; the parent prints ``child PID``.
+- ``run SEED``: fork a child that reopens the buffer and, forever, extends it with rows
+  whose every field is a function of the row's index (see ``expected_rows``), then sets
+  random priorities of some live rows. Around each call it prints ``begin END`` /
+  ``committed N`` (``extend``) and ``prio`` / ``prioed`` (``update_priority``), so the
+  last line before a kill says which call the kill interrupted. The parent prints
+  ``child PID``. Batch sizes reach 0.7 of the capacity, so the ring wraps every few
+  calls.
 - ``kill``: SIGKILL the child, reap it and print ``reaped PID SIGNAL`` (SIGNAL is 0 when
   the child had exited by itself, i.e. failed). Killing before reaping means the pid
   cannot have been reused by another process.
@@ -43,6 +47,11 @@ def expected_rows(index: np.ndarray) -> dict[tuple[str, ...], np.ndarray]:
     }
 
 
+def priorities_for(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Finite, positive priorities spanning small to huge (1e-3 .. 1e12)."""
+    return 10.0 ** rng.uniform(-3.0, 12.0, size=n)
+
+
 def _child(path: str, seed: int) -> None:
     from rlfleet.buffer.replay_buffer import ReplayBuffer
 
@@ -52,12 +61,16 @@ def _child(path: str, seed: int) -> None:
     while True:
         n = int(rng.integers(1, max(2, int(capacity * 0.7))))
         first = rb.total_inserted
+        os.write(1, f"begin {first + n}\n".encode())
         rb.extend_arrays(expected_rows(np.arange(first, first + n)))
         os.write(1, f"committed {rb.total_inserted}\n".encode())
-        if rb.sampler_type == "prioritized" and len(rb) > 0:
-            live = np.arange(rb.total_inserted - len(rb), rb.total_inserted)
-            pick = rng.choice(live, size=min(32, len(live)), replace=False)
-            rb.update_priority(pick, rng.random(len(pick)) * 5)
+        # every sampler takes the call (the others validate and ignore it)
+        live = np.arange(rb.total_inserted - len(rb), rb.total_inserted)
+        pick = rng.choice(live, size=min(256, len(live)), replace=False)
+        prio = priorities_for(rng, len(pick))
+        os.write(1, b"prio\n")
+        rb.update_priority(pick, prio)
+        os.write(1, b"prioed\n")
 
 
 def main() -> int:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from rlfleet.collector.config import EnvConfig
-from rlfleet.collector.envs import derive_seeds, make_env, make_vector_env, reset_vector_env
+from rlfleet.collector.envs import VectorStepper, derive_seeds, make_env, make_vector_env, reset_vector_env
 from rlfleet.collector.testing import CountingEnv
 
 COUNTING = "rlfleet.collector.testing:CountingEnv"
@@ -104,5 +104,46 @@ def test_same_step_autoreset_reports_true_final_observation():
         assert (term | trunc).all()
         assert nxt[:, 1:].tolist() == [[1, 0], [1, 0]]
         assert [o[1:].tolist() for o in infos["final_obs"]] == [[0, 1], [0, 1]]
+    finally:
+        venv.close()
+
+
+@pytest.mark.parametrize("vectorization", ["sync", "async"])
+def test_vector_stepper_matches_the_vector_env_step_for_step(vectorization):
+    kwargs = {"max_length": 3}
+    reference, ref_obs = reset_vector_env(EnvConfig(id=COUNTING, kwargs=kwargs, num_envs=3), seed=4)
+    venv, obs = reset_vector_env(
+        EnvConfig(id=COUNTING, kwargs=kwargs, num_envs=3, vectorization=vectorization), seed=4)
+    try:
+        stepper = VectorStepper(venv)
+        assert np.array_equal(obs, ref_obs)
+        ends = 0
+        for _ in range(12):
+            want_obs, want_reward, want_term, want_trunc, infos = reference.step(np.array([0, 1, 0]))
+            got_next = np.empty_like(obs)
+            reward, term, trunc, resets = stepper.step([0, 1, 0], got_next)
+            assert reward.dtype == np.float64 and reward.tolist() == want_reward.tolist()
+            assert term.tolist() == want_term.tolist() and trunc.tolist() == want_trunc.tolist()
+            done = want_term | want_trunc
+            assert sorted(resets) == np.flatnonzero(done).tolist()
+            for j in range(3):
+                # next holds the true final observation; resets the first of the next episode
+                want_next = infos["final_obs"][j] if done[j] else want_obs[j]
+                assert got_next[j].tolist() == want_next.tolist()
+                if done[j]:
+                    assert resets[j].tolist() == want_obs[j].tolist() and resets[j][2] == 0
+            ends += int(done.sum())
+        assert ends >= 12  # episodes of 1-3 steps: many resets were checked
+    finally:
+        venv.close()
+        reference.close()
+
+
+def test_vector_stepper_refuses_a_next_step_vector_env():
+    venv = gymnasium.vector.SyncVectorEnv([lambda: CountingEnv()])
+    try:
+        with pytest.raises(ValueError, match=r"VectorStepper: the vector env autoresets in "
+                           r"AutoresetMode.NEXT_STEP mode; build it with reset_vector_env \(SAME_STEP\)"):
+            VectorStepper(venv)
     finally:
         venv.close()

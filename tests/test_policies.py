@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from rlfleet.collector.config import PolicyConfig
-from rlfleet.collector.policies import GaussianActor, QNetwork, build_policy, check_state_dict, resolve_device
+from rlfleet.collector.policies import (
+    GaussianActor, QNetwork, acting_forward, build_policy, check_state_dict, resolve_device,
+)
 
 Box, Discrete = gymnasium.spaces.Box, gymnasium.spaces.Discrete
 VECTOR = Box(-1.0, 1.0, (4,), np.float32)
@@ -114,3 +116,42 @@ def test_policy_on_cuda_matches_cpu():
     expected = q(x)
     q_cuda = q.to(resolve_device("cuda:0"))
     assert torch.allclose(q_cuda(x.cuda()).cpu(), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize(("obs_space", "act_space", "obs"), [
+    (VECTOR, Discrete(3, start=-1), torch.randn(7, 4)),
+    (IMAGE, Discrete(2), torch.randint(0, 256, (7, 3, 20, 24), dtype=torch.uint8)),
+    (VECTOR, Box(-2.0, 2.0, (2,), np.float32), torch.randn(7, 4)),
+    (IMAGE, Box(-1.0, 1.0, (3,), np.float32), torch.randint(0, 256, (7, 3, 20, 24), dtype=torch.uint8)),
+])
+def test_acting_forward_computes_exactly_the_module_and_follows_loaded_weights(obs_space, act_space, obs):
+    torch.manual_seed(0)
+    policy = build_policy(PolicyConfig(hidden=(16, 8)), obs_space, act_space).eval()
+    fast = acting_forward(policy)
+    assert fast is not policy  # the fast path, not the fallback
+
+    def same(a, b):
+        if isinstance(a, tuple):
+            return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+        return torch.equal(a, b)
+
+    with torch.inference_mode():
+        assert same(fast(obs), policy(obs))
+    torch.manual_seed(1)
+    other = build_policy(PolicyConfig(hidden=(16, 8)), obs_space, act_space)
+    policy.load_state_dict(other.state_dict())
+    with torch.inference_mode():
+        assert same(fast(obs), other.eval()(obs))
+
+
+def test_acting_forward_returns_other_modules_unchanged():
+    module = torch.nn.Linear(4, 2)
+    assert acting_forward(module) is module
+
+    class Tweaked(QNetwork):
+        def forward(self, obs):
+            return super().forward(obs) * 2
+
+    q = build_policy(PolicyConfig(), VECTOR, Discrete(2))
+    tweaked = Tweaked(q.encoder, (64, 64), 2)
+    assert acting_forward(tweaked) is tweaked

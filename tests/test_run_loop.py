@@ -55,6 +55,9 @@ class FakeClient:
     def __len__(self) -> int:
         return self.fleet.frames
 
+    def stats(self) -> dict:
+        return {"total": {"size": self.fleet.frames}, "shards": [{"shard": 0, "pid": 1, "size": self.fleet.frames}]}
+
 
 class FakeGroup:
     def __init__(self, client: FakeClient, min_rows: int) -> None:

@@ -50,7 +50,7 @@ def test_serve_status_sample_stop_round_trip(ray_cluster, config, tmp_path, caps
                                                   ("all(2/2)", "10", "200")]
 
     assert main(["status", "svc-cli", "--json"]) == 0
-    stats = json.loads(capsys.readouterr().out)["svc-cli"]
+    stats = json.loads(capsys.readouterr().out)["buffers"]["svc-cli"]
     assert stats["total"]["size"] == 10 and [s["size"] for s in stats["shards"]] == [10, 0]
 
     assert main(["sample", "svc-cli", "-n", "3"]) == 0

@@ -114,7 +114,7 @@ def main(args: argparse.Namespace) -> int:
             ray.init(address=args.address, namespace="rlfleet")
         else:
             # Logical CPUs for placement only: each collector actor asks for one.
-            ray.init(namespace="rlfleet", num_cpus=max(8, 2 * max(args.actors) + 2),
+            ray.init(address="local", namespace="rlfleet", num_cpus=max(8, 2 * max(args.actors) + 2),
                      include_dashboard=False, log_to_driver=False)
         started = True
     results = []

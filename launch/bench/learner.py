@@ -238,7 +238,7 @@ def main(args: argparse.Namespace) -> int:
     hidden = tuple(int(h) for h in args.hidden.split(","))
     started = False
     if not ray.is_initialized():
-        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, namespace="rlfleet")
+        ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False, namespace="rlfleet")
         started = True
     try:
         with tempfile.TemporaryDirectory(prefix="rlfleet-bench-learner-") as tmp:

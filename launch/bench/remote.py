@@ -189,7 +189,9 @@ def main(args: argparse.Namespace) -> int:
         if args.address:
             ray.init(address=args.address, namespace="rlfleet", log_to_driver=False)
         else:
-            ray.init(num_cpus=4, namespace="rlfleet", include_dashboard=False, log_to_driver=False)
+            # "local": a cluster of its own even when another one runs on this machine
+            ray.init(address="local", num_cpus=4, namespace="rlfleet", include_dashboard=False,
+                     log_to_driver=False)
             started = True
     kinds = [k.strip() for k in args.schemas.split(",") if k.strip()]
     unknown = [k for k in kinds if k not in SCHEMAS]
