@@ -189,8 +189,12 @@ def test_counting_env_rows_survive_a_restart_intact(ray_cluster, tmp_path):
     assert sum(counts.values()) == size and size % 30 == 0
     incarnations = {(int(i) >> 48, (int(i) >> 32) & 0xFFFF) for i in rows["episode_id"]}
     assert incarnations == {(0, 0), (0, 1)}
-    # after stop, stats() answers from the final snapshot
-    assert fleet.stats()["frames"] >= size and fleet.stats()["restarts"] == 1
+    # after stop, stats() answers from the final snapshot. The kill can fall between a
+    # batch's commit and the arrival of the report that counted it (or between a report
+    # and a commit that never happened), so the carried count may be one batch off
+    final = fleet.stats()
+    assert abs(final["frames"] - size) <= 30 and final["frames"] % 30 == 0
+    assert final["restarts"] == 1
     # a later fleet writing into the same buffer (a resumed run) starts from here
     assert fleet.stats()["next_incarnation"] == 2
 
