@@ -301,6 +301,13 @@ class ReplayService:
                 log.warning("buffer %r shard %d did not close cleanly: %s", name, k, e)
         for h in handles:
             ray.kill(h, no_restart=True)
+        # ray.kill returns before the cluster releases the names; wait for that, so a
+        # relaunch under the same name (or `running()`) right after sees the buffer gone
+        release_by = max(deadline, time.monotonic() + 10.0)
+        while name in running_buffers() and time.monotonic() < release_by:
+            time.sleep(0.05)
+        if name in running_buffers():
+            log.warning("buffer %r: shard names still taken %.0fs after the kill", name, timeout_s)
         log.info("replay service %r stopped%s", name, " and deleted" if delete else "")
 
 
