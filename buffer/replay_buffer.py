@@ -12,7 +12,7 @@ before ``end`` is stored and the header after. ``sample`` snapshots the window u
 lock, copies rows without it, then re-reads ``start`` and redraws the rows that were
 evicted meanwhile (their copy may be torn).
 
-The module is longer than most here (about 650 lines) because it is one class whose
+The module is longer than most here (about 700 lines) because it is one class whose
 methods share one lock and one commit protocol; conversions live in ``arrays.py``, the
 files in ``storage.py``, the samplers in ``samplers.py``.
 """

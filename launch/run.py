@@ -17,6 +17,11 @@ unset and use the buffer's rate limiter (``buffer.rate_limiter.samples_per_inser
 
 ``--resume RUN_DIR`` reopens the run's buffer and last learner checkpoint and continues
 counting frames from where the run stopped. Not thread-safe: one run per process.
+
+The module runs a little past 600 lines on purpose: start-up, the paced loop and the
+shutdown share one ``_Session`` (what was started, what must be stopped on every exit
+path, the lost-node check); the pieces that stand alone already live elsewhere
+(``placement``, ``learner_group``, ``rundir``, ``progress``, ``export``).
 """
 
 from __future__ import annotations
