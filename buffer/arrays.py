@@ -5,15 +5,17 @@ this module converts at the edges: a TensorDict ``[N]`` to views of its leaves f
 ``extend``, fresh sample arrays to a TensorDict without copying, and the many forms a
 caller may pass as positions or indices to plain int64 arrays.
 
-Runs wherever the buffer lives; every function is thread-safe (no shared state except
-the once-per-process allocator setting).
+Runs wherever the buffer lives; everything is thread-safe (the shared state is the
+once-per-process allocator setting and ``OutBatches``' lock-guarded cache).
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
-from collections.abc import Mapping
+import threading
+import weakref
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -24,6 +26,7 @@ from rlfleet.buffer.errors import SchemaMismatch
 from rlfleet.buffer.storage import format_key
 
 __all__ = [
+    "OutBatches",
     "arrays_to_tensordict",
     "as_numpy",
     "normalise_key",
@@ -160,7 +163,7 @@ def _build(plan: _Plan, arrays: Mapping[tuple[str, ...], np.ndarray], size: torc
 
 def as_numpy(value: Any, dtype: type, name: str) -> np.ndarray:
     if isinstance(value, torch.Tensor):
-        value = value.detach().cpu().numpy()
+        value = value.numpy() if value.device.type == "cpu" and not value.requires_grad else value.detach().cpu().numpy()
     arr = np.asarray(value)
     if dtype is np.int64 and arr.size and arr.dtype.kind not in "iu":
         raise ValueError(f"update_priority: {name} has dtype {arr.dtype}; pass integer indices")
@@ -186,3 +189,92 @@ def positions(pos: Any, size: int) -> tuple[np.ndarray, bool]:
     if arr.size and (arr.min() < -size or arr.max() >= size):
         raise IndexError(f"positions {arr.min()}..{arr.max()} out of range for a buffer of {size} rows")
     return arr % max(size, 1), False
+
+
+def _leaf(td: TensorDictBase, key: tuple[str, ...]) -> Any:
+    """The tensor at ``key`` by plain dict lookups (a TensorDict's private store; about
+    20x cheaper than ``get``), or None when ``td`` is not stored that way."""
+    node: Any = td
+    try:
+        for part in key:
+            node = node._tensordict[part]
+    except (AttributeError, KeyError, TypeError):
+        return None
+    return node
+
+
+class OutBatches:
+    """Numpy views of the tensors of caller-owned ``out`` batches, checked once per batch.
+
+    ``sample(n, out=batch)`` copies rows straight into ``batch``'s tensors. The first call
+    with a batch checks every key, dtype, shape and device against what ``sample``
+    returns and keeps numpy views of its tensors; later calls only confirm, by identity,
+    that the batch still holds those same tensors (about 1 us instead of 10).
+
+    Thread-safe (a lock around the cache; the views themselves are the caller's).
+    """
+
+    def __init__(self) -> None:
+        # id(batch) -> (weak ref to it, its batch dims, (key, tensor) pairs, numpy views)
+        self._cache: dict[int, tuple[Any, ...]] = {}
+        self._lock = threading.Lock()
+
+    def views(self, out: Any, lead: tuple[int, ...],
+              expected: Callable[[], Mapping[tuple[str, ...], tuple[tuple[int, ...], np.dtype]]],
+              where: str = "sample") -> dict[tuple[str, ...], np.ndarray]:
+        """``{key: writable ndarray view}`` of ``out``'s tensors for every key of
+        ``expected()`` (called only when ``out`` is new or changed), for batch dims ``lead``.
+
+        Raises:
+            TypeError: ``out`` is not a TensorDict.
+            ValueError: ``out``'s batch size is not ``lead``, or a key is missing, or its
+                tensor has another dtype or shape, is not on the CPU, or is not contiguous;
+                the message names it and says the fix.
+        """
+        with self._lock:
+            entry = self._cache.get(id(out))
+        if (entry is not None and entry[0]() is out and entry[1] == lead
+                and all(_leaf(out, k) is t for k, t in entry[2])):
+            return entry[3]
+        tensors, arrays = self._check(out, lead, expected(), where)
+        with self._lock:
+            if len(self._cache) >= 64:  # forget batches that were garbage-collected
+                self._cache = {i: e for i, e in self._cache.items() if e[0]() is not None}
+            self._cache[id(out)] = (weakref.ref(out), lead, tensors, arrays)
+        return arrays
+
+    @staticmethod
+    def _check(out: Any, lead: tuple[int, ...], expected: Mapping[tuple[str, ...], tuple[tuple[int, ...], np.dtype]],
+               where: str) -> tuple[tuple[tuple[tuple[str, ...], torch.Tensor], ...], dict[tuple[str, ...], np.ndarray]]:
+        if not isinstance(out, TensorDictBase):
+            raise TypeError(f"{where}: out must be a TensorDict returned by an earlier sample, got {type(out).__name__}")
+        if tuple(out.batch_size) != lead:
+            raise ValueError(
+                f"{where}: out has batch_size {list(out.batch_size)} but this call gives {list(lead)}; "
+                f"pass a batch an earlier sample with the same n returned"
+            )
+        tensors = []
+        arrays = {}
+        for key, (shape, dtype) in expected.items():
+            name = format_key(key)
+            value = out.get(key, None)
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(
+                    f"{where}: out has no tensor at key '{name}'; pass a batch an earlier "
+                    f"sample(n) of this buffer returned (it holds every key of the schema)"
+                )
+            want = torch.from_numpy(np.empty(0, dtype=dtype)).dtype
+            if value.dtype != want or tuple(value.shape) != tuple(shape):
+                raise ValueError(
+                    f"{where}: out['{name}'] is {value.dtype} {list(value.shape)}, expected "
+                    f"{want} {list(shape)}; pass a batch an earlier sample with the same n returned"
+                )
+            if value.device.type != "cpu" or not value.is_contiguous() or value.requires_grad:
+                raise ValueError(
+                    f"{where}: out['{name}'] must be a contiguous CPU tensor without grad "
+                    f"(got device {value.device}, contiguous={value.is_contiguous()}, "
+                    f"requires_grad={value.requires_grad}); sample into a batch sample returned"
+                )
+            tensors.append((key, value))
+            arrays[key] = value.numpy()
+        return tuple(tensors), arrays

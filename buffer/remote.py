@@ -166,7 +166,12 @@ class ReplayShard:
         }
 
     def extend(self, arrays: Arrays, timeout_s: float | None = None) -> dict[str, Any]:
-        """Insert a flat batch (waits for the rate limiter); returns local indices + state.
+        """Insert a flat batch (waits for the rate limiter).
+
+        Returns ``{"first", "last", "state"}``: the batch got the local indices
+        ``first .. last - 1`` (an extend writes one contiguous run), and the shard's state.
+        Two ints instead of an index array: an array in a Ray reply costs about 0.2 ms
+        per call, a seventh of a whole cartpole insert.
 
         Not idempotent: the client never retries it.
 
@@ -189,7 +194,8 @@ class ReplayShard:
         self.limiter.set_size(len(self.buffer))
         if self.metrics is not None:
             self.metrics.inserted(m, wait_s)
-        return {"index": np.asarray(index, dtype=np.int64), "state": self.state()}
+        first = int(index[0]) if len(index) else self.buffer.total_inserted
+        return {"first": first, "last": first + len(index), "state": self.state()}
 
     def sample(
         self,

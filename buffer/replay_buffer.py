@@ -12,7 +12,7 @@ before ``end`` is stored and the header after. ``sample`` snapshots the window u
 lock, copies rows without it, then re-reads ``start`` and redraws the rows that were
 evicted meanwhile (their copy may be torn).
 
-The module is longer than most here (about 700 lines) because it is one class whose
+The module is longer than most here (about 740 lines) because it is one class whose
 methods share one lock and one commit protocol; conversions live in ``arrays.py``, the
 files in ``storage.py``, the samplers in ``samplers.py``.
 """
@@ -31,6 +31,7 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 
 from rlfleet.buffer.arrays import (
+    OutBatches,
     arrays_to_tensordict,
     as_numpy,
     normalise_key,
@@ -118,6 +119,7 @@ class ReplayBuffer:
         self._limit = np.inf
         self._samples = 0
         self._inserts = 0
+        self._outs = OutBatches()  # caller batches that sample(out=) fills
         self._closed = False
         if meta.get("schema") is not None:
             self._attach(schema_from_json(meta["schema"]), create=False)
@@ -398,16 +400,44 @@ class ReplayBuffer:
         self._reserved = target
 
     # ------------------------------------------------------------------ sampling
-    def sample(self, n: int) -> TensorDict:
+    def sample(self, n: int, *, out: TensorDict | None = None) -> TensorDict:
         """``n`` rows as a TensorDict ``[n]`` (sequence sampler: ``[n, L]``).
 
         Adds ``index`` (int64 global indices) and, for the prioritized sampler,
         ``weight`` (float32 importance weights normalised by the batch max). The result
         owns its memory: later writes never change it. Thread-safe.
+
+        Args:
+            n: rows to draw (a positive int).
+            out: a batch an earlier ``sample(n)`` returned. Its tensors are overwritten in
+                place and it is returned, which saves allocating and wrapping fresh
+                tensors on every call (a learner that samples every step keeps one
+                batch). Keys added to it are left alone; replacing one of its tensors
+                makes the next call check the batch again.
+
+        Raises:
+            ValueError: as ``sample_arrays``; or ``out`` does not have this buffer's keys,
+                dtypes and shapes for ``n`` rows.
         """
-        arrays = self._sample(n, None, None, normalised=True)
-        batch = [n] if self._sampler.sequence_length is None else [n, self._sampler.sequence_length]
-        return arrays_to_tensordict(arrays, batch)
+        length = self._sampler.sequence_length
+        if out is None:
+            return arrays_to_tensordict(self._sample(n, None, None, normalised=True),
+                                        [n] if length is None else [n, length])
+        self._check_open()
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n <= 0:
+            raise ValueError(f"sample: n={n!r} must be a positive int")
+        lead = (n,) if length is None else (n, length)
+        into = self._outs.views(out, lead, lambda: self._out_layout(lead))
+        self._sample(n, None, None, normalised=True, into=into)
+        return out
+
+    def _out_layout(self, lead: tuple[int, ...]) -> dict[tuple[str, ...], tuple[tuple[int, ...], np.dtype]]:
+        """What ``sample`` returns for batch dims ``lead``: ``{key: (shape, dtype)}``."""
+        layout = {key: ((*lead, *row_shape), dtype) for key, _, row_shape, dtype in self._layout}
+        layout[("index",)] = (lead, np.dtype(np.int64))
+        if self._sampler.type == "prioritized":
+            layout[("weight",)] = (lead, np.dtype(np.float32))
+        return layout
 
     def sample_arrays(
         self, n: int, *, total_mass: float | None = None, total_size: int | None = None
@@ -425,13 +455,15 @@ class ReplayBuffer:
         return self._sample(n, total_mass, total_size, normalised=False)
 
     def _sample(self, n: int, total_mass: float | None, total_size: int | None, *,
-                normalised: bool) -> dict[tuple[str, ...], np.ndarray]:
+                normalised: bool, into: dict[tuple[str, ...], np.ndarray] | None = None,
+                ) -> dict[tuple[str, ...], np.ndarray]:
+        """The rows, ``index`` and ``weight`` as arrays: fresh ones, or written into ``into``."""
         self._check_open()
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n <= 0:
             raise ValueError(f"sample: n={n!r} must be a positive int")
         n = int(n)
         idx, mass, size, total, drawn_start = self._draw_accepted(n)
-        out = self._gather(idx)
+        out = self._gather(idx, into)
         first_col = idx if idx.ndim == 1 else idx[:, 0]
         for _ in range(MAX_REDRAWS):
             with self._lock:
@@ -457,10 +489,14 @@ class ReplayBuffer:
                 f"{MAX_REDRAWS} times; the buffer (capacity {self._capacity}) is too small "
                 f"for its insert rate"
             )
-        out[("index",)] = idx
+        if into is None:
+            out[("index",)] = idx
+        else:
+            into[("index",)][...] = idx
         if mass is not None and normalised:
             # (size * P(i)) ** -beta over its batch max is (mass_i / min mass) ** -beta
-            out[("weight",)] = np.power(mass.min() / mass, self._sampler.beta, dtype=np.float32)
+            weight = None if into is None else into[("weight",)]
+            out[("weight",)] = np.power(mass.min() / mass, self._sampler.beta, dtype=np.float32, out=weight)
         elif mass is not None:
             beta = self._sampler.beta
             tm = total if total_mass is None else float(total_mass)
@@ -516,12 +552,13 @@ class ReplayBuffer:
     def _read_column(self, key: tuple[str, ...], idx: np.ndarray) -> np.ndarray:
         return np.take(self._views[key], idx % self._capacity, axis=0)
 
-    def _gather(self, idx: np.ndarray) -> dict[tuple[str, ...], np.ndarray]:
+    def _gather(self, idx: np.ndarray, into: dict[tuple[str, ...], np.ndarray] | None = None,
+                ) -> dict[tuple[str, ...], np.ndarray]:
         slots = idx % self._capacity
         lead = slots.shape
-        out = {}
+        out = {} if into is None else into
         for key, src, row_shape, dtype in self._layout:
-            dst = np.empty(lead + row_shape, dtype=dtype)
+            dst = np.empty(lead + row_shape, dtype=dtype) if into is None else into[key]
             src.take(slots, 0, dst, "clip")  # 'clip': unbuffered into out (positional: cheaper)
             out[key] = dst
         return out
@@ -576,35 +613,41 @@ class ReplayBuffer:
             )
         if idx.ndim == 0:
             idx, prio = idx.reshape(-1), prio.reshape(-1)
-        # two reductions catch every bad value: NaN fails both comparisons
-        if len(prio) and not (prio.min() >= 0 and (top := prio.max()) < np.inf):
-            i = int(np.flatnonzero(~np.isfinite(prio) | (prio < 0))[0])
+        if len(idx) == 0:
+            return
+        limit = self._priority_limit()
+        with self._lock:
+            start, end = self._start, self._end
+            # all or nothing: None means a bad index or priority, and nothing was stored
+            top = self._sampler.update(idx, prio, start, end, limit)
+            if top is not None and top > self._header.max_priority:
+                self._header.max_priority = top
+        if top is None:
+            self._refuse_update(idx, prio, start, end, limit)
+
+    def _refuse_update(self, idx: np.ndarray, prio: np.ndarray, start: int, end: int, limit: float) -> None:
+        """Raise the error for the first bad priority, else the first bad index."""
+        bad = ~np.isfinite(prio) | (prio < 0)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
             raise ValueError(
                 f"update_priority: priority[{i}]={float(prio[i])!r} is not a finite number >= 0; "
                 f"priorities must be finite and non-negative"
             )
-        if len(prio) and top > self._priority_limit():
+        if prio.max() > limit:
             alpha = float(getattr(self._sampler, "alpha", 0.0))
             i = int(np.argmax(prio))
             raise ValueError(
                 f"update_priority: priority[{i}]={float(prio[i])!r} is above "
-                f"{self._priority_limit():.4g}, the largest whose p**alpha (alpha={alpha:g}) "
+                f"{limit:.4g}, the largest whose p**alpha (alpha={alpha:g}) "
                 f"summed over capacity={self._capacity} rows stays finite; scale the "
                 f"priorities down"
             )
-        with self._lock:
-            start, end = self._start, self._end
-            if len(idx) and (idx.min() < start or idx.max() >= end):
-                i = int(np.flatnonzero((idx < start) | (idx >= end))[0])
-                raise StaleIndexError(
-                    f"update_priority: index[{i}]={int(idx[i])} is not a live row (live indices "
-                    f"are [{start}, {end})); it was overwritten or never written"
-                )
-            if len(idx) == 0:
-                return
-            top = self._sampler.update(idx, prio)
-            if top > self._header.max_priority:
-                self._header.max_priority = top
+        i = int(np.flatnonzero((idx < start) | (idx >= end))[0])
+        raise StaleIndexError(
+            f"update_priority: index[{i}]={int(idx[i])} is not a live row (live indices "
+            f"are [{start}, {end})); it was overwritten or never written"
+        )
 
     def _priority_limit(self) -> float:
         """The largest priority whose ``p**alpha``, summed over every slot, stays finite

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from rlfleet.buffer.sumtree import SumTree
+from rlfleet.buffer.sumtree import SumTree, update_is_valid
 
 __all__ = [
     "PrioritizedSampler",
@@ -124,9 +124,12 @@ class Sampler:
         """Which drawn rows are acceptable after reading them (bool ``[n]``); None: all."""
         return None
 
-    def update(self, idx: np.ndarray, priority: np.ndarray) -> float:
-        """Store new priorities of live indices; return the new max priority."""
-        return 0.0
+    def update(self, idx: np.ndarray, priority: np.ndarray, start: int, end: int, limit: float) -> float | None:
+        """Store new priorities (``[n]`` each, n >= 1) of indices in the window
+        ``[start, end)``, all or nothing: None, with nothing stored, when an index is
+        outside the window or a priority is not a finite number in ``[0, limit]``;
+        otherwise the largest priority. Samplers without priorities only check."""
+        return 0.0 if update_is_valid(idx, priority, start, end, limit) else None
 
     def mass(self, start: int, end: int) -> float:
         return float(end - start)
@@ -245,27 +248,19 @@ class PrioritizedSampler(Sampler):
                 f"sample: every live row has priority 0 (total priority mass {total}); "
                 f"give some rows a positive priority with update_priority"
             )
-        slots = tree.find(rng.random(n) * total)
-        leaf = tree.leaves(slots)
-        for _ in range(8):  # rounding can land on an empty leaf: redraw those few
-            empty = leaf <= 0
-            if not empty.any():
-                break
-            slots[empty] = tree.find(rng.random(int(empty.sum())) * total)
-            leaf = tree.leaves(slots)
-        else:
-            keep = leaf > 0
-            slots = rng.choice(slots[keep], size=n)
-            leaf = tree.leaves(slots)
-        # slot -> the live global index that occupies it
-        idx = (end - 1) - ((end - 1 - slots) % self.capacity)
-        return idx, leaf
+        idx, leaf, empty = tree.draw_rows(rng.random(n), end, self.capacity)
+        for _ in range(8):  # rounding can land on an empty leaf (numpy tree): redraw those few
+            if not empty:
+                return idx, leaf
+            redo = leaf <= 0
+            idx[redo], leaf[redo], _ = tree.draw_rows(rng.random(empty), end, self.capacity)
+            empty = int(np.count_nonzero(leaf <= 0))
+        keep = leaf > 0
+        pick = rng.integers(0, int(keep.sum()), size=n)
+        return idx[keep][pick], leaf[keep][pick]
 
-    def update(self, idx: np.ndarray, priority: np.ndarray) -> float:
-        slots = idx % self.capacity
-        self.priorities[slots] = priority
-        self.tree.set(slots, self._powered(priority))
-        return float(priority.max()) if len(priority) else 0.0
+    def update(self, idx: np.ndarray, priority: np.ndarray, start: int, end: int, limit: float) -> float | None:
+        return self.tree.update_rows(self.priorities, idx, priority, self.alpha, start, end, limit)
 
     def mass(self, start: int, end: int) -> float:
         return self.tree.total if self.tree is not None else 0.0
@@ -328,13 +323,12 @@ def uniform_indices(rng: np.random.Generator, n: int, lo: int, hi: int) -> np.nd
 
     Scaled float draws instead of ``rng.integers``: that call costs about 8 us for a
     batch of 256 here, this one about 3. The float has 53 random bits, so the bias is
-    below 2**-53 * (hi - lo), far under anything a sampling test can see; the clamp
-    guards the one product that could round up to ``hi - lo``.
+    below 2**-53 * (hi - lo), far under anything a sampling test can see. No product
+    rounds up to ``hi - lo``: ``random()`` is at most ``1 - 2**-53``, and for any span
+    below 2**53 the exact product ``span - span * 2**-53`` is at least half a unit in
+    the last place below ``span``, so round-to-nearest keeps it below.
     """
-    u = rng.random(n)
-    u *= hi - lo
-    idx = u.astype(np.int64)
-    np.minimum(idx, hi - lo - 1, out=idx)
+    idx = (rng.random(n) * (hi - lo)).astype(np.int64)
     idx += lo
     return idx
 

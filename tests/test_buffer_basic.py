@@ -328,3 +328,56 @@ def test_stats(tmp_path):
         assert s["size"] == 8 and s["capacity"] == 10 and s["total_inserted"] == 8
         assert s["inserts"] == 8 and s["samples"] == 3 and s["priority_mass"] == 8
         assert s["bytes_on_disk"] > 0
+
+
+@pytest.mark.parametrize("sampler", ["uniform", "prioritized", {"type": "sequence", "length": 3}])
+def test_sample_into_out_matches_a_fresh_sample(tmp_path, sampler):
+    path = tmp_path / "b"
+    with ReplayBuffer.create(path, capacity=50, seed=0, sampler=sampler) as rb:
+        rb.extend(rows(0, 40))
+    with ReplayBuffer.open(path, seed=3) as fresh, ReplayBuffer.open(path, seed=3) as reused:
+        out = reused.sample(16)
+        fresh.sample(16)  # the same draws so far
+        storages = {key: out.get(key).data_ptr() for key in out.keys(True, True)}
+        for _ in range(3):
+            expected = fresh.sample(16)
+            got = reused.sample(16, out=out)
+            assert got is out
+            assert set(got.keys(True, True)) == set(expected.keys(True, True))
+            for key in expected.keys(True, True):
+                assert torch.equal(got.get(key), expected.get(key)), key
+                assert got.get(key).data_ptr() == storages[key]  # written in place
+        assert_rows(out if out.batch_dims == 1 else out[:, 0], out["index"].reshape(len(out), -1)[:, 0].numpy())
+
+
+def test_sample_into_out_follows_a_replaced_tensor_and_keeps_added_keys(tmp_path):
+    with ReplayBuffer.create(tmp_path / "b", capacity=50, seed=0) as rb:
+        rb.extend(rows(0, 40))
+        out = rb.sample(8)
+        out["advantage"] = torch.full((8,), 7.0)
+        out["action"] = torch.zeros(8, dtype=torch.int64)  # a new tensor: checked and used
+        rb.sample(8, out=out)
+        assert_rows(out, out["index"].numpy())
+        assert torch.equal(out["advantage"], torch.full((8,), 7.0))
+
+
+def test_sample_into_bad_out(tmp_path):
+    with ReplayBuffer.create(tmp_path / "b", capacity=50, seed=0) as rb:
+        rb.extend(rows(0, 40))
+        out, bad = rb.sample(8), rb.sample(8)
+        before = rb.stats()["samples"]
+        with pytest.raises(ValueError, match=r"out has batch_size \[8\] but this call gives \[9\]"):
+            rb.sample(9, out=out)
+        with pytest.raises(TypeError, match=r"out must be a TensorDict returned by an earlier sample, got dict"):
+            rb.sample(8, out={"action": torch.zeros(8)})
+        out["reward"] = torch.zeros(8, dtype=torch.float64)
+        with pytest.raises(ValueError, match=r"out\['reward'\] is torch.float64 \[8\], expected torch.float32 \[8\]"):
+            rb.sample(8, out=out)
+        out["reward"] = torch.zeros(8)
+        del out["next"]
+        with pytest.raises(ValueError, match=r"out has no tensor at key 'next.observation'"):
+            rb.sample(8, out=out)
+        bad["observation"] = torch.zeros(4, 8).T  # right shape, not contiguous
+        with pytest.raises(ValueError, match=r"out\['observation'\] must be a contiguous CPU tensor"):
+            rb.sample(8, out=bad)
+        assert rb.stats()["samples"] == before  # refused before drawing anything

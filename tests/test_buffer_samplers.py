@@ -8,7 +8,7 @@ import torch
 from tensordict import TensorDict
 
 from rlfleet.buffer import ReplayBuffer, SchemaMismatch, StaleIndexError
-from rlfleet.buffer.samplers import parse_sampler_spec
+from rlfleet.buffer.samplers import parse_sampler_spec, uniform_indices
 from rlfleet.buffer.sumtree import SumTree
 
 # chi-square critical values at p = 0.001
@@ -198,10 +198,12 @@ def test_sampler_spec_defaults_are_stored():
     assert parse_sampler_spec({"type": "uniform"}) == {"type": "uniform"}
 
 
-@pytest.mark.parametrize("size", [1, 7, 16, 17, 1000, 70_000])
-def test_sumtree_find_matches_cumsum(size):
+@pytest.mark.parametrize("backend", ["numba", "numpy"])
+@pytest.mark.parametrize("size", [1, 7, 16, 17, 256, 257, 1000, 70_000])
+def test_sumtree_find_matches_cumsum(size, backend):
     rng = np.random.default_rng(size)
-    tree = SumTree(size)
+    tree = SumTree(size, backend=backend)
+    assert tree.backend == backend
     values = rng.random(size) * (rng.random(size) > 0.3)
     tree.set(np.arange(size), values)
     if size > 2:
@@ -213,10 +215,37 @@ def test_sumtree_find_matches_cumsum(size):
     u = rng.random(5000) * values.sum()
     expected = np.searchsorted(np.cumsum(values), u, side="right")
     assert np.array_equal(tree.find(u), expected)
-    rebuilt = SumTree(size)
+    slots, leaf = tree.draw(u)
+    assert np.array_equal(slots, expected) and np.array_equal(leaf, values[expected])
+    rebuilt = SumTree(size, backend=backend)
     rebuilt.rebuild(values)
     assert rebuilt.total == pytest.approx(tree.total, rel=1e-12)
     assert np.array_equal(rebuilt.find(u), expected)
+    # parents stay exact sums after many scattered updates with duplicate slots
+    for _ in range(50):
+        slots = rng.integers(0, size, 64)
+        new = rng.random(64)
+        tree.set(slots, new)
+        for s, v in zip(slots, new):  # the last value listed for a slot wins
+            values[s] = v
+    for lower, upper in zip(tree.levels, tree.levels[1:]):
+        np.testing.assert_allclose(upper[: len(lower) // 16], lower.reshape(-1, 16).sum(axis=1), rtol=1e-13)
+    assert tree.total == pytest.approx(values.sum(), rel=1e-12)
+
+
+def test_sumtree_end_of_range_lands_on_last_positive_leaf():
+    tree = SumTree(40, backend="numba")
+    values = np.zeros(40)
+    values[[3, 20]] = [1.0, 2.0]
+    tree.rebuild(values)
+    slots, leaf = tree.draw(np.array([0.0, 0.999, 1.0, 2.999, 3.0, 3.5, 1e9]))
+    assert slots.tolist() == [3, 3, 20, 20, 20, 20, 20]
+    assert leaf.tolist() == [1.0, 1.0, 2.0, 2.0, 2.0, 2.0, 2.0]
+
+
+def test_sumtree_rejects_unknown_backend():
+    with pytest.raises(ValueError, match=r"backend='gpu' is not one of numba, numpy"):
+        SumTree(8, backend="gpu")
 
 
 def test_open_can_switch_sampler(tmp_path):
@@ -236,3 +265,11 @@ def test_open_can_switch_sampler(tmp_path):
         rb.extend(rows(0, 3))
     with pytest.raises(ValueError, match=r"sampler 'sequence' needs key 'episode_id'"):
         ReplayBuffer.open(tmp_path / "c", sampler="sequence")
+
+
+@pytest.mark.parametrize("span", [1, 3, 1000, 2**31 + 5, 2**40 - 1, 2**52 + 1])
+def test_uniform_scaling_never_reaches_the_span(span):
+    largest = np.nextafter(1.0, 0.0)  # the largest value Generator.random returns
+    assert int(np.float64(largest) * span) == span - 1
+    idx = uniform_indices(np.random.default_rng(0), 10_000, 7, 7 + span)
+    assert idx.min() >= 7 and idx.max() <= 7 + span - 1

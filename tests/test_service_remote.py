@@ -7,6 +7,8 @@ which rows came back.
 
 from __future__ import annotations
 
+import itertools
+
 import json
 import os
 import subprocess
@@ -173,8 +175,11 @@ def test_sharded_prioritized_frequencies_and_weights_match_one_buffer(prioritize
     alpha, beta = 0.6, 0.5
     p = np.array([prio[i] ** alpha for i in range(40)])
     counts = np.zeros(40)
-    for _ in range(80):
-        batch = client.sample(500)
+    # single calls, and a prefetching sampler that fetches 3 batches per shard call
+    batches = itertools.chain((client.sample(500) for _ in range(40)),
+                              itertools.islice(client.sampler(500, prefetch=3), 40))
+    for batch in batches:
+        assert batch.batch_size == torch.Size([500])
         ids = check_rows(batch, id_of_index)
         np.add.at(counts, ids, 1)
         raw = np.array([(prio[i] ** alpha) ** -beta for i in ids])

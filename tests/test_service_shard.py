@@ -28,19 +28,20 @@ def make(path, **kwargs) -> ReplayShard:
 def test_extend_sample_and_state(tmp_path):
     shard = make(tmp_path / "shard-1")
     out = shard.extend(arrays(range(10)))
-    assert out["index"].tolist() == list(range(10))
+    assert (out["first"], out["last"]) == (0, 10)
     assert out["state"] == {"size": 10, "mass": 10.0, "total_inserted": 10}
+    assert {k: v for k, v in shard.extend(arrays(range(10, 13))).items() if k != "state"} == {"first": 10, "last": 13}
     got = shard.sample(32)
     assert set(got["arrays"]) == {("observation",), ("next", "observation"), ("step",), ("index",)}
     np.testing.assert_array_equal(got["arrays"][("step",)], got["arrays"][("index",)])
     np.testing.assert_array_equal(got["arrays"][("observation",)][:, 0], got["arrays"][("step",)])
-    assert shard.sample(0) == {"arrays": None, "state": out["state"]}
+    assert shard.sample(0) == {"arrays": None, "state": shard.state()}
     info = shard.info()
     assert (info["buffer"], info["shard"], info["num_shards"], info["path"]) == \
         ("t", 1, 2, str(tmp_path / "shard-1"))
     assert info["schema"][("observation",)] == ((3,), np.dtype("float32"))
     stats = shard.stats()
-    assert (stats["size"], stats["samples"], stats["rate_limiter"]["samples"]) == (10, 32, 32)
+    assert (stats["size"], stats["samples"], stats["rate_limiter"]["samples"]) == (13, 32, 32)
     assert shard_actor_name("t", 1) == "rlfleet:t:shard-1"
     shard.close()
 

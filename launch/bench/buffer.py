@@ -8,7 +8,8 @@ Every figure is printed beside a limit measured in the same run on the same shap
   page-cache write limit), and RAM memcpy for reference; writes while filling against
   the same plain files' first lap (fresh sparse pages cost the kernel far more);
 - uniform samples of 256 against a numpy fancy-index gather from the same memmap files
-  into a fresh array, and a gather into a preallocated array;
+  into a fresh array, and a gather into a preallocated array; ``sample(n)`` returns
+  fresh tensors, ``sample(n, out=batch)`` refills one batch (the preallocated case);
 - prioritized sample + ``update_priority`` against the uniform sample rate;
 - sequence samples (32 slices of 8) in a 10M-row buffer against a 100k-row one.
 
@@ -218,13 +219,15 @@ def _bench_schema(name: str, root: Path, rows: int, repeats: int, quick: bool, r
     iters = 20 if name == "atari" else 2000
     if quick:
         iters //= 10
+    out = rb.sample(SAMPLE)
     t = _interleaved({
-        "sample": lambda: rb.sample(SAMPLE), "arrays": lambda: rb.sample_arrays(SAMPLE),
-        "pre": prealloc_gather, "fresh": fresh_gather,
+        "sample": lambda: rb.sample(SAMPLE), "out": lambda: rb.sample(SAMPLE, out=out),
+        "arrays": lambda: rb.sample_arrays(SAMPLE), "pre": prealloc_gather, "fresh": fresh_gather,
     }, iters, repeats)
     refs = [("prealloc gather", SAMPLE / t["pre"] * rb_bytes / 1e9),
             ("fresh gather", SAMPLE / t["fresh"] * rb_bytes / 1e9)]
     report.add(f"sample uniform {name}", f"n={SAMPLE}", SAMPLE / t["sample"], rb_bytes, refs)
+    report.add(f"sample uniform {name} out=", f"n={SAMPLE}", SAMPLE / t["out"], rb_bytes, refs)
     report.add(f"sample_arrays uniform {name}", f"n={SAMPLE}", SAMPLE / t["arrays"], rb_bytes, refs)
     rb.close()
 

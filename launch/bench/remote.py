@@ -11,8 +11,9 @@ and Atari-sized rows of 4x84x84 uint8 frames) it fills a 2-shard service, then m
   batches in flight.
 
 Each line prints the client's rows/s and MB/s, the bare limit, and their ratio. Both
-sides run in the same process on the same cluster, interleaved, so the ratio survives
-a noisy machine better than either figure.
+sides run in the same process on the same cluster, in four alternating turns (the
+median of each side is printed), so the ratio survives a noisy machine better than
+either figure.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from collections import deque
@@ -100,6 +102,18 @@ def _rate(step: Callable[[], int], seconds: float, min_calls: int) -> float:
     return rows / (time.perf_counter() - start)
 
 
+def _rates_interleaved(bare: Callable[[], int], mine: Callable[[], int], seconds: float,
+                       min_calls: int, rounds: int = 4) -> tuple[float, float]:
+    """Median rows/s of each side over ``rounds`` alternating turns of ``seconds / rounds``:
+    a machine that slows down for a moment (page-cache writeback, another process)
+    slows both sides alike instead of whichever ran then."""
+    bare_rates, my_rates = [], []
+    for _ in range(rounds):
+        bare_rates.append(_rate(bare, seconds / rounds, min_calls))
+        my_rates.append(_rate(mine, seconds / rounds, min_calls))
+    return statistics.median(bare_rates), statistics.median(my_rates)
+
+
 def _pipelined(submit: Callable[[], Any], collect: Callable[[Any], int], depth: int) -> Callable[[], int]:
     queue: deque = deque(submit() for _ in range(depth))
 
@@ -166,8 +180,7 @@ def _bench_schema(kind: str, args: argparse.Namespace, root: str, out: list[dict
              _pipelined(bare_submit, bare_collect, args.prefetch)),
         ]
         for op, size, prefetch, mine, bare in measures:
-            bare_rate = _rate(bare, seconds, min_calls)
-            my_rate = _rate(mine, seconds, min_calls)
+            bare_rate, my_rate = _rates_interleaved(bare, mine, seconds, min_calls)
             out.append({
                 "schema": kind, "op": op, "batch": size, "prefetch": prefetch, "shards": shards,
                 "rows_per_s": my_rate, "mb_per_s": my_rate * row_bytes / 1e6,
