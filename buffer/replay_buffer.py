@@ -560,7 +560,8 @@ class ReplayBuffer:
         for key, src, row_shape, dtype in self._layout:
             dst = np.empty(lead + row_shape, dtype=dtype) if into is None else into[key]
             src.take(slots, 0, dst, "clip")  # 'clip': unbuffered into out (positional: cheaper)
-            out[key] = dst
+            if into is None:
+                out[key] = dst
         return out
 
     # ------------------------------------------------------------------ reading by position

@@ -26,6 +26,7 @@ Runs wherever the buffer lives. Not thread-safe: the buffer calls it under its l
 
 from __future__ import annotations
 
+import functools
 import logging
 from types import ModuleType
 
@@ -43,7 +44,9 @@ _ONES = np.ones(FANOUT)
 _bitwise_count = getattr(np, "bitwise_count", None)  # numpy >= 2.0
 
 
+@functools.cache
 def _kernels() -> ModuleType | None:
+    """The numba kernels, or None (warned about once per process) when numba is missing."""
     try:
         from rlfleet.buffer import sumtree_kernels
     except ImportError as exc:  # numba missing or broken on this platform
