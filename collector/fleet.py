@@ -65,6 +65,11 @@ class CollectorFleet:
             ``RunConfig`` is one).
         buffer: The replay service's ``BufferClient`` or its name.
         first_incarnation: Where collector incarnations (episode id bits) start.
+        max_frames: The fleet's frame budget: once its collectors together gathered this
+            many frames, each stops collecting (state ``done``) within two batches, so
+            the fleet ends below ``max_frames + 2 * num_workers * frames_per_batch``
+            frames. It holds without the driver's help: a busy driver cannot let the
+            fleet overrun a run's ``total_frames``. None: no budget.
         placement_group: A Ray placement group with one bundle per collector
             (collector ``i`` runs in bundle ``i``, also when restarted); None: the
             actors are spread over the nodes without a reservation.
@@ -75,7 +80,8 @@ class CollectorFleet:
     """
 
     def __init__(
-        self, config: Any, buffer: Any, *, first_incarnation: int = 0, placement_group: Any | None = None
+        self, config: Any, buffer: Any, *, first_incarnation: int = 0, placement_group: Any | None = None,
+        max_frames: int | None = None,
     ) -> None:
         import ray
 
@@ -99,6 +105,12 @@ class CollectorFleet:
             raise ValueError(
                 f"first_incarnation = {first_incarnation!r}: must be an int in [0, {2**INCARNATION_BITS}); "
                 "pass the previous session's stats()['next_incarnation'] when resuming a run"
+            )
+        if max_frames is not None and (isinstance(max_frames, bool) or not isinstance(max_frames, int)
+                                       or max_frames < 1):
+            raise ValueError(
+                f"max_frames = {max_frames!r}: must be an int >= 1 (frames the whole fleet may "
+                "collect), or None for no budget"
             )
         if placement_group is not None and placement_group.bundle_count != collector.num_workers:
             raise ValueError(
@@ -131,8 +143,9 @@ class CollectorFleet:
             raise ValueError(f"a collector fleet named {name!r} is running; stop it or pick another config.name")
         self._registry = ray.remote(FleetRegistry).options(
             name=registry_name(name), namespace=NAMESPACE, num_cpus=0, max_concurrency=1,
-        ).remote(name, self.num_workers, first_incarnation)
+        ).remote(name, self.num_workers, first_incarnation, max_frames)
         self.first_incarnation = first_incarnation
+        self.max_frames = max_frames
         self._actors: list[Any] = []
         self._restarts_seen = 0
         self._stopped = False
@@ -360,7 +373,8 @@ class CollectorFleet:
             ``frames``, ``frames_per_s`` (sum of the actors' last batches), ``episodes``,
             ``recent_returns`` / ``recent_lengths`` (up to 100 recent episodes, an equal
             share from each actor), ``policy_version`` (lowest among actors),
-            ``restarts``, and ``collectors`` (each actor's latest report, or None).
+            ``restarts``, ``max_frames`` (the budget, or None), and ``collectors`` (each
+            actor's latest report, or None).
         """
         import ray
 
@@ -383,5 +397,6 @@ class CollectorFleet:
             "restarts": sum(max(0, n - 1) for n in snap["registrations"]),
             # the first_incarnation a later fleet writing into the same buffer must use
             "next_incarnation": self.first_incarnation + max(snap["registrations"], default=0),
+            "max_frames": self.max_frames,
             "collectors": reports,
         }

@@ -11,7 +11,15 @@
 - ``FleetRegistry`` (actor ``rlfleet:<fleet>:collectors``): the fleet's memory, which
   outlives any collector: the run state (running / paused / stopped), the newest weights
   (an object-store reference), the weight receiver every collector must build, each
-  collector's latest counters, and how often each collector index registered.
+  collector's latest counters, how often each collector index registered, and the
+  fleet's frame budget (``max_frames``).
+
+Frame budget: with ``max_frames`` set, the registry answers each batch report with
+whether the fleet's frames reached it. A worker reads those answers between batches and
+stops collecting (state ``done``) at the first "reached"; it starts a batch only when
+at most the answer to its last report is still travelling. So the budget holds whatever
+the driver is doing (stuck on a restarting shard, say, it cannot stop the collectors in
+time), and the fleet stops below ``max_frames + 2 * M * batch`` frames.
 
 Restarts: a worker registers when it is constructed, including when Ray reconstructs it
 after a crash (``max_restarts``). The registration number is its *incarnation*, part of
@@ -44,6 +52,8 @@ log = logging.getLogger(__name__)
 
 REGISTRY_TIMEOUT_S = 30.0
 STATES = ("created", "running", "paused", "stopped")
+# The worker's own states, shown in reports and status(): the above, and "idle" (built,
+# loop not started), "starting", "done" (the fleet's max_frames was reached), "failed".
 # A worker collects a 1024-frame CartPole batch in about 25 ms. Asking the registry for
 # new weights after every batch was a blocking Ray round trip per batch; at most this
 # often instead. (Reports stay one per batch: a restarted worker resumes from the last
@@ -63,8 +73,10 @@ def worker_name(fleet: str, index: int) -> str:
 class FleetRegistry:
     """State shared by a fleet's collectors (one actor per fleet; calls run one at a time)."""
 
-    def __init__(self, fleet: str, num_collectors: int, first_incarnation: int = 0) -> None:
+    def __init__(self, fleet: str, num_collectors: int, first_incarnation: int = 0,
+                 max_frames: int | None = None) -> None:
         self.fleet = fleet
+        self.max_frames = max_frames
         # Incarnations of this fleet start here, so a resumed run (a new fleet writing into
         # the same buffer) never reuses the episode ids of an earlier session.
         self.first_incarnation = first_incarnation
@@ -92,7 +104,8 @@ class FleetRegistry:
             self.reports[index] = {**last, "episodes": 0, "recent_returns": [], "recent_lengths": [],
                                    "frames_per_s": 0.0, "state": "restarting"}
         return {"incarnation": incarnation, "start_frames": start_frames,
-                "receiver": self.receiver, "state": self.state}
+                "receiver": self.receiver, "state": self.state,
+                "budget": self.max_frames is not None, "budget_spent": self.budget_spent()}
 
     def set_state(self, state: str) -> None:
         if state not in STATES:
@@ -115,8 +128,15 @@ class FleetRegistry:
     def set_receiver(self, kind: str, kwargs: dict[str, Any]) -> None:
         self.receiver = (kind, dict(kwargs))
 
-    def report(self, index: int, stats: dict[str, Any]) -> None:
+    def report(self, index: int, stats: dict[str, Any]) -> bool:
+        """Keep a worker's latest counters; True once the fleet spent its frame budget."""
         self.reports[index] = stats
+        return self.budget_spent()
+
+    def budget_spent(self) -> bool:
+        if self.max_frames is None:
+            return False
+        return sum(int(r["frames"]) for r in self.reports if r is not None) >= self.max_frames
 
     def snapshot(self) -> dict[str, Any]:
         return {"state": self.state, "registrations": list(self.registrations),
@@ -183,6 +203,11 @@ class CollectorWorker:
         self._metrics = _Metrics(f"{fleet}:{index}")
         self._cv = threading.Condition()
         self._paused = reg["state"] == "paused"
+        # Frame budget (see the module docstring): the registry's answers to batch reports
+        # not read yet, and whether one said the budget is spent.
+        self._budget = bool(reg["budget"])
+        self._budget_spent = bool(reg["budget_spent"])
+        self._answers: list[Any] = []
         self._stopping = False
         self._busy = False
         self._state = "idle"
@@ -278,13 +303,18 @@ class CollectorWorker:
     # -- the loop (its own thread) -----------------------------------------------------
 
     def _loop(self) -> None:
+        # The thread count is OpenMP state of each thread: set in __init__ only, this
+        # thread's first forward pass started a second OpenMP thread that spun between
+        # steps, a whole core (Ray sets OMP_NUM_THREADS=1 for 1-CPU actors, but not for all).
+        torch.set_num_threads(1)
         # One sender thread: batch b travels to the buffer while batch b+1 is collected.
         sender = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"sender-{self.index}")
         in_flight: concurrent.futures.Future | None = None
         try:
             while True:
+                self._read_budget_answers()
                 with self._cv:
-                    halt = self._paused or self._stopping
+                    halt = self._paused or self._stopping or self._budget_spent
                     if not halt:
                         self._busy = True
                     receiver = self._receiver
@@ -301,11 +331,16 @@ class CollectorWorker:
                         self._cv.notify_all()
                         if self._stopping:
                             break
-                        was, self._state = self._state, "paused"
-                    if was != "paused":
+                        halted = "done" if self._budget_spent and not self._paused else "paused"
+                        was, self._state = self._state, halted
+                    if was != halted:
+                        if halted == "done":
+                            log.info("collector %d: the fleet's max_frames is reached; collecting no more",
+                                     self.index)
                         self._report(0.0)
                     with self._cv:
-                        self._cv.wait_for(lambda: not self._paused or self._stopping, timeout=1.0)
+                        self._cv.wait_for(
+                            lambda: self._stopping or not (self._paused or self._budget_spent), timeout=1.0)
                     continue
                 with self._cv:
                     self._state = "running"
@@ -364,5 +399,29 @@ class CollectorWorker:
             self._snapshot = stats
         if batch:
             self._metrics.update(self.collector, fps, self._last_send_s)
-        # Fire and forget: the registry only keeps the latest report.
-        self._registry.report.remote(self.index, stats)
+        # Fire and forget: the registry only keeps the latest report. With a frame
+        # budget, the loop reads the answers of batch reports later, without waiting.
+        answer = self._registry.report.remote(self.index, stats)
+        if batch and self._budget:
+            self._answers.append(answer)
+
+    def _read_budget_answers(self) -> None:
+        """Note a "budget spent" among the registry's answers that already arrived."""
+        if not self._answers:
+            return
+        import ray
+
+        if len(self._answers) > 1:
+            # At most one answer outstanding when a batch starts: that bounds the overrun
+            # (see CollectorFleet's max_frames). The answers are usually long back.
+            ray.wait(self._answers[:-1], num_returns=len(self._answers) - 1, timeout=REGISTRY_TIMEOUT_S)
+        ready, self._answers = ray.wait(self._answers, num_returns=len(self._answers), timeout=0)
+        for ref in ready:
+            try:
+                spent = ray.get(ref)
+            except Exception:  # noqa: BLE001 - a registry gone is the fleet stopping
+                log.warning("collector %d: the fleet registry did not answer a report", self.index)
+                continue
+            if spent:
+                with self._cv:
+                    self._budget_spent = True

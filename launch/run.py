@@ -256,9 +256,12 @@ def run(
         )
         session.client = session.service.client(seed=config.seed)
         phase("replay service")
+        # The fleet holds total_frames by itself: the loop below may be busy (a learner
+        # step, a shard restarting) when the last frames arrive.
         session.fleet = CollectorFleet(
             actor_config, session.client, first_incarnation=first_incarnation,
             placement_group=session.placement.group("collector"),
+            max_frames=max(1, config.run.total_frames - frames_before),
         )
         # Learner and collector actors take seconds each to start (imports, gloo): start
         # the collectors on a helper thread meanwhile, paused from their first moment, so
@@ -431,10 +434,14 @@ class _Session:
                     logger.warning("restarted %d collector actor(s)", restarted)
                 last_health = now
             if learn_start_frames is None:
-                if len(client) < min_rows:
+                rows = len(client)
+                if rows < min_rows:
                     time.sleep(0.1)
                     continue
-                learn_start_frames = self.frames
+                # Pace from the frame that brought the buffer to min_rows, not from now:
+                # the rows past it were collected since (a slow first pass of this loop
+                # let the collectors run on unpaced for thousands of frames).
+                learn_start_frames = self.frames - min(rows - min_rows, self.frames - self.frames_before)
             if ratio is None:
                 self.learner_metrics = group.step(k)
                 continue

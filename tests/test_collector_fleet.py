@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from types import SimpleNamespace
 
@@ -212,6 +213,31 @@ def svc_rows(path, size):
         rb.close()
 
 
+def test_max_frames_stops_the_fleet_by_itself(ray_cluster, tmp_path):
+    """The budget holds with no driver call after start: no pause, stop or stats."""
+    svc = ReplayService.launch("collect-budget", tmp_path, capacity=20_000, detached=False)
+    client = svc.client()
+    fleet = CollectorFleet(run_config("fleet-budget", EnvConfig(num_envs=4)), client, max_frames=1000)
+    batch = 64  # 4 envs x 16 steps
+    try:
+        fleet.start()
+        wait_for(lambda: [c and c["state"] for c in fleet.stats()["collectors"]] == ["done", "done"],
+                 what="both collectors done")
+        stats = fleet.stats()
+        assert stats["max_frames"] == 1000
+        # each collector stops within two batches of the budget being reached
+        assert 1000 <= stats["frames"] < 1000 + 2 * 2 * batch, stats["frames"]
+        assert stats["frames"] % batch == 0
+        # every collected batch was stored: nothing was in flight when they reported done
+        assert len(client) == client.stats()["total"]["total_inserted"] == stats["frames"]
+        fleet.resume()  # resuming does not lift the budget
+        time.sleep(1.0)
+        assert fleet.stats()["frames"] == len(client) == stats["frames"]
+    finally:
+        fleet.stop()
+        ReplayService.shutdown("collect-budget", delete=True)
+
+
 def test_object_store_receiver_can_be_attached_again(cartpole):
     fleet, _ = cartpole
     with pytest.raises(ValueError, match=r"weight receiver kind 'carrier-pigeon': must be one of \['object_store', 'distributed'\]"):
@@ -263,6 +289,9 @@ def test_bad_input_is_refused_before_any_actor_starts(ray_cluster):
             CollectorFleet(config, "no-buffer-needed")
     with pytest.raises(ValueError, match=r"first_incarnation = 65536: must be an int in \[0, 65536\)"):
         CollectorFleet(run_config("bad-inc", EnvConfig()), "no-buffer-needed", first_incarnation=2**16)
+    for bad in (0, -5, 2.5, True, "1000"):
+        with pytest.raises(ValueError, match=rf"max_frames = {re.escape(repr(bad))}: must be an int >= 1"):
+            CollectorFleet(run_config("bad-budget", EnvConfig()), "no-buffer-needed", max_frames=bad)
     names = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
     assert not any(n.startswith(("rlfleet:bad-", "rlfleet:bad")) for n in names)
     with pytest.raises(ValueError, match=r"env.num_envs = 0: must be an integer >= 1"):

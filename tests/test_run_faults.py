@@ -232,7 +232,10 @@ def test_a_dead_collector_and_shard_are_restarted_and_the_run_completes(
     code = run.wait()
     assert code == 0, run.output()
     summary = summary_of(run_dir)
-    assert summary["stop_reason"] == "total_frames" and summary["frames"] >= 8000, summary
+    assert summary["stop_reason"] == "total_frames", summary
+    # the fleet holds total_frames by itself, however long the driver waits on the restarting
+    # shard: each of the 2 collectors stops within two 128-frame batches of it
+    assert 8000 <= summary["frames"] < 8000 + 2 * 2 * 128, summary
     assert summary["learner_steps"] > 0
     # each restart counted once, in the summary and in the metrics
     assert (summary["restarts"], summary["shard_restarts"]) == (1, 1), summary

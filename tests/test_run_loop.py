@@ -20,8 +20,9 @@ from rlfleet.launch.rundir import RunDir
 class FakeFleet:
     """Makes ``frames_per_poll`` frames at each ``stats()`` unless paused."""
 
-    def __init__(self, frames_per_poll: int, returns_per_poll: list[float] | None = None) -> None:
-        self.frames = 0
+    def __init__(self, frames_per_poll: int, returns_per_poll: list[float] | None = None,
+                 first_poll_frames: int = 0) -> None:
+        self.frames = first_poll_frames
         self.frames_per_poll = frames_per_poll
         self.paused = False
         self.pauses = 0
@@ -110,6 +111,25 @@ def test_paced_loop_takes_turns_and_keeps_the_step_ratio(tmp_path):
     assert records[-1]["frames"] == session.frames
     assert records[-1]["learner/steps"] == session.group.steps
     assert session.run_dir.read_metrics()[-1]["frames"] == session.frames
+
+
+def test_pacing_counts_from_min_rows_when_the_loop_notices_them_late(tmp_path):
+    # The collectors ran unpaced while the loop's first pass was busy: 3000 frames by its
+    # first poll. The learners still owe one step per frame since row 256.
+    fleet = FakeFleet(frames_per_poll=64, first_poll_frames=3000)
+    session, _ = _session(
+        tmp_path,
+        "buffer: {rate_limiter: {min_size_to_sample: 256}}\n"
+        "run: {total_frames: 8000, learner_steps_per_frame: 1.0, steps_per_iteration: 50, log_every_s: 0.001}",
+        fleet,
+    )
+    session.loop()
+    assert session.stop_reason == "total_frames"
+    expected = session.frames - 256
+    assert expected - 64 <= session.group.steps <= expected
+    # the debt of the late start was paid with the collectors paused
+    assert session.group.calls[:5] == [50] * 5
+    assert session.group.paused_during_steps == [True] * len(session.group.calls)
 
 
 def test_unpaced_loop_steps_in_fixed_chunks_and_stops_at_the_target_return(tmp_path):

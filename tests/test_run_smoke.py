@@ -83,7 +83,8 @@ def test_smoke_run_leaves_a_complete_run_directory(smoke_run):
     assert (run_dir / "buffer" / "shard-0" / "meta.json").is_file()
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["stop_reason"] == "total_frames"
-    assert summary["frames"] >= 6000
+    # one collector of 128-frame batches: the fleet's budget stops it within two of them
+    assert 6000 <= summary["frames"] < 6000 + 2 * 128, summary
     assert summary["learner_steps"] > 0
     assert "run finished" in out and "stopped by" in out
 
@@ -165,7 +166,7 @@ def test_ctrl_c_stops_cleanly_and_resume_continues_the_run(tmp_path):
     assert proc.returncode == 0, out
     second = json.loads((run_dir / "summary.json").read_text())
     assert second["stop_reason"] == "total_frames"
-    assert second["frames"] >= target
+    assert target <= second["frames"] < target + 2 * 128, second
     assert second["learner_steps"] > first["learner_steps"]
     with ReplayBuffer.open(run_dir / "buffer" / "shard-0") as rb:
         assert rb.total_inserted >= target
