@@ -411,11 +411,11 @@ class CollectorWorker:
             return
         import ray
 
-        if len(self._answers) > 1:
-            # At most one answer outstanding when a batch starts: that bounds the overrun
-            # (see CollectorFleet's max_frames). The answers are usually long back.
-            ray.wait(self._answers[:-1], num_returns=len(self._answers) - 1, timeout=REGISTRY_TIMEOUT_S)
-        ready, self._answers = ray.wait(self._answers, num_returns=len(self._answers), timeout=0)
+        # At most one answer may still be travelling when a batch starts: that bounds the
+        # overrun (see CollectorFleet's max_frames). The older ones are usually long back.
+        n = len(self._answers)
+        ready, self._answers = ray.wait(self._answers, num_returns=max(1, n - 1),
+                                        timeout=REGISTRY_TIMEOUT_S if n > 1 else 0)
         for ref in ready:
             try:
                 spent = ray.get(ref)
