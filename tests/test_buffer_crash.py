@@ -245,5 +245,8 @@ def test_sigkill_many_trials(tmp_path, capsys, sampler, durability, trials):
                    capacity=1000, seed=2, drop_cache=drop)
     report(capsys, f"{sampler}, {durability}", f, drop)
     check_figures(f, trials)
-    if durability == "process":  # with fsync the msync of extend takes nearly all the time
+    # Only the prioritized sampler writes in update_priority (the others check the
+    # arguments and return), and with fsync the msync of extend takes nearly all the time:
+    # elsewhere a kill inside update_priority is luck (0 of 100 sequence trials once).
+    if sampler == "prioritized" and durability == "process":
         assert f.kills_mid_update >= 1
