@@ -12,6 +12,8 @@ The loop paces learning when ``run.learner_steps_per_frame`` is set: collectors 
 learners take turns (the collectors are paused while the learners take the steps the
 new frames paid for), so the ratio is exact to one collector batch and a run's result
 does not depend on how the machine's cores are shared between collecting and learning.
+A run that stops at ``total_frames`` first takes the learner steps its last frames paid
+for, so it ends with ``ratio x (frames - the frame that filled the buffer)`` steps.
 Turns give up overlap; to overlap collecting and learning with a bounded ratio, leave it
 unset and use the buffer's rate limiter (``buffer.rate_limiter.samples_per_insert``).
 
@@ -419,6 +421,20 @@ class _Session:
                 reason = "interrupted"
             else:
                 reason = should_stop(self.frames, recent, now)
+            # With pacing, a run that reached total_frames still owes the learner steps its
+            # last frames paid for (the collectors hold the frame budget themselves and can
+            # reach it between two polls): take them before stopping, within time_limit_s,
+            # with the collectors paused (they may overshoot the budget by a batch or two).
+            if reason == "total_frames" and ratio is not None:
+                if learn_start_frames is None and len(client) >= min_rows:
+                    learn_start_frames = self._learn_start(len(client), min_rows)
+                owed = 0.0
+                if learn_start_frames is not None:
+                    owed = ratio * (self.frames - learn_start_frames) - steps_this_session
+                if owed >= 1 and now - self.started < section.time_limit_s:
+                    reason = None
+                elif owed >= 1:
+                    logger.warning("time_limit_s reached: the learners stop %d steps short of the pacing", int(owed))
             if now - last_log >= section.log_every_s or reason:
                 fps = (self.frames - last_frames) / max(now - last_time, 1e-9) if last_log else 0.0
                 last_frames, last_time = self.frames, now
@@ -438,10 +454,7 @@ class _Session:
                 if rows < min_rows:
                     time.sleep(0.1)
                     continue
-                # Pace from the frame that brought the buffer to min_rows, not from now:
-                # the rows past it were collected since (a slow first pass of this loop
-                # let the collectors run on unpaced for thousands of frames).
-                learn_start_frames = self.frames - min(rows - min_rows, self.frames - self.frames_before)
+                learn_start_frames = self._learn_start(rows, min_rows)
             if ratio is None:
                 self.learner_metrics = group.step(k)
                 continue
@@ -462,6 +475,15 @@ class _Session:
                     fleet.resume()
                     paused = False
                 time.sleep(0.02)
+
+    def _learn_start(self, rows: int, min_rows: int) -> int:
+        """The frame that brought the buffer to ``min_rows``, where pacing counts from.
+
+        Not the frame the loop first saw them at: the rows past ``min_rows`` were collected
+        since (a slow first pass of the loop lets the collectors run on unpaced for
+        thousands of frames).
+        """
+        return self.frames - min(rows - min_rows, self.frames - self.frames_before)
 
     def log(self, fps: float) -> None:
         """Append one metrics record and show it."""

@@ -100,10 +100,10 @@ def test_paced_loop_takes_turns_and_keeps_the_step_ratio(tmp_path):
     session.loop()
     assert session.stop_reason == "total_frames"
     assert session.frames >= 20000
-    # Learning starts at the first poll with 256 rows (frame 256): steps track frames since,
-    # to within the frames of the last poll.
+    # Learning starts at the first poll with 256 rows (frame 256); at total_frames the
+    # learners take the steps the last frames paid for: one per frame since.
     expected = session.frames - 256
-    assert expected - 64 <= session.group.steps <= expected
+    assert session.group.steps == expected
     assert max(session.group.calls) == 50
     # Turns: the learner only stepped while the collectors were paused.
     assert session.group.paused_during_steps == [True] * len(session.group.calls)
@@ -125,11 +125,44 @@ def test_pacing_counts_from_min_rows_when_the_loop_notices_them_late(tmp_path):
     )
     session.loop()
     assert session.stop_reason == "total_frames"
-    expected = session.frames - 256
-    assert expected - 64 <= session.group.steps <= expected
+    assert session.group.steps == session.frames - 256
     # the debt of the late start was paid with the collectors paused
     assert session.group.calls[:5] == [50] * 5
     assert session.group.paused_during_steps == [True] * len(session.group.calls)
+
+
+def test_a_run_that_reaches_total_frames_between_polls_still_takes_the_steps_they_paid_for(tmp_path):
+    # The collectors hold the frame budget themselves: all 8000 frames arrive before the
+    # loop's first poll (a resumed run with a small target, fast collectors).
+    fleet = FakeFleet(frames_per_poll=0, first_poll_frames=8000)
+    session, records = _session(
+        tmp_path,
+        "buffer: {rate_limiter: {min_size_to_sample: 256}}\n"
+        "run: {total_frames: 8000, learner_steps_per_frame: 0.5, steps_per_iteration: 50, log_every_s: 0.001}",
+        fleet,
+    )
+    session.loop()
+    assert session.stop_reason == "total_frames"
+    assert session.group.steps == (8000 - 256) // 2
+    assert set(session.group.calls[:-1]) == {50}
+    assert fleet.pauses == 1 and fleet.paused  # no frames past the budget while the learners finish
+    assert records[-1]["learner/steps"] == (8000 - 256) // 2
+
+
+def test_the_time_limit_cuts_the_last_learner_steps_short_with_a_warning(tmp_path, caplog):
+    fleet = FakeFleet(frames_per_poll=0, first_poll_frames=8000)
+    session, _ = _session(
+        tmp_path,
+        "buffer: {rate_limiter: {min_size_to_sample: 256}}\n"
+        "run: {total_frames: 8000, learner_steps_per_frame: 0.5, time_limit_s: 5}",
+        fleet,
+    )
+    session.started -= 10.0
+    with caplog.at_level("WARNING", logger="rlfleet.launch.run"):
+        session.loop()
+    assert session.stop_reason == "total_frames"
+    assert session.group.calls == []
+    assert "time_limit_s reached: the learners stop 3872 steps short of the pacing" in caplog.text
 
 
 def test_unpaced_loop_steps_in_fixed_chunks_and_stops_at_the_target_return(tmp_path):

@@ -85,7 +85,10 @@ def test_smoke_run_leaves_a_complete_run_directory(smoke_run):
     assert summary["stop_reason"] == "total_frames"
     # one collector of 128-frame batches: the fleet's budget stops it within two of them
     assert 6000 <= summary["frames"] < 6000 + 2 * 128, summary
-    assert summary["learner_steps"] > 0
+    # learner_steps_per_frame=0.25 counts from the frame that brought the buffer to its 500
+    # rows (the first 128-frame batch past them, at the latest), and a run that reaches
+    # total_frames takes every step its frames paid for before it stops
+    assert 0.25 * (summary["frames"] - 500 - 128) - 1 <= summary["learner_steps"] <= 0.25 * summary["frames"], summary
     assert "run finished" in out and "stopped by" in out
 
 
