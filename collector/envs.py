@@ -208,8 +208,9 @@ class VectorStepper:
         """One step of every env.
 
         Args:
-            actions: K actions: a list of Python ints for ``Discrete`` spaces (as a bare
-                env loop passes them), else an array ``[K, ...]``.
+            actions: K actions: a list of scalars for ``Discrete`` spaces (the
+                collector passes NumPy int64, which envs check fastest), else an array
+                ``[K, ...]``.
             next_obs: ``[K, *obs_shape]``, filled with each env's observation after the
                 action: the true final observation where the episode ended.
 

@@ -44,7 +44,9 @@ def bare_env_fps(num_envs: int, seconds: float, seed: int = 0) -> float:
     envs = [gymnasium.make(ENV_ID) for _ in range(num_envs)]
     for j, env in enumerate(envs):
         env.reset(seed=seed + j)
-    actions = np.random.default_rng(seed).integers(0, 2, (4096, num_envs)).tolist()
+    # rows of NumPy int64 scalars, what action_space.sample() gives: CartPole checks them
+    # faster than Python ints (Discrete.contains), so this is the faster bare loop
+    actions = [list(row) for row in np.random.default_rng(seed).integers(0, 2, (4096, num_envs))]
     frames, steps = 0, 0
     t0 = time.perf_counter()
     while True:
