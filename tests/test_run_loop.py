@@ -89,14 +89,16 @@ def _session(tmp_path, text: str, fleet: FakeFleet, stop_event: threading.Event 
     return session, records
 
 
+def _paced_session(tmp_path, fleet: FakeFleet, total_frames: int, ratio: float, run_extra: str = ""):
+    """A session pacing ``ratio`` learner steps per frame, learning from row 256."""
+    run = f"total_frames: {total_frames}, learner_steps_per_frame: {ratio}, "
+    run += run_extra or "steps_per_iteration: 50, log_every_s: 0.001"
+    return _session(tmp_path, "buffer: {rate_limiter: {min_size_to_sample: 256}}\n" f"run: {{{run}}}", fleet)
+
+
 def test_paced_loop_takes_turns_and_keeps_the_step_ratio(tmp_path):
     fleet = FakeFleet(frames_per_poll=64)
-    session, records = _session(
-        tmp_path,
-        "buffer: {rate_limiter: {min_size_to_sample: 256}}\n"
-        "run: {total_frames: 20000, learner_steps_per_frame: 1.0, steps_per_iteration: 50, log_every_s: 0.001}",
-        fleet,
-    )
+    session, records = _paced_session(tmp_path, fleet, 20000, 1.0)
     session.loop()
     assert session.stop_reason == "total_frames"
     assert session.frames >= 20000
@@ -117,12 +119,7 @@ def test_pacing_counts_from_min_rows_when_the_loop_notices_them_late(tmp_path):
     # The collectors ran unpaced while the loop's first pass was busy: 3000 frames by its
     # first poll. The learners still owe one step per frame since row 256.
     fleet = FakeFleet(frames_per_poll=64, first_poll_frames=3000)
-    session, _ = _session(
-        tmp_path,
-        "buffer: {rate_limiter: {min_size_to_sample: 256}}\n"
-        "run: {total_frames: 8000, learner_steps_per_frame: 1.0, steps_per_iteration: 50, log_every_s: 0.001}",
-        fleet,
-    )
+    session, _ = _paced_session(tmp_path, fleet, 8000, 1.0)
     session.loop()
     assert session.stop_reason == "total_frames"
     assert session.group.steps == session.frames - 256
@@ -135,12 +132,7 @@ def test_a_run_that_reaches_total_frames_between_polls_still_takes_the_steps_the
     # The collectors hold the frame budget themselves: all 8000 frames arrive before the
     # loop's first poll (a resumed run with a small target, fast collectors).
     fleet = FakeFleet(frames_per_poll=0, first_poll_frames=8000)
-    session, records = _session(
-        tmp_path,
-        "buffer: {rate_limiter: {min_size_to_sample: 256}}\n"
-        "run: {total_frames: 8000, learner_steps_per_frame: 0.5, steps_per_iteration: 50, log_every_s: 0.001}",
-        fleet,
-    )
+    session, records = _paced_session(tmp_path, fleet, 8000, 0.5)
     session.loop()
     assert session.stop_reason == "total_frames"
     assert session.group.steps == (8000 - 256) // 2
@@ -151,12 +143,7 @@ def test_a_run_that_reaches_total_frames_between_polls_still_takes_the_steps_the
 
 def test_the_time_limit_cuts_the_last_learner_steps_short_with_a_warning(tmp_path, caplog):
     fleet = FakeFleet(frames_per_poll=0, first_poll_frames=8000)
-    session, _ = _session(
-        tmp_path,
-        "buffer: {rate_limiter: {min_size_to_sample: 256}}\n"
-        "run: {total_frames: 8000, learner_steps_per_frame: 0.5, time_limit_s: 5}",
-        fleet,
-    )
+    session, _ = _paced_session(tmp_path, fleet, 8000, 0.5, "time_limit_s: 5")
     session.started -= 10.0
     with caplog.at_level("WARNING", logger="rlfleet.launch.run"):
         session.loop()
