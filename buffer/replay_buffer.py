@@ -262,6 +262,7 @@ class ReplayBuffer:
         self._columns = columns
         self._views = columns.views
         self._layout = [(key, v, v.shape[1:], v.dtype) for key, v in self._views.items()]
+        self._sampler.bind_columns(self._views)
         self._schema = schema
         self._reserved = min(self._capacity, self._end)
 
@@ -537,8 +538,7 @@ class ReplayBuffer:
             want = n - got
             idx, _, size, total, start = self._draw(want + want // 4 + 4)
             first_start = start if first_start is None else first_start
-            ok = self._sampler.accept(idx, self._read_column)
-            kept.append(idx[ok])
+            kept.append(self._sampler.keep(idx, want, self._read_column))
             got += len(kept[-1])
             if got >= n:
                 # the oldest window start of the rounds: rows it held may since be evicted

@@ -2,13 +2,13 @@
 
 Every sampler works on global row indices (row ``i`` lives in slot ``i % capacity``)
 and sees the window ``[start, end)`` the buffer hands it. The buffer calls every method
-under its lock except ``accept``, which runs after the lock is released and may read
+under its lock except ``keep``, which runs after the lock is released and may read
 row data (the sequence sampler checks episode boundaries there). The loop that calls
 them, in ``ReplayBuffer.sample_arrays``::
 
     with lock:   idx, extra = sampler.draw(n, start, end, rng)
-    ok = sampler.accept(idx, columns)          # no lock: reads rows
-    copy rows of idx[ok]                      # no lock
+    idx = sampler.keep(idx, n, columns)       # no lock: reads rows
+    copy rows of idx                          # no lock
     with lock:   redraw rows evicted meanwhile (idx < start) or rejected
 
 ``evict`` and ``commit`` keep per-row state (priorities, epochs) in step with writes.
@@ -16,10 +16,12 @@ them, in ``ReplayBuffer.sample_arrays``::
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Mapping
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -94,7 +96,7 @@ class Sampler:
 
     type = "uniform"
     sequence_length: int | None = None
-    rejects = False  # True when ``accept`` may turn rows down (rejection sampling)
+    rejects = False  # True when ``keep`` may turn rows down (rejection sampling)
 
     def __init__(self, spec: dict[str, Any]) -> None:
         self.spec = spec
@@ -104,6 +106,9 @@ class Sampler:
              max_priority: float) -> None:
         """Attach to a shard whose storage now exists (schema known)."""
         self.capacity = capacity
+
+    def bind_columns(self, views: Mapping[tuple[str, ...], np.ndarray]) -> None:
+        """The shard's data columns (``[capacity, *shape]`` each) are mapped."""
 
     def check_schema(self, schema: Mapping[tuple[str, ...], Any]) -> None:
         """Raise ``ValueError`` if the schema lacks what this sampler reads."""
@@ -120,9 +125,10 @@ class Sampler:
         sampling probability mass of each row (prioritized) or None."""
         return uniform_indices(rng, n, start, end), None
 
-    def accept(self, idx: np.ndarray, read: Any) -> np.ndarray | None:
-        """Which drawn rows are acceptable after reading them (bool ``[n]``); None: all."""
-        return None
+    def keep(self, idx: np.ndarray, want: int, read: Any) -> np.ndarray:
+        """The drawn rows that are acceptable after reading them, in draw order (at
+        least the first ``want`` of them; ``read(key, idx)`` gathers a column)."""
+        return idx
 
     def update(self, idx: np.ndarray, priority: np.ndarray, start: int, end: int, limit: float) -> float | None:
         """Store new priorities (``[n]`` each, n >= 1) of indices in the window
@@ -282,6 +288,8 @@ class SequenceSampler(Sampler):
     ``step`` rises by exactly 1 along it. Starts are drawn uniformly from the window
     (so the cost does not depend on the buffer's size) and rejected ones redrawn; a slice
     never reaches past ``end`` (the write cursor) or before ``start`` (overwritten rows).
+    With numba the check runs compiled and prefetches every row the sample will copy
+    (``sequence_kernels``); without it, as numpy gathers (``accept``).
     """
 
     type = "sequence"
@@ -290,6 +298,19 @@ class SequenceSampler(Sampler):
     def __init__(self, spec: dict[str, Any]) -> None:
         super().__init__(spec)
         self.sequence_length = int(spec["length"])
+        self._picker: tuple | None = None  # the compiled path's arguments, once columns exist
+
+    def bind_columns(self, views: Mapping[tuple[str, ...], np.ndarray]) -> None:
+        kernels = _sequence_kernels()
+        if kernels is None:
+            self._picker = None
+            return
+        keys = list(views)
+        # every column as flat bytes, for the prefetch; the two the check reads as int64
+        flat = tuple(v.reshape(len(v), -1).view(np.uint8).reshape(-1) for v in views.values())
+        row_bytes = np.array([v.strides[0] for v in views.values()], dtype=np.int64)
+        self._picker = (kernels.pick_slices, views[EPISODE_KEY], views[STEP_KEY], flat, row_bytes,
+                        keys.index(EPISODE_KEY), keys.index(STEP_KEY))
 
     def check_schema(self, schema: Mapping[tuple[str, ...], Any]) -> None:
         for key in (EPISODE_KEY, STEP_KEY):
@@ -310,12 +331,37 @@ class SequenceSampler(Sampler):
         starts = uniform_indices(rng, n, start, end - length + 1)
         return starts[:, None] + np.arange(length, dtype=np.int64), None
 
-    def accept(self, idx: np.ndarray, read: Any) -> np.ndarray | None:
+    def keep(self, idx: np.ndarray, want: int, read: Any) -> np.ndarray:
+        if self._picker is None:
+            return idx[self.accept(idx, read)]
+        pick, episode, step, flat, row_bytes, episode_col, step_col = self._picker
+        starts = np.ascontiguousarray(idx[:, 0])
+        out = np.empty(min(want, len(starts)), dtype=np.int64)
+        got = pick(episode, step, flat, row_bytes, episode_col, step_col, starts,
+                   self.sequence_length, self.capacity, out)
+        return out[:got, None] + np.arange(self.sequence_length, dtype=np.int64)
+
+    def close(self) -> None:
+        self._picker = None
+
+    def accept(self, idx: np.ndarray, read: Any) -> np.ndarray:
+        """Bool ``[n]``: which slices ``idx`` (``[n, L]``) pass the check (numpy path)."""
         episode = read(EPISODE_KEY, idx)
         step = read(STEP_KEY, idx)
         same = (episode == episode[:, :1]).all(axis=1)
         rising = (np.diff(step, axis=1) == 1).all(axis=1)
         return same & rising
+
+
+@functools.cache
+def _sequence_kernels() -> ModuleType | None:
+    """The compiled slice picker, or None (warned about once per process) without numba."""
+    try:
+        from rlfleet.buffer import sequence_kernels
+    except ImportError as exc:  # numba missing or broken on this platform
+        logger.warning("numba unavailable (%s); the sequence sampler uses the slower numpy check", exc)
+        return None
+    return sequence_kernels
 
 
 def uniform_indices(rng: np.random.Generator, n: int, lo: int, hi: int) -> np.ndarray:

@@ -162,6 +162,42 @@ def test_sequences_stay_inside_one_episode(tmp_path):
             assert int(idx.max()) < rb.total_inserted
 
 
+def test_compiled_and_numpy_sequence_checks_keep_the_same_slices(tmp_path):
+    """The numba slice picker (the default) and the numpy check agree on every start of a
+    wrapped ring, including slices across the ring's end and across a step hole."""
+    length, capacity = 4, 97
+    rng = np.random.default_rng(5)
+    with ReplayBuffer.create(tmp_path / "b", capacity=capacity, sampler={"type": "sequence", "length": length}) as rb:
+        row, episode = 0, 0
+        lap_end = 3 * capacity  # global row 291 sits in slot 0: the ring's end is between
+        while row < lap_end + 30:
+            lengths = rng.integers(1, 14, size=6).tolist()
+            if row < lap_end - 10 <= row + sum(lengths):
+                lengths = [lap_end - 10 - row, 25, 12]  # an episode across the ring's end
+            batch = episodes(lengths, row, episode)
+            if lengths[-1] == 12 and len(lengths) == 3:
+                batch["step"][-5:] += 1  # a hole: steps 0 .. 6, 8 .. 12 of one episode
+            rb.extend(batch)
+            row += len(batch)
+            episode += len(lengths)
+        sampler = rb._sampler
+        assert sampler._picker is not None  # numba is a dependency: the compiled path runs
+        start = rb.total_inserted - len(rb)
+        idx = np.arange(start, rb.total_inserted - length + 1)[:, None] + np.arange(length)
+        by_numpy = idx[sampler.accept(idx, rb._read_column)]
+        compiled = sampler.keep(idx, len(idx), rb._read_column)
+        assert np.array_equal(compiled, by_numpy)
+        assert 0 < len(compiled) < len(idx)
+        hole_first = lap_end + 15 + 7  # the row after step 6 of the last episode
+        assert not np.isin(np.arange(hole_first - 3, hole_first), compiled[:, 0]).any()
+        assert np.isin([hole_first - 4, hole_first], compiled[:, 0]).all()
+        wraps = (compiled[:, 0] % capacity) > capacity - length
+        assert wraps.any(), "no kept slice crosses the ring's end: the case is not covered"
+        assert np.array_equal(sampler.keep(idx, 5, rb._read_column), by_numpy[:5])
+        sampler._picker = None  # the path a machine without numba takes
+        assert np.array_equal(sampler.keep(idx, len(idx), rb._read_column), by_numpy)
+
+
 def test_sequence_errors(tmp_path):
     with ReplayBuffer.create(tmp_path / "b", capacity=50, sampler={"type": "sequence", "length": 4}) as rb:
         with pytest.raises(SchemaMismatch, match=r"sampler 'sequence' needs key 'episode_id'"):
