@@ -163,6 +163,28 @@ def test_epsilon_schedule_and_random_phase():
         c.close()
 
 
+def test_epsilon_greedy_action_frequencies():
+    """Epsilon 0.3 over Discrete(3, start=1) with a policy that always prefers action 2:
+    2 with probability 0.7 + 0.3 / 3, actions 1 and 3 with 0.1 each (chi-square, p=0.001)."""
+    import gymnasium
+    import numpy as np
+
+    from rlfleet.collector.exploration import Explorer
+
+    explorer = Explorer(ExplorationConfig(start=0.3, end=0.3, frames=0), gymnasium.spaces.Discrete(3, start=1),
+                        num_envs=64, init_random_frames=0, seed=11)
+    q = torch.tensor([[0.0, 1.0, 0.5]]).expand(64, 3)
+    actions = np.concatenate([explorer.act(lambda obs: q, torch.zeros(64, 4), 100) for _ in range(500)])
+    assert actions.dtype == np.int64 and actions.shape == (32_000,)
+    counts = np.array([(actions == a).sum() for a in (1, 2, 3)])
+    assert counts.sum() == 32_000
+    expected = np.array([0.1, 0.8, 0.1]) * 32_000
+    assert ((counts - expected) ** 2 / expected).sum() < 13.82, counts  # 2 degrees of freedom
+    greedy_only = Explorer(ExplorationConfig(type="greedy"), gymnasium.spaces.Discrete(3, start=1),
+                           num_envs=64, init_random_frames=0, seed=11)
+    assert (greedy_only.act(lambda obs: q, torch.zeros(64, 4), 100) == 2).all()
+
+
 @pytest.mark.parametrize("kind", ["gaussian", "sample"])
 def test_box_actions_stay_in_bounds(kind):
     sink = ListSink()
