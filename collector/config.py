@@ -125,6 +125,11 @@ class CollectorConfig:
         num_gpus: Ray GPU share reserved per actor (e.g. ``0.25``); needs a cuda device.
         init_random_frames: Frames per actor with uniform random actions before the policy acts.
         exploration: Exploration after the random frames.
+        report_interval_s: How often, at most, each actor sends its counters (frames,
+            returns, timings) to the fleet while it collects; 0: after every batch. Each
+            report is a Ray call, and at one per 1024-frame batch they cost a fast fleet
+            about a fifth of its frames; ``fleet.stats()`` lags by at most this much (a
+            paced ``rlfleet run`` reads frames to take turns, and reports every batch).
     """
 
     num_workers: int = 2
@@ -133,9 +138,11 @@ class CollectorConfig:
     num_gpus: float = 0
     init_random_frames: int = 5000
     exploration: ExplorationConfig = field(default_factory=ExplorationConfig)
+    report_interval_s: float = 0.25
 
     def __post_init__(self) -> None:
         _check_int("collector", "num_workers", self.num_workers, 1)
+        _check_number("collector", "report_interval_s", self.report_interval_s, 0.0, 60.0)
         _check_int("collector", "frames_per_batch", self.frames_per_batch, 1)
         _check_number("collector", "num_gpus", self.num_gpus, 0.0)
         _check_int("collector", "init_random_frames", self.init_random_frames, 0)

@@ -65,11 +65,13 @@ class CollectorFleet:
             ``RunConfig`` is one).
         buffer: The replay service's ``BufferClient`` or its name.
         first_incarnation: Where collector incarnations (episode id bits) start.
-        max_frames: The fleet's frame budget: once its collectors together gathered this
-            many frames, each stops collecting (state ``done``) within two batches, so
-            the fleet ends below ``max_frames + 2 * num_workers * frames_per_batch``
-            frames. It holds without the driver's help: a busy driver cannot let the
-            fleet overrun a run's ``total_frames``. None: no budget.
+        max_frames: The fleet's frame budget: its collectors collect only batches the
+            fleet's registry granted, and it grants whole batches until they cover this
+            many frames; then each collector stops (state ``done``). The fleet ends
+            with ``max_frames`` rounded up to a whole batch (fewer if it is stopped
+            first; a killed collector can add up to one report interval of frames). It
+            holds without the driver's help: a busy driver cannot let the fleet overrun
+            a run's ``total_frames``. None: no budget.
         placement_group: A Ray placement group with one bundle per collector
             (collector ``i`` runs in bundle ``i``, also when restarted); None: the
             actors are spread over the nodes without a reservation.

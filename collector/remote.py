@@ -4,28 +4,34 @@
   and runs its loop in a background thread, so control calls (pause, status, attach a
   weight receiver) are served while it collects. Between batches the loop applies the
   newest weights from its receiver (asking at most every ``WEIGHTS_POLL_S``), then
-  collects a batch, sends it, and reports its counters to the registry; a second
-  thread sends each batch while the next one is collected. Runs with
-  ``max_concurrency > 1``: every method is thread-safe; the loop thread drives the
-  ``Collector`` and the sender thread only calls its ``send``.
+  collects a batch, sends it, and reports its counters to the registry (at most every
+  ``collector.report_interval_s``, and whenever it halts); a second thread sends each
+  batch while the next one is collected. Runs with ``max_concurrency > 1``: every
+  method is thread-safe; the loop thread drives the ``Collector`` and the sender thread
+  only calls its ``send``.
 - ``FleetRegistry`` (actor ``rlfleet:<fleet>:collectors``): the fleet's memory, which
   outlives any collector: the run state (running / paused / stopped), the newest weights
   (an object-store reference), the weight receiver every collector must build, each
   collector's latest counters, how often each collector index registered, and the
   fleet's frame budget (``max_frames``).
 
-Frame budget: with ``max_frames`` set, the registry answers each batch report with
-whether the fleet's frames reached it. A worker reads those answers between batches and
-stops collecting (state ``done``) at the first "reached"; it starts a batch only when
-at most the answer to its last report is still travelling. So the budget holds whatever
-the driver is doing (stuck on a restarting shard, say, it cannot stop the collectors in
-time), and the fleet stops below ``max_frames + 2 * M * batch`` frames.
+Frame budget: with ``max_frames`` set, a worker collects only batches the registry
+granted it. It asks for a grant (``FleetRegistry.grant``) when it has used the last one,
+for about ``GRANT_S`` of batches at its current rate; the registry hands out whole
+batches until ``max_frames`` is covered, sharing the last ones out evenly, then answers
+0 and the worker stops (state ``done``). So the budget holds whatever the driver is
+doing (stuck on a restarting shard, say, it cannot stop the collectors in time), the
+fleet ends with ``max_frames`` rounded up to a whole batch, and it costs a Ray call per
+``GRANT_S`` instead of one per batch.
 
 Restarts: a worker registers when it is constructed, including when Ray reconstructs it
 after a crash (``max_restarts``). The registration number is its *incarnation*, part of
 every episode id it hands out; it also gets the frames its index already collected (so
 the random phase and the epsilon schedule continue) and, if the fleet is running,
 starts its loop by itself. A restarted worker therefore needs nobody to restart it.
+The frames come from the last report, so after a kill they can lag the rows the worker
+had sent by up to one report interval (exact with ``report_interval_s=0``), and the
+part of its grant the registry takes back counts those frames as unused.
 """
 
 from __future__ import annotations
@@ -56,9 +62,10 @@ STATES = ("created", "running", "paused", "stopped")
 # loop not started), "starting", "done" (the fleet's max_frames was reached), "failed".
 # A worker collects a 1024-frame CartPole batch in about 25 ms. Asking the registry for
 # new weights after every batch was a blocking Ray round trip per batch; at most this
-# often instead. (Reports stay one per batch: a restarted worker resumes from the last
-# one, so its frame count stays exact to a batch.)
+# often instead.
 WEIGHTS_POLL_S = 0.1
+# With a frame budget, a worker asks for about this many seconds of batches at a time.
+GRANT_S = 0.25
 # The sender thread needs the GIL for a few short stretches per batch; with Python's
 # default 5 ms switch interval each one waited for the stepping loop to yield, and the
 # loop then waited for the send (1 actor x 32 envs: 0.43 -> 0.52 of the ceiling).
@@ -85,6 +92,9 @@ class FleetRegistry:
         self.receiver: tuple[str, dict[str, Any]] = ("object_store", {"fleet": fleet})
         self.registrations = [0] * num_collectors
         self.reports: list[dict[str, Any] | None] = [None] * num_collectors
+        # frames granted to each collector index (all its incarnations), and in all
+        self.granted = [0] * num_collectors
+        self.allocated = 0
         # episodes finished by earlier incarnations of each index
         self.carried_episodes = [0] * num_collectors
 
@@ -100,6 +110,10 @@ class FleetRegistry:
         if last is not None:
             start_frames = int(last["frames"])
             self.carried_episodes[index] += int(last["episodes"])
+            # What the old incarnation was granted past its last report goes back.
+            unused = max(0, self.granted[index] - start_frames)
+            self.granted[index] -= unused
+            self.allocated -= unused
             # Frames stay visible until the new incarnation reports (it starts from them).
             self.reports[index] = {**last, "episodes": 0, "recent_returns": [], "recent_lengths": [],
                                    "frames_per_s": 0.0, "state": "restarting"}
@@ -128,15 +142,29 @@ class FleetRegistry:
     def set_receiver(self, kind: str, kwargs: dict[str, Any]) -> None:
         self.receiver = (kind, dict(kwargs))
 
-    def report(self, index: int, stats: dict[str, Any]) -> bool:
-        """Keep a worker's latest counters; True once the fleet spent its frame budget."""
+    def report(self, index: int, stats: dict[str, Any]) -> None:
+        """Keep a worker's latest counters."""
         self.reports[index] = stats
-        return self.budget_spent()
+
+    def grant(self, index: int, batches: int, batch_frames: int) -> int:
+        """How many of the ``batches`` batches (``batch_frames`` frames each) collector
+        ``index`` asks for it may collect: all of them while the budget lasts, an even
+        share of the batches left near its end, 0 once it is covered (or without one,
+        all)."""
+        if self.max_frames is None:
+            return batches
+        left = self.max_frames - self.allocated
+        if left <= 0:
+            return 0
+        left_batches = -(-left // batch_frames)
+        n = min(batches, max(1, left_batches // len(self.granted)))
+        self.granted[index] += n * batch_frames
+        self.allocated += n * batch_frames
+        return n
 
     def budget_spent(self) -> bool:
-        if self.max_frames is None:
-            return False
-        return sum(int(r["frames"]) for r in self.reports if r is not None) >= self.max_frames
+        """Whether the grants cover ``max_frames`` (no more will be handed out)."""
+        return self.max_frames is not None and self.allocated >= self.max_frames
 
     def snapshot(self) -> dict[str, Any]:
         return {"state": self.state, "registrations": list(self.registrations),
@@ -224,11 +252,14 @@ class CollectorWorker:
         self._metrics = _Metrics(f"{fleet}:{index}")
         self._cv = threading.Condition()
         self._paused = reg["state"] == "paused"
-        # Frame budget (see the module docstring): the registry's answers to batch reports
-        # not read yet, and whether one said the budget is spent.
+        # Frame budget (see the module docstring): batches granted and not collected yet,
+        # and whether the registry said no more will be granted.
         self._budget = bool(reg["budget"])
         self._budget_spent = bool(reg["budget_spent"])
-        self._answers: list[Any] = []
+        self._granted_batches = 0
+        self._batch_frames = self.collector.steps_per_batch * self.collector.num_envs
+        self._report_interval_s = float(collector.report_interval_s)
+        self._reported_at = float("-inf")
         self._stopping = False
         self._busy = False
         self._state = "idle"
@@ -333,7 +364,8 @@ class CollectorWorker:
         in_flight: concurrent.futures.Future | None = None
         try:
             while True:
-                self._read_budget_answers()
+                if self._budget and self._granted_batches == 0 and not self._budget_spent:
+                    self._ask_grant()
                 with self._cv:
                     halt = self._paused or self._stopping or self._budget_spent
                     if not halt:
@@ -367,6 +399,8 @@ class CollectorWorker:
                     self._state = "running"
                 t0 = time.perf_counter()
                 td = self._collect(receiver)
+                if self._budget:
+                    self._granted_batches -= 1
                 if in_flight is not None:
                     self._last_send_s = in_flight.result()
                 in_flight = sender.submit(self._send, td)
@@ -422,29 +456,22 @@ class CollectorWorker:
             self._metrics.update(self.collector, fps, self._last_send_s)
         else:  # the worker halts or starts: what it counted shows at once
             self._metrics.flush(self.collector, fps)
-        # Fire and forget: the registry only keeps the latest report. With a frame
-        # budget, the loop reads the answers of batch reports later, without waiting.
-        answer = self._registry.report.remote(self.index, stats)
-        if batch and self._budget:
-            self._answers.append(answer)
-
-    def _read_budget_answers(self) -> None:
-        """Note a "budget spent" among the registry's answers that already arrived."""
-        if not self._answers:
+        now = time.monotonic()
+        if batch and now - self._reported_at < self._report_interval_s:
             return
+        self._reported_at = now
+        # Fire and forget: the registry only keeps the latest report.
+        self._registry.report.remote(self.index, stats)
+
+    def _ask_grant(self) -> None:
+        """Ask the registry for about ``GRANT_S`` of batches (blocking: one call per grant)."""
         import ray
 
-        # At most one answer may still be travelling when a batch starts: that bounds the
-        # overrun (see CollectorFleet's max_frames). The older ones are usually long back.
-        n = len(self._answers)
-        ready, self._answers = ray.wait(self._answers, num_returns=max(1, n - 1),
-                                        timeout=REGISTRY_TIMEOUT_S if n > 1 else 0)
-        for ref in ready:
-            try:
-                spent = ray.get(ref)
-            except Exception:  # noqa: BLE001 - a registry gone is the fleet stopping
-                log.warning("collector %d: the fleet registry did not answer a report", self.index)
-                continue
-            if spent:
-                with self._cv:
-                    self._budget_spent = True
+        fps = float(self._snapshot.get("frames_per_s") or 0.0)
+        want = max(1, int(fps * GRANT_S / self._batch_frames))
+        got = ray.get(self._registry.grant.remote(self.index, want, self._batch_frames),
+                      timeout=REGISTRY_TIMEOUT_S)
+        if got == 0:
+            with self._cv:
+                self._budget_spent = True
+        self._granted_batches = got

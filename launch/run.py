@@ -234,6 +234,10 @@ def run(
     # runs of one config on a shared cluster do not collide.
     service_name = run_dir.path.name
     actor_config = dataclasses.replace(config, name=service_name)
+    if config.run.learner_steps_per_frame is not None:
+        # Pacing takes turns on the frames the collectors report: report every batch.
+        actor_config = dataclasses.replace(
+            actor_config, collector=dataclasses.replace(config.collector, report_interval_s=0.0))
 
     session = _Session(config, run_dir, frames_before, wall_before, started, progress, stop_event)
     phase = _Phases()
@@ -424,7 +428,7 @@ class _Session:
             # With pacing, a run that reached total_frames still owes the learner steps its
             # last frames paid for (the collectors hold the frame budget themselves and can
             # reach it between two polls): take them before stopping, within time_limit_s,
-            # with the collectors paused (they may overshoot the budget by a batch or two).
+            # with the collectors paused (the last grant may round the budget up by a batch).
             if reason == "total_frames" and ratio is not None:
                 if learn_start_frames is None and len(client) >= min_rows:
                     learn_start_frames = self._learn_start(len(client), min_rows)

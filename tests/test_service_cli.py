@@ -100,3 +100,26 @@ def test_bench_remote_quick_prints_its_figures_and_ratios(ray_cluster, capsys):
         assert r["rows_per_s"] > 0 and r["bare_rows_per_s"] > 0
         assert r["ratio"] == pytest.approx(r["rows_per_s"] / r["bare_rows_per_s"])
     assert not [n for n in ReplayService.running() if n.startswith("bench-remote")]
+
+
+def test_bench_collect_prints_its_figures_and_ratios(ray_cluster, capsys):
+    """One short case (1 actor x 2 envs): fleet frames/s, the bare-loop ceiling measured
+    before and after it, and their ratio; the fleet and its buffer are gone after."""
+    from rlfleet.launch.bench import collect
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--json", action="store_true")
+    collect.add_arguments(parser)
+    args = parser.parse_args(["--actors", "1", "--envs", "2", "--seconds", "1", "--warmup-s", "0.5", "--json"])
+    assert collect.main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["bench"] == "collect" and out["env"] == "CartPole-v1"
+    (case,) = out["results"]
+    assert (case["actors"], case["envs"]) == (1, 2)
+    before, after = case["bare_fps_before_after"]
+    assert before > 0 and after > 0
+    assert case["ceiling_fps"] == pytest.approx((before + after) / 2)
+    assert case["frames_per_s"] > 0
+    assert case["ratio"] == pytest.approx(case["frames_per_s"] / case["ceiling_fps"])
+    assert 0 < case["env_share"] < 1 and 0 < case["policy_share"] < 1
+    assert not [n for n in ReplayService.running() if n.startswith("bench-collect")]

@@ -6,8 +6,9 @@ and streams into a real one-shard replay service. Its rate is measured from the 
 counters over ``--seconds`` after a warm-up. The ceiling, measured in the same run on
 this driver: K plain ``gymnasium.make("CartPole-v1")`` envs stepped in a bare Python
 loop with pre-drawn random actions (no vector wrapper, no policy, no buffer), times M.
-The ratio is fleet / ceiling; the ceiling is measured right before each case, so both
-see the same machine. Also printed: the actors' time split between env steps, policy
+The ratio is fleet / ceiling; the bare loop runs right before and right after each
+case and the ceiling takes the mean of the two, so both see the same machine (on a
+shared host its speed drifts by 10% and more within a minute). Also printed: the actors' time split between env steps, policy
 (forward and exploration) and sending (on its own thread, overlapping the other two), as
 shares of the actors' wall time.
 """
@@ -127,10 +128,13 @@ def main(args: argparse.Namespace) -> int:
         try:
             for actors in args.actors:
                 for envs in args.envs:
-                    # The ceiling right before its case, so both see the same machine load.
-                    bare = bare_env_fps(envs, min(args.seconds, 3.0))
+                    # The ceiling around its case, so both see the same machine load.
+                    before = bare_env_fps(envs, min(args.seconds, 3.0))
                     case = _fleet_case(name, actors, envs, args)
+                    after = bare_env_fps(envs, min(args.seconds, 3.0))
+                    bare = (before + after) / 2
                     case["bare_fps_per_env_loop"] = bare
+                    case["bare_fps_before_after"] = [before, after]
                     case["ceiling_fps"] = bare * actors
                     case["ratio"] = case["frames_per_s"] / case["ceiling_fps"]
                     results.append(case)
