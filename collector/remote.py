@@ -257,6 +257,7 @@ class CollectorWorker:
         self._budget = bool(reg["budget"])
         self._budget_spent = bool(reg["budget_spent"])
         self._granted_batches = 0
+        self._batch_fps = 0.0
         self._batch_frames = self.collector.steps_per_batch * self.collector.num_envs
         self._report_interval_s = float(collector.report_interval_s)
         self._reported_at = float("-inf")
@@ -404,7 +405,8 @@ class CollectorWorker:
                 if in_flight is not None:
                     self._last_send_s = in_flight.result()
                 in_flight = sender.submit(self._send, td)
-                self._report(len(td) / max(time.perf_counter() - t0, 1e-9), batch=True)
+                self._batch_fps = len(td) / max(time.perf_counter() - t0, 1e-9)
+                self._report(self._batch_fps, batch=True)
         except Exception as e:  # noqa: BLE001 - the fleet's health check raises it
             log.exception("collector %d: loop failed", self.index)
             with self._cv:
@@ -467,8 +469,8 @@ class CollectorWorker:
         """Ask the registry for about ``GRANT_S`` of batches (blocking: one call per grant)."""
         import ray
 
-        fps = float(self._snapshot.get("frames_per_s") or 0.0)
-        want = max(1, int(fps * GRANT_S / self._batch_frames))
+        # the rate of the last batch collected (reports after a pause say 0)
+        want = max(1, int(self._batch_fps * GRANT_S / self._batch_frames))
         got = ray.get(self._registry.grant.remote(self.index, want, self._batch_frames),
                       timeout=REGISTRY_TIMEOUT_S)
         if got == 0:
