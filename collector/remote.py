@@ -365,8 +365,10 @@ class CollectorWorker:
         in_flight: concurrent.futures.Future | None = None
         try:
             while True:
-                if self._budget and self._granted_batches == 0 and not self._budget_spent:
-                    self._ask_grant()
+                with self._cv:
+                    halt = self._paused or self._stopping or self._budget_spent
+                if not halt and self._budget and self._granted_batches == 0:
+                    self._ask_grant()  # a halted worker asks for nothing it may not use
                 with self._cv:
                     halt = self._paused or self._stopping or self._budget_spent
                     if not halt:

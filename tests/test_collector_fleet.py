@@ -65,7 +65,9 @@ def test_fleet_fills_the_service_with_complete_transitions(cartpole):
     assert torch.equal(batch["done"], batch["terminated"] | batch["truncated"])
     ids = batch["episode_id"]
     assert set((ids >> 48).tolist()) == set(batch["collector_id"].tolist())
-    stats = fleet.stats()
+    # reports reach the registry at most every report_interval_s: they catch up with the rows
+    stats = wait_for(lambda: (lambda s: s if s["frames"] >= 2048 else None)(fleet.stats()),
+                     what="reports counting 2048 frames")
     assert stats["frames"] >= 2048 and stats["episodes"] > 0
     assert len(stats["recent_returns"]) == len(stats["recent_lengths"]) <= 100
     assert stats["recent_returns"] == [float(n) for n in stats["recent_lengths"]]  # CartPole: +1 per step
