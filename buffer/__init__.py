@@ -4,6 +4,7 @@ Imports nothing else of rlfleet. The Ray actors are thin shells in ``remote.py``
 """
 
 from rlfleet.buffer.client import BufferClient
+from rlfleet.buffer.cluster import ClusterConnectError, ClusterInfo, init_ray
 from rlfleet.buffer.errors import (
     BufferFormatError,
     BufferNotFound,
@@ -20,6 +21,8 @@ __all__ = [
     "BufferClient",
     "BufferFormatError",
     "BufferNotFound",
+    "ClusterConnectError",
+    "ClusterInfo",
     "InsertTimeout",
     "ReplayBuffer",
     "ReplayService",
@@ -27,4 +30,5 @@ __all__ = [
     "SchemaMismatch",
     "ShardUnavailable",
     "StaleIndexError",
+    "init_ray",
 ]

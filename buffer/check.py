@@ -2,13 +2,38 @@
 
 Checks what a crash, a careless copy or a hand edit can break: ``meta.json`` (format,
 version, schema, and every field's type and range: ``check_meta``, which ``read_meta``
-applies on every open), the header counters (magic, ``0 <= start <= end``, window within capacity),
-the data files (present, full size, a tensordict memmap directory whose keys, shapes and
-dtypes match the schema), every live row readable, and live priorities finite and
+applies on every open), the header (magic, version, the committed window), the data
+files (present, full size, a tensordict memmap directory whose keys, shapes and dtypes
+match the schema), every live row readable, and live priorities finite and
 non-negative. It never writes, so it may run beside a live writer (then the counters it
 reports are a snapshot).
 
-Runs anywhere the directory is visible (driver, a shell via ``rlfleet check``).
+Header states. A writer killed at any instant leaves the window words as one of the
+states the commit protocol passes through (``window``'s docstring); with
+``durability="fsync"`` the same states reach the disk, each header msync writing the
+state of its instant. With ``end0`` the end before an ``extend`` of ``n`` rows and ``C``
+the capacity:
+
+=====================================  ============================  ==============
+after the store of                     header ``(start, end)``       report
+=====================================  ============================  ==============
+nothing (killed before step 1)         the previous commit           OK
+step 1, eviction (``n <= C``)          ``(end0 + n - C, end0)``      OK
+step 1, eviction (``n > C``)           ``(end0, end0)``: empty       OK
+step 3, ``start`` past ``end``         ``(end0 + n - C, end0)``      OK, repairable
+step 4, the commit                     ``(end0 + n - C, end0 + n)``  OK
+=====================================  ============================  ==============
+
+So every state with ``0 <= start <= end`` and ``end - start <= C`` is a commit, and one
+with ``end < start`` (only an ``extend`` of more rows than the capacity stores that) is
+reported as repairable: ``ReplayBuffer.open`` stores the empty window ``(end, end)``,
+losing no committed row (step 1 had evicted them all). Anything else is damage.
+
+A path that holds no buffer at all (missing, a file, a directory without ``meta.json``)
+is reported as "not a buffer" (``CheckReport.is_buffer`` False) rather than as damage.
+
+Runs anywhere the directory is visible (driver, a shell via ``rlfleet check``);
+thread-safe (holds no state).
 """
 
 from __future__ import annotations
@@ -20,16 +45,19 @@ from typing import Any
 
 import numpy as np
 
+from rlfleet.buffer.capacity import MAX_ROWS
 from rlfleet.buffer.errors import BufferFormatError
+from rlfleet.buffer.indices import MAX_COUNTER, MAX_TAG
 from rlfleet.buffer.samplers import parse_sampler_spec, slot_ranges
 from rlfleet.buffer.storage import (
+    FORMAT_VERSION,
     H_END,
     H_MAGIC,
     H_MAX_PRIORITY,
     H_START,
+    H_VERSION,
     HEADER_MAGIC,
     HEADER_WORDS,
-    MAX_ROWS,
     _safe_key_part,
     format_key,
     read_meta,
@@ -43,10 +71,18 @@ READ_CHUNK_BYTES = 64 * 2**20
 
 @dataclass
 class CheckReport:
-    """What ``check_buffer`` found. ``ok`` is True when ``problems`` is empty."""
+    """What ``check_buffer`` found.
+
+    ``ok`` is True when ``problems`` is empty; ``repairs`` lists states a killed writer
+    left that ``ReplayBuffer.open`` repairs (the buffer is still ok). ``is_buffer`` is
+    False when the path holds no buffer at all (then ``problems`` says why).
+    """
 
     path: str
     problems: list[str] = field(default_factory=list)
+    repairs: list[str] = field(default_factory=list)
+    is_buffer: bool = True
+    format_version: int = 0
     size: int = 0
     capacity: int = 0
     total_inserted: int = 0
@@ -61,19 +97,32 @@ class CheckReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "path": self.path, "ok": self.ok, "problems": list(self.problems), "size": self.size,
+            "path": self.path, "ok": self.ok, "is_buffer": self.is_buffer,
+            "problems": list(self.problems), "repairs": list(self.repairs),
+            "format_version": self.format_version, "size": self.size,
             "capacity": self.capacity, "total_inserted": self.total_inserted,
             "sampler": self.sampler, "schema": dict(self.schema),
             "rows_checked": self.rows_checked, "bytes_on_disk": self.bytes_on_disk,
         }
 
     def __str__(self) -> str:
+        if not self.is_buffer:
+            return f"{self.path}: not a buffer ({'; '.join(self.problems)})"
+        status = "OK" if self.ok else "DAMAGED"
+        if self.ok and self.repairs:
+            status += f" (repairable: {'; '.join(self.repairs)}; ReplayBuffer.open repairs it)"
         lines = [
-            f"buffer {self.path}: {'OK' if self.ok else 'DAMAGED'}",
+            f"buffer {self.path}: {status}",
             f"  rows {self.size:,} of capacity {self.capacity:,}, total inserted "
             f"{self.total_inserted:,}, sampler {self.sampler or '?'}",
             f"  {self.rows_checked:,} rows read back, {self.bytes_on_disk:,} bytes on disk",
         ]
+        if self.format_version and self.format_version < FORMAT_VERSION:
+            lines.append(
+                f"  format {self.format_version} (reward and flags at the root): opens read-only; "
+                f"run `rlfleet check --upgrade {self.path}` to migrate it in place to format "
+                f"{FORMAT_VERSION}"
+            )
         lines += [f"  {key}: {desc}" for key, desc in self.schema.items()]
         lines += [f"  problem: {p}" for p in self.problems]
         return "\n".join(lines)
@@ -86,14 +135,17 @@ def check_buffer(path: str | os.PathLike) -> CheckReport:
     """
     path = Path(path)
     report = CheckReport(path=str(path))
-    if not path.is_dir():
-        report.problems.append(f"{path} is not a directory")
+    meta_file = path / "meta.json"
+    if not path.is_dir() or not (meta_file.exists() or meta_file.is_symlink()):
+        report.is_buffer = False
+        report.problems.append(_not_a_buffer(path))
         return report
     try:
         meta = read_meta(path)
     except BufferFormatError as e:
         report.problems.append(str(e))
         return report
+    report.format_version = int(meta["format_version"])
     report.sampler = str(meta.get("sampler", {}).get("type", ""))
     capacity = int(meta.get("capacity") or 0)
     report.capacity = capacity
@@ -132,7 +184,20 @@ def check_buffer(path: str | os.PathLike) -> CheckReport:
     return report
 
 
+def _not_a_buffer(path: Path) -> str:
+    if not path.exists():
+        return f"{path} does not exist"
+    if not path.is_dir():
+        return f"{path} is a file, not a buffer directory"
+    if (path / "buffer").is_dir():
+        return (f"{path} has no meta.json; a run directory keeps its buffer in "
+                f"{path / 'buffer'}: run `rlfleet check {path / 'buffer'}`")
+    return f"{path} has no meta.json: it is not an rlfleet buffer directory"
+
+
 def _check_header(header: Path, capacity: int, report: CheckReport) -> tuple[int, int, float] | None:
+    """The window to check (repaired when the protocol left a repairable state), and the
+    max priority; None after reporting a problem."""
     if not header.is_file() or header.stat().st_size != HEADER_WORDS * 8:
         report.problems.append(f"header {header} is missing or not {HEADER_WORDS * 8} bytes")
         return None
@@ -140,11 +205,22 @@ def _check_header(header: Path, capacity: int, report: CheckReport) -> tuple[int
     if int(words[H_MAGIC]) != HEADER_MAGIC:
         report.problems.append(f"header {header} has a wrong magic number")
         return None
+    version = int(words[H_VERSION])
+    if not 1 <= version <= FORMAT_VERSION:
+        report.problems.append(f"header {header} says format version {version}, not 1..{FORMAT_VERSION}")
+        return None
     start, end = int(words[H_START]), int(words[H_END])
     max_priority = float(words[H_MAX_PRIORITY : H_MAX_PRIORITY + 1].view(np.float64)[0])
-    if not 0 <= start <= end:
-        report.problems.append(f"header window start={start} end={end} is not 0 <= start <= end")
+    if not (0 <= start <= MAX_COUNTER and 0 <= end <= MAX_COUNTER):
+        report.problems.append(f"header window start={start} end={end} is not within [0, 2**44]")
         return None
+    if end < start:  # the protocol's step 3 (module docstring)
+        report.repairs.append(
+            f"header window start={start} > end={end}: an extend of more rows than the "
+            f"capacity was killed before its commit; the window opens empty at {end}, no "
+            f"committed row lost"
+        )
+        start = end
     if capacity and end - start > capacity:
         report.problems.append(f"header window holds {end - start} rows, more than capacity {capacity}")
         return None
@@ -230,9 +306,12 @@ def check_meta(path: Path, meta: dict[str, Any]) -> dict[str, Any]:
 
     if meta["format_version"] < 1:
         raise bad("format_version", "must be an integer >= 1")
+    tag = meta.get("index_tag", None if meta["format_version"] >= 2 else 0)
+    if not (_is_int(tag) and 0 <= tag < MAX_TAG):
+        raise bad("index_tag", f"must be an integer in [0, {MAX_TAG}) (format 2 and later)")
     capacity, nbytes = meta["capacity"], meta["capacity_bytes"]
     if capacity is not None and not (_is_int(capacity) and 1 <= capacity < MAX_ROWS):
-        raise bad("capacity", "must be null or an integer in [1, 2**62)")
+        raise bad("capacity", "must be null or an integer in [1, 2**44)")
     if nbytes is not None and not (_is_int(nbytes) and nbytes >= 1):
         raise bad("capacity_bytes", "must be null or an integer >= 1")
     if capacity is None and (nbytes is None or meta["schema"] is not None):

@@ -4,24 +4,33 @@ Runs in any process attached to the Ray cluster: the driver, a collector or lear
 actor, or a separate Python process. It talks to the shard actors directly; there is
 no coordinator in the path.
 
-- ``extend`` ships the batch as flat numpy arrays to one shard: a shard on the
-  caller's own node if there is one (round-robin among them), else round-robin over all.
+- ``extend`` ships the batch as flat numpy arrays to the shards on the caller's own
+  node (all shards when it has none): whole to the local shard that has stored the
+  fewest rows, or, for a batch of 32 MB and more when the rate limiter never holds
+  inserts, cut into contiguous chunks written by the local shards in parallel
+  (``write_plan`` says why).
 - ``sample`` splits ``n`` over the shards by a multinomial draw weighted by each
   shard's size (uniform) or priority mass (prioritized), asks all shards at once,
   concatenates, and for prioritized sampling normalises the importance weights by the
-  batch max. Each answer carries the shard's current size and mass, which weight the
-  next draw, so the split costs no extra round trip.
-- Indices are global: ``(shard << 56) | local_index``, so ``update_priority`` routes
-  each index back to its shard.
+  batch max (``sample_fanout``). Each answer carries the shard's current state, which
+  weights the next draw, so the split costs no extra round trip.
+- Indices are global (``indices``): each carries the tag of the shard directory that
+  issued it and the shard's number, so ``update_priority`` routes each index back to
+  its shard, and refuses, before sending anything, whatever a shard would refuse
+  (``priority_routing`` states the exact semantics across shards).
+- With ``samples_per_insert`` set and several shards, the rate limiter is buffer-wide:
+  the ratio and ``min_size_to_sample`` hold for the buffer as a whole, whichever shards
+  the writers and samplers use (``rate_limiter``, ``shared_limiter``).
+
+What the client knows of each shard lives in its ``ShardTable`` (``shard_table``). The
+module passes 400 lines because it is the one public class whose calls share that table
+and its lock; each idea the calls use (routing, fan-out, priority checks) has its own
+module.
 
 A client pickles as its buffer name and reconnects on first use where it lands, so it
 can be passed to actors. Thread-safe: calls from several threads may overlap. Connecting
 tunes this process's allocator once (``tune_allocator``), as opening a buffer does, so
 multi-MB sample batches reuse freed memory.
-
-The module runs past 600 lines on purpose: routing, the sampling fan-out and the
-failure handling all read and update the same per-shard state (size, mass, liveness),
-and splitting them would spread one small state machine over several files.
 
 Failure model: a shard that dies is restarted by Ray. Samples, stats and priority
 updates are retried by Ray on the restarted shard; ``extend`` is not (a retry after a
@@ -37,62 +46,28 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 from tensordict import TensorDict, TensorDictBase
 
-from rlfleet.buffer.errors import BufferNotFound, InsertTimeout, ShardUnavailable, StaleIndexError
-from rlfleet.buffer.arrays import arrays_to_tensordict, tensordict_to_arrays, tune_allocator
+from rlfleet.buffer import shard_table
+from rlfleet.buffer.arrays import tensordict_to_arrays, tune_allocator
+from rlfleet.buffer.cluster import DEFAULT_CONNECT_TIMEOUT_S, init_ray
+from rlfleet.buffer.errors import BufferNotFound, ShardUnavailable
+from rlfleet.buffer.indices import with_shard
+from rlfleet.buffer.priorities import parse_update
+from rlfleet.buffer.priority_routing import check_update
+from rlfleet.buffer.sample_fanout import SampleFanout
 from rlfleet.buffer.service import NAMESPACE, _not_found_message, running_buffers, validate_name
+from rlfleet.buffer.shard_table import ShardEntry, ShardTable, answers, gather, with_stored
 from rlfleet.buffer.storage import check_arrays
+from rlfleet.buffer.write_plan import plan_write
 
-__all__ = ["SHARD_SHIFT", "BufferClient"]
+__all__ = ["BufferClient"]
 
 log = logging.getLogger(__name__)
-
-SHARD_SHIFT = 56  # index = (shard << 56) | local index
-_LOCAL_MASK = (1 << SHARD_SHIFT) - 1
-# seconds a client waits beyond the shard's own timeout before declaring it unreachable:
-# covers the transfer of a large batch and a shard restart
-_GRACE_S = 30.0
-# longest wait on one shard's rate limiter before an insert tries the next shard
-_WRITE_SLICE_S = 1.0
-# how long a shard that failed stays out of allow_partial draws before it is pinged again
-_DOWN_RETRY_S = 1.0
-
-
-@dataclass
-class _Shard:
-    handle: Any
-    info: dict[str, Any]
-    size: int = 0
-    mass: float = 0.0
-    down_since: float | None = None
-    ping: Any = None  # an in-flight liveness probe while down
-    extend: Any = None  # the handle's extend method without task retries, made once
-
-
-# Which rows of one shard call go to which batch of a request: [(batch, rows), ...] in
-# the order the shard returns them.
-_Segments = list[tuple[int, int]]
-
-
-@dataclass
-class _Request:
-    """``batches`` sample batches of ``n`` rows in flight, as one call per shard (a shard
-    may appear more than once after a redraw); each call's segments say which batch its
-    rows belong to."""
-
-    n: int
-    batches: int
-    timeout_s: float | None
-    allow_partial: bool
-    deadline: float
-    budget_s: float
-    pending: dict[Any, tuple[int, _Segments]] = field(default_factory=dict)  # ref -> (shard, segments)
 
 
 def _unpickle(name: str, timeout_s: float) -> "BufferClient":
@@ -108,16 +83,14 @@ class BufferClient:
     def __init__(self, name: str, *, timeout_s: float = 30.0, seed: int | None = None) -> None:
         self.name = validate_name(name)
         self._timeout_s = float(timeout_s)
-        self._rng = np.random.default_rng(seed)
         # re-entrant: a connect that meets a dead shard forgets the shards under it
         self._lock = threading.RLock()
-        self._shards: list[_Shard] | None = None
-        self._writers: list[int] = []
-        self._inserts_wait = True  # whether the shards' rate limiters may hold an insert
-        self._rr = itertools.count()
+        self._shards: ShardTable | None = None
+        self._generation = 0  # counts the times the shards were forgotten
+        self._turn = itertools.count()
         self._schema: dict | None = None
-        self._sampler_type = "uniform"
-        self._default_timeout_s = 60.0
+        self._fanout = SampleFanout(self.name, self._ensure, self._forget_if_gone,
+                                    np.random.default_rng(seed))
 
     # -- connecting ----------------------------------------------------------------------
 
@@ -132,28 +105,32 @@ class BufferClient:
     ) -> "BufferClient":
         """Connect to the running buffer ``name``.
 
-        If Ray is not initialised in this process, attaches to the cluster at
-        ``address`` (default: ``RAY_ADDRESS``, else the local cluster); that is the one
-        place below ``launch/`` that calls ``ray.init``, because a plain Python process
-        must be able to connect by name alone.
+        If Ray is not initialised in this process, joins the cluster at ``address``
+        (default: ``RAY_ADDRESS``; ``"auto"``: the one ``ray start`` started on this
+        machine) through ``rlfleet.buffer.init_ray``, the bounded join every rlfleet
+        entry point uses. With no address and no ``RAY_ADDRESS`` it raises rather than
+        attach to whatever Ray runs on the machine.
 
         Args:
             name: the buffer's name.
             address: a Ray cluster address, used only when Ray is not initialised.
-            timeout_s: how long to wait for the shards to answer (a shard may be
-                restarting).
+            timeout_s: how long to wait for the cluster to answer when joining it, and
+                for the shards to answer (a shard may be restarting).
             seed: seeds how batches are split over shards (None: from the OS).
 
         Raises:
             BufferNotFound: no buffer of that name runs; the message lists those that do.
             ShardUnavailable: a shard did not answer within ``timeout_s``.
-            ConnectionError: no Ray cluster to attach to, or the cluster refused this
-                process (no or a wrong auth token).
+            ClusterConnectError: (a ``ConnectionError``) no address to join, or the
+                cluster at it does not answer within ``timeout_s``, refused this
+                process's auth token, or runs other Ray/Python versions; the message
+                names the address and the cause.
         """
-        _ensure_ray(address)
+        _ensure_ray(address, timeout_s)
         client = cls(name, timeout_s=timeout_s, seed=seed)
         client._connect()
         return client
+
 
     def __reduce__(self) -> tuple[Any, tuple[str, float]]:
         # pickles as its name: handles, caches and the RNG belong to this process
@@ -174,15 +151,15 @@ class BufferClient:
         self._ensure()
         return self._schema
 
-    def _ensure(self) -> list[_Shard]:
-        shards = self._shards
-        if shards is None:
+    def _ensure(self) -> ShardTable:
+        table = self._shards
+        if table is None:
             with self._lock:
                 if self._shards is None:
                     _ensure_ray(None)
                     self._connect()
-                shards = self._shards
-        return shards  # type: ignore[return-value]  # _connect set it or raised
+                table = self._shards
+        return table  # type: ignore[return-value]  # _connect set it or raised
 
     def _connect(self) -> None:
         import ray
@@ -198,8 +175,8 @@ class BufferClient:
                 handles.append(ray.get_actor(shard_actor_name(self.name, k), namespace=NAMESPACE))
             except ValueError as e:  # stopped between the listing and now
                 raise BufferNotFound(_not_found_message(self.name, running_buffers())) from e
-        infos = self._gather([h.info.remote() for h in handles], list(range(len(handles))),
-                             "connect", time.monotonic() + self._timeout_s)
+        order = list(range(len(handles)))
+        infos = self._gather([h.info.remote() for h in handles], order, "connect")
         num_shards = infos[0]["num_shards"]
         if [i["shard"] for i in infos] != list(range(num_shards)):
             raise ShardUnavailable(
@@ -207,86 +184,82 @@ class BufferClient:
                 f"{sorted(set(range(num_shards)) - {i['shard'] for i in infos})} are not running; "
                 f"relaunch it with ReplayService.launch"
             )
-        here = ray.get_runtime_context().get_node_id()
-        shards = [_Shard(h, i) for h, i in zip(handles, infos)]
-        self._writers = [k for k, s in enumerate(shards) if s.info["node_id"] == here] \
-            or list(range(len(shards)))
-        self._sampler_type = infos[0]["sampler_type"]
-        self._default_timeout_s = float(infos[0]["rate_limiter"]["timeout_s"])
-        self._inserts_wait = infos[0]["rate_limiter"].get("samples_per_insert") is not None
-        self._schema = next((i["schema"] for i in infos if i["schema"]), None)
-        states = self._gather([h.state.remote() for h in handles], list(range(len(handles))),
-                              "connect", time.monotonic() + self._timeout_s)
-        for s, st in zip(shards, states):
-            s.size, s.mass = st["size"], st["mass"]
-        self._shards = shards
+        table = ShardTable(self.name, [ShardEntry(h, i) for h, i in zip(handles, infos)],
+                           ray.get_runtime_context().get_node_id())
+        for k, state in enumerate(self._gather([h.state.remote() for h in handles], order, "connect")):
+            table.note_state(k, state)
+        self._schema = self._schema or table.schema
+        self._shards = table
         # Each batch is copied out of the object store into fresh arrays (14 MB for 256
         # Atari rows): keep freed ones for reuse instead of page-faulting new ones in.
         tune_allocator()
-        log.debug("connected to buffer %r: %d shards, writers %s", self.name, len(shards), self._writers)
+        log.debug("connected to buffer %r: %d shards, writers %s", self.name, len(table), table.writers)
 
     # -- writing -------------------------------------------------------------------------
 
     def extend(self, td: TensorDictBase, *, timeout_s: float | None = None) -> torch.Tensor:
-        """Insert a TensorDict ``[N]`` into one shard; returns global indices int64 ``[N]``.
+        """Insert a TensorDict ``[N]``; returns its rows' global indices, int64 ``[N]``.
 
-        Waits for the shard's rate limiter up to ``timeout_s`` (default: the limiter's).
+        The rows go to the shards on this process's node (see the module docstring).
+        Waits for the rate limiter up to ``timeout_s`` (default: the limiter's).
 
         Raises:
             SchemaMismatch: the batch differs from the buffer's schema (nothing stored).
-            InsertTimeout: the rate limiter held the insert past ``timeout_s``.
-            ShardUnavailable: the shard died during the call (the rows may or may not
-                be stored) or did not answer in time.
+            InsertTimeout: the rate limiter held the insert past ``timeout_s`` (nothing
+                stored: a batch the limiter may hold is never cut).
+            ShardUnavailable: a shard died during the call (its rows may or may not be
+                stored) or did not answer in time. Any other error of a cut batch names
+                the chunks that were stored.
         """
         arrays = tensordict_to_arrays(td, "extend")
         n = len(td)
         if n == 0:
             return torch.empty(0, dtype=torch.int64)
-        shards = self._ensure()
+        table = self._ensure()
         if self._schema is None:
             self._refresh_schema()
         if self._schema is not None:
             check_arrays(self._schema, arrays, "extend")
-        wait = self._default_timeout_s if timeout_s is None else float(timeout_s)
-        deadline = time.monotonic() + wait
-        while True:
-            k = self._writers[next(self._rr) % len(self._writers)]
-            shard = shards[k]
-            if shard.extend is None:  # never retried by Ray: a retry after a commit stores twice
-                shard.extend = shard.handle.extend.options(max_task_retries=0)
-            if len(self._writers) == 1 or not self._inserts_wait:
-                # One writer shard, or limiters that never hold an insert (no
-                # samples_per_insert): a plain call, the timeout only when given (every
-                # argument costs a serialisation on both sides, ~60 us per call here).
-                ref = (shard.extend.remote(arrays) if timeout_s is None
-                       else shard.extend.remote(arrays, timeout_s))
-                out = self._gather([ref], [k], "extend", deadline + _GRACE_S)[0]
-                break
-            # Several shards take writes: wait on one at most a slice, then try the next.
-            # A shard's limiter admits inserts while its samplers are ahead, and a writer
-            # parked on another shard would never bring them (samplers blocked on shard A,
-            # writers on shard B: a deadlock). A timed-out insert stored nothing.
-            slice_s = max(0.0, min(deadline - time.monotonic(), _WRITE_SLICE_S))
-            try:
-                ref = shard.extend.remote(arrays, slice_s)
-                out = self._gather([ref], [k], "extend", time.monotonic() + slice_s + _GRACE_S)[0]
-                break
-            except InsertTimeout as e:
-                if time.monotonic() >= deadline:
-                    raise InsertTimeout(
-                        f"extend: no shard of buffer {self.name!r} admitted {n} rows within "
-                        f"{wait:g}s (timeout_s); the last one said: {e}"
-                    ) from e
-        self._note_state(k, out["state"])
+        wait = table.default_timeout_s if timeout_s is None else float(timeout_s)
+        plan = plan_write(n, sum(a.nbytes for a in arrays.values()), table.writers,
+                          [e.total_inserted for e in table.entries], next(self._turn),
+                          split=not table.inserts_wait, episode_id=arrays.get(("episode_id",)))
+        refs = []
+        for k, first, end in plan:
+            entry = table[k]
+            if entry.extend is None:  # never retried by Ray: a retry after a commit stores twice
+                entry.extend = entry.handle.extend.options(max_task_retries=0)
+            part = arrays if len(plan) == 1 else {key: a[first:end] for key, a in arrays.items()}
+            # the timeout only when given: every argument costs a serialisation on both
+            # sides (~60 us per call here)
+            refs.append(entry.extend.remote(part) if timeout_s is None
+                        else entry.extend.remote(part, timeout_s))
+        shards = [k for k, _, _ in plan]
+        deadline = time.monotonic() + wait + shard_table.GRACE_S
+        try:
+            outs = self._gather(refs, shards, "extend", deadline)
+        except Exception as e:
+            stored = []
+            for (k, first, end), out in zip(plan, answers(refs)):
+                if out is not None:
+                    lo, hi = with_shard(np.array([out["first"], out["last"] - 1]), k)
+                    stored.append(f"rows {first}..{end - 1} on shard {k} (indices {lo}..{hi})")
+            if not stored:
+                raise
+            raise with_stored(e, stored) from e
+        parts = []
+        for (k, _, _), out in zip(plan, outs):
+            table.note_state(k, out["state"])
+            parts.append(with_shard(np.arange(out["first"], out["last"], dtype=np.int64), k))
         if self._schema is None:
             self._schema = {key: (tuple(a.shape[1:]), a.dtype) for key, a in arrays.items()}
-        return torch.arange(out["first"] | (k << SHARD_SHIFT), out["last"] | (k << SHARD_SHIFT), dtype=torch.int64)
+        return torch.from_numpy(np.concatenate(parts) if len(parts) > 1 else parts[0])
 
     def _refresh_schema(self) -> None:
         import ray
 
-        shards = self._ensure()
-        refs = [s.handle.info.remote() for s in shards]
+        table = self._ensure()
+        refs = [e.handle.info.remote() for e in table.entries]
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self._timeout_s)
         for ref in ready:
             try:
@@ -322,7 +295,7 @@ class BufferClient:
                 unreachable.
         """
         _check_n(n)
-        return self._collect(self._submit(n, 1, timeout_s, allow_partial))[0]
+        return self._fanout.collect(self._fanout.submit(n, 1, timeout_s, allow_partial))[0]
 
     def sampler(
         self,
@@ -351,196 +324,98 @@ class BufferClient:
         _check_n(n)
         if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
             raise ValueError(f"sampler: prefetch={prefetch!r} must be an int >= 0")
+        fanout = self._fanout
         if prefetch == 0:
             while True:
-                yield self._collect(self._submit(n, 1, timeout_s, allow_partial))[0]
+                yield fanout.collect(fanout.submit(n, 1, timeout_s, allow_partial))[0]
         # two groups in flight: one is fetched while the shards already work on the next
-        queue = deque(self._submit(n, prefetch, timeout_s, allow_partial) for _ in range(2))
-        while True:
-            batches = self._collect(queue.popleft())
-            queue.append(self._submit(n, prefetch, timeout_s, allow_partial))
-            yield from batches
+        queue = deque(fanout.submit(n, prefetch, timeout_s, allow_partial) for _ in range(2))
+        try:
+            while True:
+                batches = fanout.collect(queue.popleft())
+                queue.append(fanout.submit(n, prefetch, timeout_s, allow_partial))
+                yield from batches
+        finally:
+            # closed (or dropped): let the calls still in flight finish, within the
+            # client's timeout, so a service shut down next does not kill them mid-call
+            import ray
 
-    def _submit(self, n: int, batches: int, timeout_s: float | None, allow_partial: bool) -> _Request:
-        wait = self._default_timeout_s if timeout_s is None else float(timeout_s)
-        request = _Request(n, batches, timeout_s, allow_partial, time.monotonic() + wait + _GRACE_S,
-                           wait + _GRACE_S)
-        self._dispatch(request, [(b, n) for b in range(batches)], self._live_shards(allow_partial))
-        return request
-
-    def _live_shards(self, allow_partial: bool) -> list[int]:
-        shards = self._ensure()
-        if not allow_partial:
-            return list(range(len(shards)))
-        live = [k for k, s in enumerate(shards) if s.down_since is None or self._probe(k)]
-        if not live:
-            raise ShardUnavailable(
-                f"buffer {self.name!r}: all {len(shards)} shard(s) are down; they restart "
-                f"on their own, retry in a moment"
-            )
-        return live
-
-    def _dispatch(self, request: _Request, segments: _Segments, candidates: list[int]) -> None:
-        """Send one sample call per candidate shard for the rows of ``segments``: each
-        batch's rows are split over the shards by a multinomial draw on their size
-        (uniform) or priority mass (prioritized), as if the shards were one buffer."""
-        shards = self._ensure()
-        prioritized = self._sampler_type == "prioritized"
-        weights = np.array([shards[k].mass if prioritized else shards[k].size for k in candidates],
-                           dtype=np.float64)
-        if not weights.sum() > 0:  # nothing known yet: even split, the limiters wait
-            weights = np.ones(len(candidates))
-        weights /= weights.sum()
-        per_shard: list[_Segments] = [[] for _ in candidates]
-        with self._lock:
-            for b, rows in segments:
-                for position, count in enumerate(self._rng.multinomial(rows, weights).tolist()):
-                    if count:
-                        per_shard[position].append((b, count))
-        if prioritized:
-            args: tuple = (float(sum(s.mass for s in shards)), int(sum(s.size for s in shards)),
-                           request.timeout_s)
-        else:
-            # Only the arguments that differ from the defaults: each one is serialised on
-            # both sides, which measured about 50 us per call and argument.
-            args = () if request.timeout_s is None else (None, None, request.timeout_s)
-        for k, mine in zip(candidates, per_shard):
-            method = shards[k].handle.sample
-            if request.allow_partial:
-                method = method.options(max_task_retries=0)  # fail fast, draw elsewhere
-            # the count may be 0: the answer still refreshes the shard's size and mass
-            request.pending[method.remote(sum(rows for _, rows in mine), *args)] = (k, mine)
-
-    def _collect(self, request: _Request) -> list[TensorDict]:
-        import ray
-        from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
-
-        parts: list[tuple[int, dict, _Segments]] = []
-        while request.pending:
-            refs = list(request.pending)
-            left = max(0.0, request.deadline - time.monotonic())
-            try:
-                # one get for all shards: a failed call is ready too, so this never
-                # waits on a dead shard longer than Ray takes to notice
-                outs = ray.get(refs, timeout=left)
-            except GetTimeoutError:
-                ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
-                missing = sorted({request.pending[r][0] for r in refs if r not in ready})
-                raise ShardUnavailable(
-                    f"buffer {self.name!r}: shard(s) {missing} did not answer a sample within "
-                    f"{request.budget_s:g}s; they may be restarting or overloaded (pass "
-                    f"allow_partial=True to sample from the others)"
-                ) from None
-            except (RayTaskError, RayActorError):
-                outs = None  # sort it out shard by shard below, once all have answered
-                left = max(0.0, request.deadline - time.monotonic())
-                ready, _ = ray.wait(refs, num_returns=len(refs), timeout=left)
-                refs = ready  # a late one stays pending for the next round
-            for position, ref in enumerate(refs):
-                k, segments = request.pending.pop(ref)
-                try:
-                    out = outs[position] if outs is not None else ray.get(ref)
-                except RayTaskError as e:
-                    raise _cause(e) from e
-                except RayActorError as e:
-                    self._forget_if_gone(e)
-                    if not request.allow_partial:
-                        raise ShardUnavailable(
-                            f"buffer {self.name!r}: shard {k} died during a sample and could "
-                            f"not be reached again: {type(e).__name__}"
-                        ) from e
-                    self._mark_down(k)
-                    if segments:  # its share is drawn from the live shards
-                        self._dispatch(request, segments, self._live_shards(True))
-                    continue
-                self._note_state(k, out["state"])
-                if out["arrays"] is not None:
-                    parts.append((k, out["arrays"], segments))
-        # each call's rows, in order, belong to the batches its segments name
-        pieces: list[list[tuple[int, dict, int, int]]] = [[] for _ in range(request.batches)]
-        for k, arrays, segments in parts:
-            row = 0
-            for b, rows in segments:
-                pieces[b].append((k, arrays, row, rows))
-                row += rows
-        return [self._assemble(request.n, p) for p in pieces]
-
-    def _assemble(self, n: int, pieces: list[tuple[int, dict, int, int]]) -> TensorDict:
-        """One batch from ``(shard, arrays, first row, rows)`` pieces of shard answers."""
-        # concatenate also copies out of the read-only object-store buffers (one piece too)
-        out = {key: np.concatenate([a[key][r0:r0 + rows] for _, a, r0, rows in pieces])
-               for key in pieces[0][1]}
-        index, row = out[("index",)], 0
-        for k, _, _, rows in pieces:
-            if k:
-                index[row:row + rows] |= np.int64(k << SHARD_SHIFT)
-            row += rows
-        if ("weight",) in out:
-            w = out[("weight",)]
-            out[("weight",)] = (w / w.max()).astype(np.float32)
-        batch_size = list(out[("index",)].shape)
-        if batch_size[0] != n:
-            raise RuntimeError(f"sample: assembled {batch_size[0]} rows, expected {n}")
-        return arrays_to_tensordict(out, batch_size)
+            refs = [ref for request in queue for ref in request.pending]
+            if refs:
+                ray.wait(refs, num_returns=len(refs), timeout=self._timeout_s)
 
     # -- priorities and stats ------------------------------------------------------------
 
     def update_priority(self, index: torch.Tensor | np.ndarray | list[int],
-                        priority: torch.Tensor | np.ndarray | list[float]) -> None:
-        """Set priorities of rows by global index; each goes to its own shard.
+                        priority: torch.Tensor | np.ndarray | list[float]) -> int:
+        """Set priorities of rows by global index; returns how many rows were skipped.
 
-        Every index and priority is checked before anything is sent, so a bad call
-        changes nothing.
+        Each index goes to its own shard. Everything a shard could refuse is checked
+        before anything is sent, so a refused call changes no priority on any shard;
+        rows overwritten since they were sampled are skipped (and counted), not refused.
+        ``priority_routing`` states the exact semantics, and the one race in which a
+        shard can still refuse its part.
+
+        Args:
+            index: int64 ``[n]`` (or a scalar), as ``sample`` or ``extend`` returned it.
+            priority: ``[n]`` (or a scalar), finite and >= 0.
+
+        Returns:
+            Rows skipped over all shards because they were overwritten.
 
         Raises:
-            StaleIndexError: an index that no shard of this buffer issued, or of a row
-                overwritten since.
-            ValueError: priorities negative, NaN or inf, or not one per index.
+            ValueError: priorities NaN, inf, negative or above a shard's limit, or not
+                one per index (nothing sent).
+            StaleIndexError: a negative index, one naming no shard of this buffer, one
+                of an earlier buffer under this name or of another buffer, or one of a
+                row never written (nothing sent).
+            ShardUnavailable: a shard is gone or did not answer in time.
         """
-        idx = np.asarray(index.cpu() if isinstance(index, torch.Tensor) else index).astype(np.int64)
-        prio = np.asarray(priority.detach().cpu() if isinstance(priority, torch.Tensor) else priority,
-                          dtype=np.float64)
-        if idx.shape != prio.shape:
-            raise ValueError(
-                f"update_priority: {prio.size} priorities (shape {list(prio.shape)}) for "
-                f"{idx.size} indices (shape {list(idx.shape)}); pass one priority per index"
-            )
-        idx, prio = idx.reshape(-1), prio.reshape(-1)
-        bad = ~np.isfinite(prio) | (prio < 0)
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            raise ValueError(
-                f"update_priority: priority[{i}]={float(prio[i])!r} is not a finite number >= 0"
-            )
-        shards = self._ensure()
-        shard_of = idx >> SHARD_SHIFT
-        wrong = (idx < 0) | (shard_of >= len(shards))
-        if wrong.any():
-            i = int(np.flatnonzero(wrong)[0])
-            raise StaleIndexError(
-                f"update_priority: index[{i}]={int(idx[i])} names shard {int(shard_of[i])}, but "
-                f"buffer {self.name!r} has shards 0..{len(shards) - 1}; pass the 'index' of a "
-                f"batch sampled from this buffer"
-            )
-        refs, order = [], []
-        for k in np.unique(shard_of):
-            sel = shard_of == k
-            refs.append(shards[k].handle.update_priority.remote(idx[sel] & _LOCAL_MASK, prio[sel]))
-            order.append(int(k))
-        states = self._gather(refs, order, "update_priority", time.monotonic() + self._timeout_s)
-        for k, state in zip(order, states):
-            self._note_state(k, state)  # the next split sees the new masses
+        idx, prio = parse_update(index, priority)
+        if len(idx) == 0:
+            return 0
+        generation = self._generation
+        try:
+            return self._update_priority(idx, prio)
+        except ShardUnavailable:
+            if self._generation == generation:
+                raise
+            # a shard was stopped for good: the buffer may run again under this name, so
+            # connect and check the indices against it (they may belong to the old one)
+            return self._update_priority(idx, prio)
+
+    def _update_priority(self, idx: np.ndarray, prio: np.ndarray) -> int:
+        table = self._ensure()
+        parts = check_update(table, idx, prio, lambda ks: self._refresh_states(table, ks))
+        shards = sorted(parts)
+        refs = [table[k].handle.update_priority.remote(*parts[k]) for k in shards]
+        try:
+            outs = self._gather(refs, shards, "update_priority")
+        except (ValueError, IndexError) as e:  # a shard refused in a race (priority_routing)
+            done = [k for k, out in zip(shards, answers(refs)) if out is not None]
+            if not done:
+                raise
+            raise with_stored(e, [f"shard(s) {done} stored their part of this update"]) from e
+        for k, out in zip(shards, outs):
+            table.note_state(k, out["state"])  # the next split sees the new masses
+        return int(sum(out["skipped"] for out in outs))
+
+    def _refresh_states(self, table: ShardTable, shards: list[int]) -> None:
+        states = self._gather([table[k].handle.state.remote() for k in shards], shards, "update_priority")
+        for k, state in zip(shards, states):
+            table.note_state(k, state)
 
     def stats(self) -> dict[str, Any]:
         """Per-shard and total numbers: ``{"total": {...}, "shards": [{...}, ...]}``.
 
         A shard that does not answer within the client's ``timeout_s`` appears as
-        ``{"shard": k, "error": "..."}`` and is left out of the totals.
+        ``{"shard": k, "error": "..."}`` and is left out of the totals. With the
+        buffer-wide limiter, ``total["buffer_rate_limiter"]`` is its state (shard 0's).
         """
         import ray
 
-        shards = self._ensure()
-        refs = [s.handle.stats.remote() for s in shards]
+        table = self._ensure()
+        refs = [e.handle.stats.remote() for e in table.entries]
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self._timeout_s)
         rows: list[dict[str, Any]] = []
         for k, ref in enumerate(refs):
@@ -549,28 +424,29 @@ class BufferClient:
                 continue
             try:
                 rows.append(ray.get(ref))
-                self._note_state(k, {"size": rows[-1]["size"], "mass": rows[-1]["priority_mass"]})
+                row = rows[-1]
+                table.note_state(k, {"size": row["size"], "mass": row["priority_mass"],
+                                     "total_inserted": row["total_inserted"],
+                                     "index_tag": row["index_tag"]})
             except Exception as e:
                 rows.append({"shard": k, "error": f"{type(e).__name__}: {e}".splitlines()[0]})
         return {"total": _totals(self.name, rows), "shards": rows}
 
     def __len__(self) -> int:
-        shards = self._ensure()
-        states = self._gather([s.handle.state.remote() for s in shards], list(range(len(shards))),
-                              "len", time.monotonic() + self._timeout_s)
+        table = self._ensure()
+        states = self._gather([e.handle.state.remote() for e in table.entries],
+                              list(range(len(table))), "len")
         for k, st in enumerate(states):
-            self._note_state(k, st)
+            table.note_state(k, st)
         return int(sum(st["size"] for st in states))
 
     # -- internals -----------------------------------------------------------------------
 
-    def _note_state(self, k: int, state: dict[str, Any]) -> None:
-        shards = self._shards
-        if shards is None or k >= len(shards):
-            return  # forgotten after a death: the next call reconnects
-        shard = shards[k]
-        shard.size, shard.mass = int(state["size"]), float(state["mass"])
-        shard.down_since, shard.ping = None, None
+    def _gather(self, refs: list[Any], shards: list[int], what: str,
+                deadline: float | None = None) -> list[Any]:
+        if deadline is None:
+            deadline = time.monotonic() + self._timeout_s
+        return gather(self.name, refs, shards, what, deadline, self._forget_if_gone)
 
     def _forget_if_gone(self, error: Exception) -> None:
         """After a shard died for good (stopped, not restarting), look the buffer up by
@@ -580,77 +456,7 @@ class BufferClient:
         if isinstance(error, ActorDiedError):
             with self._lock:
                 self._shards = None
-
-    def _mark_down(self, k: int) -> None:
-        shard = self._ensure()[k]
-        if shard.down_since is None:
-            log.warning("buffer %r: shard %d is down; sampling from the others", self.name, k)
-            shard.down_since = time.monotonic()
-        shard.ping = None
-
-    def _probe(self, k: int) -> bool:
-        """For a shard marked down: True once a liveness ping has come back."""
-        import ray
-
-        shard = self._ensure()[k]
-        if shard.ping is None:
-            if time.monotonic() - (shard.down_since or 0.0) < _DOWN_RETRY_S:
-                return False
-            shard.ping = shard.handle.ping.options(max_task_retries=0).remote()
-        ready, _ = ray.wait([shard.ping], timeout=0)
-        if not ready:
-            return False
-        try:
-            ray.get(shard.ping)
-        except Exception:
-            shard.down_since, shard.ping = time.monotonic(), None
-            return False
-        shard.down_since, shard.ping = None, None
-        return True
-
-    def _gather(self, refs: list[Any], shards: list[int], what: str, deadline: float) -> list[Any]:
-        """``ray.get`` of per-shard refs with a deadline, errors in rlfleet's words."""
-        import ray
-        from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
-
-        try:
-            return ray.get(refs, timeout=max(0.0, deadline - time.monotonic()))
-        except GetTimeoutError:
-            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
-            missing = [k for k, r in zip(shards, refs) if r not in ready]
-            raise ShardUnavailable(
-                f"buffer {self.name!r}: {what}: shard(s) {missing} did not answer in time; "
-                f"they may be restarting or overloaded, retry later"
-            ) from None
-        except (RayTaskError, RayActorError):
-            # find the shard that failed, in order, once all have answered
-            ray.wait(refs, num_returns=len(refs), timeout=max(0.0, deadline - time.monotonic()))
-        out = []
-        for k, ref in zip(shards, refs):
-            try:
-                out.append(ray.get(ref, timeout=max(0.0, deadline - time.monotonic())))
-            except GetTimeoutError:
-                raise ShardUnavailable(
-                    f"buffer {self.name!r}: {what}: shard {k} did not answer in time; it may "
-                    f"be restarting or overloaded, retry later"
-                ) from None
-            except RayTaskError as e:
-                raise _cause(e) from e
-            except RayActorError as e:
-                self._forget_if_gone(e)
-                extra = (" The rows may or may not have been stored; a retry could store "
-                         "them twice.") if what == "extend" else ""
-                raise ShardUnavailable(
-                    f"buffer {self.name!r}: {what}: shard {k} died during the call "
-                    f"({type(e).__name__}).{extra}"
-                ) from e
-        return out
-
-
-def _cause(e: Exception) -> BaseException:
-    """The exception a shard raised, without Ray's wrapper (same type, same message)."""
-    cause = getattr(e, "cause", None)
-    return cause if isinstance(cause, BaseException) else e
+                self._generation += 1
 
 
 def _check_n(n: object) -> None:
@@ -659,9 +465,11 @@ def _check_n(n: object) -> None:
 
 
 _SUMMED = ("size", "capacity", "total_inserted", "inserts", "samples", "bytes_on_disk",
-           "priority_mass", "inserts_per_s", "samples_per_s")
-_LIMITER_SUMMED = ("insert_waits", "sample_waits", "insert_wait_s", "sample_wait_s",
-                   "insert_timeouts", "sample_timeouts", "inserts_waiting", "samples_waiting")
+           "priority_mass", "inserts_per_s", "samples_per_s", "priority_updates",
+           "priority_updates_skipped")
+_LIMITER_SUMMED = ("inserts", "samples", "insert_waits", "sample_waits", "insert_wait_s",
+                   "sample_wait_s", "insert_timeouts", "sample_timeouts", "inserts_waiting",
+                   "samples_waiting")
 
 
 def _totals(name: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -670,33 +478,14 @@ def _totals(name: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
     for key in _SUMMED:
         values = [r[key] for r in up if r.get(key) is not None]
         total[key] = sum(values) if values else 0
-    limiter: dict[str, Any] = {}
-    for key in _LIMITER_SUMMED:
-        limiter[key] = sum(r["rate_limiter"][key] for r in up)
-    total["rate_limiter"] = limiter
+    total["rate_limiter"] = {key: sum(r["rate_limiter"][key] for r in up) for key in _LIMITER_SUMMED}
+    wide = next((r["buffer_rate_limiter"] for r in up if "buffer_rate_limiter" in r), None)
+    if wide is not None:
+        total["buffer_rate_limiter"] = wide
     return total
 
 
-def _ensure_ray(address: str | None) -> None:
-    import ray
+def _ensure_ray(address: str | None, timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S) -> None:
+    """Join the cluster when Ray is not initialised here: ``init_ray``'s rule and bound."""
+    init_ray(address, namespace=NAMESPACE, timeout_s=timeout_s)
 
-    if ray.is_initialized():
-        return
-    try:
-        ray.init(address=address or "auto", namespace=NAMESPACE, log_to_driver=False)
-    except ConnectionError as e:
-        raise ConnectionError(
-            f"BufferClient: no Ray cluster at address={address or 'auto'!r}: {e}. Start one "
-            f"with `ray start --head`, set RAY_ADDRESS (and RAY_AUTH_MODE=token), or pass "
-            f"address=; if the cluster runs, check that RAY_AUTH_TOKEN (or ~/.ray/auth_token) "
-            f"holds the cluster's token"
-        ) from e
-    except Exception as e:
-        if type(e).__name__ != "AuthenticationError":  # ray.exceptions, 2.5x and later
-            raise
-        raise ConnectionError(
-            f"BufferClient: the Ray cluster at address={address or 'auto'!r} refused this "
-            f"process: it requires the cluster's auth token ({e}). Set RAY_AUTH_TOKEN to the "
-            f"token, or copy the cluster's ~/.ray/auth_token to this machine, with "
-            f"RAY_AUTH_MODE=token"
-        ) from e

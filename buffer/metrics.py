@@ -56,7 +56,18 @@ class ShardMetrics:
             boundaries=_LATENCY_BOUNDARIES,
             tag_keys=keys,
         )
-        for m in (self.items, self.bytes, self.inserts, self.samples, self.latency):
+        self.priority_updates = metrics.Counter(
+            "rlfleet_buffer_priority_updates",
+            description="rows whose priority update the shard stored", tag_keys=keys,
+        )
+        self.priority_updates_skipped = metrics.Counter(
+            "rlfleet_buffer_priority_updates_skipped",
+            description="rows whose priority update the shard skipped: overwritten since "
+                        "they were sampled",
+            tag_keys=keys,
+        )
+        for m in (self.items, self.bytes, self.inserts, self.samples, self.latency,
+                  self.priority_updates, self.priority_updates_skipped):
             m.set_default_tags(tags)
         self.wait.set_default_tags(tags)
 
@@ -73,6 +84,13 @@ class ShardMetrics:
         if wait_s > 0:
             self.wait.observe(wait_s, tags={"side": "sample"})
         self.latency.observe(latency_s)
+
+    def priorities_updated(self, stored: int, skipped: int) -> None:
+        """Count one priority update: ``stored`` rows set, ``skipped`` overwritten ones."""
+        if stored:
+            self.priority_updates.inc(stored)
+        if skipped:
+            self.priority_updates_skipped.inc(skipped)
 
     def timed_out(self, side: str, wait_s: float) -> None:
         """Record a wait that ended in a timeout."""

@@ -1,10 +1,10 @@
-"""Reverb-style rate limiter: one per shard, blocking the side that runs ahead.
+"""Reverb-style rate limiter: the rules, and one limiter's counts.
 
 Runs inside a shard actor (or anywhere a ``ReplayBuffer`` is shared by threads). It
 counts rows, not calls: ``inserts`` rows written and ``samples`` rows handed out since
 the limiter started. Two rules, as in Reverb's ``SampleToInsertRatio``:
 
-- sampling waits until the shard holds ``min_size_to_sample`` rows (at least one);
+- sampling waits until the buffer holds ``min_size_to_sample`` rows (at least one);
 - with ``samples_per_insert`` set, the deficit ``d = samples_per_insert * inserts -
   samples`` is kept near its centre ``c = samples_per_insert * min_size_to_sample``,
   within ``error_margin`` rows either side.
@@ -17,6 +17,19 @@ from the far side (a sample when ``d >= c``, an insert when ``d < c``). Exactly 
 is always admitted, so a writer and a sampler never wait for each other forever, and
 ``|d - c|`` never exceeds ``max(error_margin, largest batch)``: with a margin at least
 as large as the batches, the ratio holds within the margin.
+
+Which rows one limiter counts (the contract of a sharded service):
+
+- ``samples_per_insert`` set and more than one shard: **one limiter for the whole
+  buffer**. Shard 0 keeps it; every other shard forwards each acquire and cancel, and
+  its size after each write, to shard 0 (``shared_limiter.py``). So over the buffer,
+  ``samples_per_insert * inserted - sampled`` stays within ``error_margin`` (or the
+  largest batch) of its centre, whichever shards the writers and samplers use: a shard
+  that holds rows but gets no inserts still serves its share of samples, paid for by the
+  inserts into the others. ``min_size_to_sample`` counts the buffer's total rows.
+- otherwise (one shard, or no ratio): each shard has its own limiter and
+  ``min_size_to_sample`` counts that shard's rows. Nothing crosses shards, so the common
+  path costs no extra call.
 
 Loop that drives it (the shard actor)::
 
@@ -51,10 +64,11 @@ class RateLimiterSpec:
     """The limiter's settings, as ``ReplayService.launch(rate_limiter=...)`` takes them.
 
     Attributes:
-        min_size_to_sample: rows a shard holds before any sample is served (0 acts as 1:
-            an empty shard has nothing to sample).
-        samples_per_insert: target ratio of sampled rows to inserted rows; None turns
-            the ratio rule off (inserts never wait).
+        min_size_to_sample: rows held before any sample is served (0 acts as 1: an
+            empty buffer has nothing to sample): the buffer's total when the limiter is
+            buffer-wide (``samples_per_insert`` set, several shards), else each shard's own.
+        samples_per_insert: target ratio of sampled rows to inserted rows, over the whole
+            buffer; None turns the ratio rule off (inserts never wait).
         error_margin: tolerance around the ratio, in sampled rows.
         timeout_s: default longest wait of one call before it raises.
     """
@@ -117,26 +131,30 @@ class RateLimiterSpec:
 
 
 class RateLimiter:
-    """Blocks inserts or samples of one shard to hold Reverb's rules.
+    """Blocks inserts or samples of one shard, or of a whole buffer, to hold Reverb's rules.
 
     Thread-safe: any number of threads may call ``acquire_*`` concurrently; waits use
     one ``threading.Condition``.
 
     Args:
         spec: the settings.
-        size: rows the shard already holds (a reopened shard). The limiter starts as if
-            they had just been inserted, with the ratio at its centre, so a restart
-            neither blocks the sampler nor grants it a burst.
+        size: rows already held (a reopened shard). The limiter starts as if they had
+            just been inserted, with the ratio at its centre, so a restart neither blocks
+            the sampler nor grants it a burst (``add_existing`` does the same for rows
+            learnt of later).
+        scope: what the limiter counts, for messages: ``"shard"`` or ``"buffer"``.
     """
 
-    def __init__(self, spec: RateLimiterSpec, *, size: int = 0) -> None:
+    def __init__(self, spec: RateLimiterSpec, *, size: int = 0, scope: str = "shard") -> None:
         spec.validate()
         self.spec = spec
+        self.scope = scope
         self._cond = threading.Condition()
         self._size = int(size)
-        self._inserts = float(size)
-        spi = spec.samples_per_insert
-        self._samples = 0.0 if spi is None else max(0.0, spi * (size - spec.min_size_to_sample))
+        self._existing = 0
+        self._inserts = 0.0
+        self._samples = 0.0
+        self._add_existing(int(size))
         self._insert_waits = 0
         self._sample_waits = 0
         self._insert_wait_s = 0.0
@@ -209,10 +227,31 @@ class RateLimiter:
             self._cond.notify_all()
 
     def set_size(self, size: int) -> None:
-        """Record the shard's committed row count (after a write) and wake waiters."""
+        """Record the committed row count (after a write) and wake waiters."""
         with self._cond:
             self._size = int(size)
             self._cond.notify_all()
+
+    def add_existing(self, rows: int) -> None:
+        """Count ``rows`` that were stored before this limiter started and that it learns
+        of only now (a shard's rows reported to a restarted buffer-wide limiter): credited
+        as the constructor credits ``size``, so the ratio sits where it would had they been
+        known at the start. Does not change ``size``; ``set_size`` does."""
+        with self._cond:
+            self._add_existing(int(rows))
+            self._cond.notify_all()
+
+    def _add_existing(self, rows: int) -> None:
+        # As if ``rows`` had been inserted and the samples they owe beyond the minimum
+        # size taken: d moves towards the centre, never past it.
+        if rows <= 0:
+            return
+        spi = self.spec.samples_per_insert or 0.0
+        over = max(0, self._existing + rows - self.spec.min_size_to_sample) \
+            - max(0, self._existing - self.spec.min_size_to_sample)
+        self._existing += rows
+        self._inserts += rows
+        self._samples += spi * over
 
     def state(self) -> dict[str, float | int | None]:
         """A snapshot of counters and settings (JSON-able)."""
@@ -301,6 +340,7 @@ class RateLimiter:
     def _timeout_error(self, side: str, count: int, timeout: float) -> TimeoutError:
         # called with the lock held: build the text without re-entering state()
         spi = self.spec.samples_per_insert
+        label = "rate limiter" if self.scope == "shard" else "buffer-wide rate limiter (on shard 0)"
         state = (
             f"size={self._size}, min_size_to_sample={self.spec.min_size_to_sample}, "
             f"inserted={self._total_inserts}, sampled={self._total_samples}"
@@ -312,17 +352,17 @@ class RateLimiter:
             )
         if side == "insert":
             return InsertTimeout(
-                f"insert of {count} rows waited {timeout:g}s (timeout_s) for the rate limiter: "
+                f"insert of {count} rows waited {timeout:g}s (timeout_s) for the {label}: "
                 f"{state}. Samplers are behind the samples_per_insert ratio; sample more, "
                 f"raise error_margin or timeout_s, or set samples_per_insert=None"
             )
         if self._size < self._min_size:
-            fix = (f"the shard holds {self._size} of the {self._min_size} rows needed; insert "
-                   f"more rows, lower min_size_to_sample, or raise timeout_s")
+            fix = (f"the {self.scope} holds {self._size} of the {self._min_size} rows needed; "
+                   f"insert more rows, lower min_size_to_sample, or raise timeout_s")
         else:
             fix = ("sampling is ahead of the samples_per_insert ratio; insert more rows, "
                    "raise error_margin or timeout_s")
         return SampleTimeout(
-            f"sample of {count} rows waited {timeout:g}s (timeout_s) for the rate limiter: "
+            f"sample of {count} rows waited {timeout:g}s (timeout_s) for the {label}: "
             f"{state}. {fix}"
         )

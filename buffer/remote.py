@@ -1,9 +1,13 @@
 """``ReplayShard``: the Ray actor shell over one shard directory.
 
-A shard is one ``ReplayBuffer`` directory on its node's local disk, one rate limiter,
-and the shard's metrics. The class is plain Python (tests drive it without Ray); the
-service wraps it with ``ray.remote`` as a threaded actor (``max_concurrency`` > 1) so a
-sample blocked by the rate limiter does not block inserts, stats or pings.
+Runs in the shard's actor process (``shard_actor_class`` itself runs on the driver that
+launches the service). A shard is one ``ReplayBuffer`` directory on its node's local
+disk, one rate limiter, and the shard's metrics. The class is plain Python (tests drive
+it without Ray); ``shard_actor_class`` wraps it with ``ray.remote`` as a threaded actor
+whose methods run in three concurrency groups: ``insert`` (``extend``), ``sample``
+(``sample``) and the default group for everything that never blocks (stats, pings,
+priority updates, the buffer-wide limiter's size reports and cancels). A side blocked by the rate limiter can
+take every thread of its own group, never one that the other side needs to release it.
 
 Ray restarts a dead shard by calling ``__init__`` again with the same arguments, so the
 constructor opens the directory when it already holds a buffer and creates it only
@@ -11,14 +15,23 @@ when it does not: a restarted shard serves exactly its committed rows.
 
 Everything that crosses Ray is numpy: ``extend`` takes ``{key_path: ndarray}`` (arrays
 arrive read-only from the object store; the buffer copies them into its files) and
-``sample`` returns the same shape of dict. Indices here are the shard's local indices;
-the client adds the shard number in the top bits.
+``sample`` returns the same shape of dict. Indices here are the shard's own: tagged
+with its ``index_tag``, shard bits 0 (``indices``); the client sets and clears the
+shard bits.
+
+With ``samples_per_insert`` set and several shards, the rate limiter is the buffer's:
+shard 0 keeps it and the others forward to it (``shared_limiter``); the
+``forwarded_*`` methods are that protocol.
+
+The module passes 400 lines because it is one actor class: serving, the limiter
+protocol and the concurrency groups all name the same methods.
 
 Thread-safe: every public method may run concurrently with the others.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -32,17 +45,59 @@ import numpy as np
 
 from rlfleet.buffer.rate_limiter import RateLimiter, RateLimiterSpec
 from rlfleet.buffer.replay_buffer import ReplayBuffer
+from rlfleet.buffer.shared_limiter import LimiterOwner, SharedLimiter, uses_shared_limiter
 
-__all__ = ["ReplayShard", "shard_actor_name"]
+__all__ = ["NAMESPACE", "ReplayShard", "shard_actor_class", "shard_actor_name"]
 
 log = logging.getLogger(__name__)
 
 Arrays = dict[tuple[str, ...], np.ndarray]
 
 
+NAMESPACE = "rlfleet"  # the Ray namespace of every shard actor
+
+# threads per concurrency group of a shard actor: blocked writers (insert), blocked
+# samplers (sample, forwarded ones included on shard 0); the default group's calls never
+# block, so a few threads serve them
+INSERT_CONCURRENCY = 32
+SAMPLE_CONCURRENCY = 32
+DEFAULT_CONCURRENCY = 8
+_METHOD_GROUPS = {
+    "extend": "insert",
+    "forwarded_acquire_insert": "insert",
+    "sample": "sample",
+    "forwarded_acquire_sample": "sample",
+}
+
+
 def shard_actor_name(buffer: str, shard: int) -> str:
     """The Ray actor name of shard ``shard`` of buffer ``buffer`` (namespace ``rlfleet``)."""
     return f"rlfleet:{buffer}:shard-{shard}"
+
+
+@functools.cache
+def shard_actor_class() -> Any:
+    """``ReplayShard`` as a Ray actor class with its concurrency groups (built once).
+
+    Needs Ray imported; ``max_concurrency`` in ``.options`` sizes the default group.
+    """
+    import ray
+
+    def in_group(name: str, group: str) -> Any:
+        plain = getattr(ReplayShard, name)
+
+        def method(self: ReplayShard, *args: Any, **kwargs: Any) -> Any:
+            return plain(self, *args, **kwargs)
+
+        # not functools.wraps: Ray follows __wrapped__ and would lose the group
+        method.__name__, method.__qualname__ = name, plain.__qualname__
+        method.__doc__ = plain.__doc__
+        return ray.method(concurrency_group=group)(method)
+
+    grouped = type("ReplayShard", (ReplayShard,),
+                   {name: in_group(name, group) for name, group in _METHOD_GROUPS.items()})
+    return ray.remote(concurrency_groups={"insert": INSERT_CONCURRENCY,
+                                          "sample": SAMPLE_CONCURRENCY})(grouped)
 
 
 class _Rates:
@@ -122,7 +177,14 @@ class ReplayShard:
                 self.path, capacity=capacity, sampler=sampler, durability=durability,
                 overcommit=overcommit, seed=seed,
             )
-        self.limiter = RateLimiter(self.limiter_spec, size=len(self.buffer))
+        self.limiter: RateLimiter | SharedLimiter
+        if uses_shared_limiter(self.limiter_spec, num_shards):
+            owner = LimiterOwner(self.limiter_spec, num_shards, len(self.buffer)) if shard == 0 else None
+            self.limiter = SharedLimiter(
+                self.limiter_spec, shard, len(self.buffer), owner=owner,
+                owner_handle=None if owner else functools.partial(_shard_handle, buffer, 0))
+        else:
+            self.limiter = RateLimiter(self.limiter_spec, size=len(self.buffer))
         self.metrics = None
         if export_metrics:
             from rlfleet.buffer.metrics import ShardMetrics
@@ -155,14 +217,20 @@ class ReplayShard:
             "sampler_type": self.buffer.sampler_type,
             "schema": self.buffer.schema,
             "rate_limiter": self.limiter_spec.to_mapping(),
+            "buffer_wide_limiter": isinstance(self.limiter, SharedLimiter),
+            # what a client checks a priority update against before sending it
+            "index_tag": self.buffer.index_tag,
+            "priority_limit": self.buffer.priority_limit,
         }
 
     def state(self) -> dict[str, Any]:
-        """The small, fast-changing numbers a client splits a batch by."""
+        """The small, fast-changing numbers a client splits a batch by, and checks a
+        priority update against (``total_inserted``, ``index_tag``)."""
         return {
             "size": len(self.buffer),
             "mass": float(self.buffer.priority_mass),
             "total_inserted": int(self.buffer.total_inserted),
+            "index_tag": self.buffer.index_tag,
         }
 
     def extend(self, arrays: Arrays, timeout_s: float | None = None) -> dict[str, Any]:
@@ -209,7 +277,10 @@ class ReplayShard:
         Returns:
             ``{"arrays": {key_path: ndarray [n, ...]} | None, "state": {...}}``; arrays
             include ``("index",)`` (local) and, when prioritized, ``("weight",)``
-            (unnormalised, computed against ``total_mass``/``total_size``).
+            (unnormalised, computed against ``total_mass``/``total_size``). With the
+            buffer-wide limiter, a shard that holds no row once the limiter admits the
+            call gives the admission back and answers ``{"arrays": None, "state": ...,
+            "short": n}``: the client draws those rows from the other shards.
 
         Raises:
             SampleTimeout: the rate limiter held the call past ``timeout_s``.
@@ -223,6 +294,10 @@ class ReplayShard:
                 if self.metrics is not None:
                     self.metrics.timed_out("sample", timeout_s or self.limiter_spec.timeout_s)
                 raise
+            if isinstance(self.limiter, SharedLimiter) and len(self.buffer) == 0:
+                # the buffer holds enough rows, but none of them here
+                self.limiter.cancel_sample(n)
+                return {"arrays": None, "state": self.state(), "short": n}
             try:
                 arrays = self.buffer.sample_arrays(n, total_mass=total_mass, total_size=total_size)
             except BaseException:
@@ -233,13 +308,23 @@ class ReplayShard:
         return {"arrays": arrays, "state": self.state()}
 
     def update_priority(self, index: np.ndarray, priority: np.ndarray) -> dict[str, Any]:
-        """Set priorities of local indices (idempotent); returns the new state.
+        """Set priorities by this shard's indices (idempotent), all or nothing.
 
-        Raises:
-            StaleIndexError: an index is not live here (nothing changed).
+        Rows overwritten since they were sampled are skipped and counted.
+
+        Returns:
+            ``{"state": {...}, "skipped": rows skipped}``.
+
+        Raises (with nothing stored):
+            ValueError: a priority NaN, inf, negative or above ``info()["priority_limit"]``.
+            StaleIndexError: an index of another buffer, of an earlier buffer at this
+                path, or of a row never written.
         """
-        self.buffer.update_priority(np.asarray(index), np.asarray(priority))
-        return self.state()
+        index = np.asarray(index)
+        skipped = int(self.buffer.update_priority(index, np.asarray(priority)))
+        if self.metrics is not None:
+            self.metrics.priorities_updated(index.size - skipped, skipped)
+        return {"state": self.state(), "skipped": skipped}
 
     def stats(self) -> dict[str, Any]:
         """Buffer stats, limiter state, rates, placement: one shard's row of ``status``."""
@@ -247,7 +332,10 @@ class ReplayShard:
         limiter = self.limiter.state()
         out.update(self._rates.rates({"inserts": limiter["inserts"], "samples": limiter["samples"]}))
         out["rate_limiter"] = limiter
-        out.update(shard=self.shard, node_id=_node_id(), pid=os.getpid(), path=str(self.path),
+        if isinstance(self.limiter, SharedLimiter) and self.limiter.owner is not None:
+            out["buffer_rate_limiter"] = self.limiter.buffer_state()
+        out.update(shard=self.shard, index_tag=self.buffer.index_tag, node_id=_node_id(),
+                   pid=os.getpid(), path=str(self.path),
                    uptime_s=time.time() - self._started, sampler_type=self.buffer.sampler_type)
         return out
 
@@ -270,7 +358,47 @@ class ReplayShard:
             pass
         log.info("%s: deleted %s", shard_actor_name(self.name, self.shard), self.path)
 
+    # -- the buffer-wide rate limiter, on shard 0 (see shared_limiter) -------------------
+
+    def forwarded_acquire_insert(self, shard: int, m: int, timeout_s: float | None,
+                                 size: int) -> float:
+        """Shard ``shard`` (holding ``size`` rows) asks to insert ``m`` rows; blocks until
+        admitted. Returns seconds waited.
+
+        Raises:
+            InsertTimeout: not admitted within ``timeout_s``; nothing counted.
+        """
+        return self._owner().acquire("insert", m, timeout_s, shard, size)
+
+    def forwarded_acquire_sample(self, shard: int, n: int, timeout_s: float | None,
+                                 size: int) -> float:
+        """Shard ``shard`` (holding ``size`` rows) asks to sample ``n`` rows; blocks until
+        admitted. Returns seconds waited.
+
+        Raises:
+            SampleTimeout: not admitted within ``timeout_s``; nothing counted.
+        """
+        return self._owner().acquire("sample", n, timeout_s, shard, size)
+
+    def forwarded_cancel(self, side: str, count: int, shard: int) -> None:
+        """Shard ``shard`` gives back an admission it did not use."""
+        self._owner().cancel(side, count, shard)
+
+    def forwarded_size(self, shard: int, size: int) -> None:
+        """Shard ``shard`` holds ``size`` rows now (sent after each of its writes)."""
+        self._owner().report_size(shard, size)
+
     # -- internals -----------------------------------------------------------------------
+
+    def _owner(self) -> LimiterOwner:
+        owner = getattr(self.limiter, "owner", None)
+        if owner is None:
+            raise RuntimeError(
+                f"{shard_actor_name(self.name, self.shard)} does not keep the buffer-wide "
+                f"rate limiter: only shard 0 of a service with samples_per_insert set and "
+                f"more than one shard does"
+            )
+        return owner
 
     def _refresh_loop(self, period_s: float = 1.0) -> None:
         while not self._closed.is_set():
@@ -294,6 +422,13 @@ def _clear_interrupted_create(path: Path) -> None:
     if path.is_dir() and {p.name for p in path.iterdir()} == {"header.bin"}:
         (path / "header.bin").unlink()
         log.warning("%s: removed the header of an interrupted create", path)
+
+
+def _shard_handle(buffer: str, shard: int) -> Any:
+    """The Ray handle of another shard of this service (inside a shard actor)."""
+    import ray
+
+    return ray.get_actor(shard_actor_name(buffer, shard), namespace=NAMESPACE)
 
 
 def _rows(arrays: Arrays) -> int:

@@ -1,17 +1,23 @@
 """Samplers: which rows of the committed window a ``sample`` call returns.
 
-Every sampler works on global row indices (row ``i`` lives in slot ``i % capacity``)
-and sees the window ``[start, end)`` the buffer hands it. The buffer calls every method
+Every sampler works on row counters (row ``i`` lives in slot ``i % capacity``; the
+buffer turns counters into tagged indices on the way out and back, ``indices``) and
+sees the window ``[start, end)`` the buffer hands it. The buffer calls every method
 under its lock except ``keep``, which runs after the lock is released and may read
 row data (the sequence sampler checks episode boundaries there). The loop that calls
-them, in ``ReplayBuffer.sample_arrays``::
+them, in ``window.Window`` and ``sampling.RowReader.sample``::
 
     with lock:   idx, extra = sampler.draw(n, start, end, rng)
     idx = sampler.keep(idx, n, columns)       # no lock: reads rows
     copy rows of idx                          # no lock
     with lock:   redraw rows evicted meanwhile (idx < start) or rejected
 
-``evict`` and ``commit`` keep per-row state (priorities, epochs) in step with writes.
+``evict`` and ``commit`` keep per-row state (priorities, epochs) in step with writes;
+``update`` stores priorities (``priorities`` says what it accepts and skips).
+
+Runs wherever the buffer lives; not thread-safe by themselves (the buffer's lock). The
+module passes 400 lines because it holds the four samplers and the spec they are parsed
+from, each short, behind one interface.
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from rlfleet.buffer.sumtree import SumTree, update_is_valid
+from rlfleet.buffer.priorities import split_update
+from rlfleet.buffer.sumtree import SumTree
 
 __all__ = [
     "PrioritizedSampler",
@@ -103,8 +110,9 @@ class Sampler:
         self.capacity = 0
 
     def bind(self, directory: Path, capacity: int, start: int, end: int, *, create: bool,
-             max_priority: float) -> None:
-        """Attach to a shard whose storage now exists (schema known)."""
+             max_priority: float, read_only: bool = False) -> None:
+        """Attach to a shard whose storage now exists (schema known). ``read_only``: never
+        write a file of ``directory`` (a buffer of an older format; see ``upgrade``)."""
         self.capacity = capacity
 
     def bind_columns(self, views: Mapping[tuple[str, ...], np.ndarray]) -> None:
@@ -130,12 +138,16 @@ class Sampler:
         least the first ``want`` of them; ``read(key, idx)`` gathers a column)."""
         return idx
 
-    def update(self, idx: np.ndarray, priority: np.ndarray, start: int, end: int, limit: float) -> float | None:
-        """Store new priorities (``[n]`` each, n >= 1) of indices in the window
-        ``[start, end)``, all or nothing: None, with nothing stored, when an index is
-        outside the window or a priority is not a finite number in ``[0, limit]``;
-        otherwise the largest priority. Samplers without priorities only check."""
-        return 0.0 if update_is_valid(idx, priority, start, end, limit) else None
+    def update(self, idx: np.ndarray, priority: np.ndarray, tag: int, start: int, end: int,
+               limit: float) -> tuple[float, int] | None:
+        """Store new priorities (``[n]`` each, n >= 1) of tagged indices (``indices``):
+        rows in the window ``[start, end)`` get theirs, rows overwritten since they were
+        sampled (counter below ``start``) are skipped. Returns the largest priority
+        stored (0.0 when none) and how many indices were skipped; None, with nothing
+        stored, when the update must be refused whole (``priorities``). Samplers without
+        priorities only check, and count what they would skip."""
+        split = split_update(idx, priority, tag, start, end, limit)
+        return None if split is None else (0.0, split[2])
 
     def mass(self, start: int, end: int) -> float:
         return float(end - start)
@@ -214,15 +226,20 @@ class PrioritizedSampler(Sampler):
         self.priorities: np.ndarray | None = None
 
     def bind(self, directory: Path, capacity: int, start: int, end: int, *, create: bool,
-             max_priority: float) -> None:
+             max_priority: float, read_only: bool = False) -> None:
         super().bind(directory, capacity, start, end, create=create, max_priority=max_priority)
         path = directory / "priorities.bin"
         fresh = create or not path.exists()
-        if fresh:
-            with open(path, "wb") as f:
-                f.truncate(capacity * 8)
-        self._map = np.memmap(path, dtype=np.float64, mode="r+", shape=(capacity,))
-        self.priorities = self._map.view(np.ndarray)  # plain view: no np.memmap overhead per call
+        if fresh and read_only:  # no file to map, none to create: priorities live in RAM
+            self._map = None
+            self.priorities = np.zeros(capacity, dtype=np.float64)
+        else:
+            if fresh:
+                with open(path, "wb") as f:
+                    f.truncate(capacity * 8)
+            # copy-on-write when read-only: what this process changes never reaches the file
+            self._map = np.memmap(path, dtype=np.float64, mode="c" if read_only else "r+", shape=(capacity,))
+            self.priorities = self._map.view(np.ndarray)  # plain view: no np.memmap overhead per call
         if fresh:  # rows already stored (a buffer switched to prioritized) start at the max
             for lo, hi in slot_ranges(start, end, capacity):
                 self.priorities[lo:hi] = max_priority
@@ -265,8 +282,11 @@ class PrioritizedSampler(Sampler):
         pick = rng.integers(0, int(keep.sum()), size=n)
         return idx[keep][pick], leaf[keep][pick]
 
-    def update(self, idx: np.ndarray, priority: np.ndarray, start: int, end: int, limit: float) -> float | None:
-        return self.tree.update_rows(self.priorities, idx, priority, self.alpha, start, end, limit)
+    def update(self, idx: np.ndarray, priority: np.ndarray, tag: int, start: int, end: int,
+               limit: float) -> tuple[float, int] | None:
+        if self.tree is None:  # no row written yet (the schema is not fixed): refuse
+            return None
+        return self.tree.update_rows(self.priorities, idx, priority, self.alpha, tag, start, end, limit)
 
     def mass(self, start: int, end: int) -> float:
         return self.tree.total if self.tree is not None else 0.0

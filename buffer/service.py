@@ -13,6 +13,10 @@ restarted shard must come back where its files are, not wherever Ray finds room.
 Actors restart without limit (``max_restarts=-1``) and reopen their directory. Calls
 that are safe to repeat (sample, stats, update_priority) are retried by Ray across a
 restart; ``extend`` is not, since a retry after a commit would insert the rows twice.
+Each shard is a threaded actor whose inserts, samples and other calls run in separate
+concurrency groups (``remote.py``), so a side the rate limiter holds never starves the
+other. A service has at most ``MAX_SHARDS`` (128) shards: every index stores its shard
+number in 7 bits (``indices``).
 
 Not thread-safe: launch and shutdown one service from one thread.
 """
@@ -27,22 +31,20 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rlfleet.buffer.cluster import DEFAULT_CONNECT_TIMEOUT_S, init_ray
 from rlfleet.buffer.errors import BufferNotFound
+from rlfleet.buffer.indices import MAX_SHARDS
 from rlfleet.buffer.rate_limiter import RateLimiterSpec
-from rlfleet.buffer.remote import ReplayShard, shard_actor_name
+from rlfleet.buffer.remote import DEFAULT_CONCURRENCY, NAMESPACE, shard_actor_class, shard_actor_name
 from rlfleet.buffer.storage import parse_capacity
 
 if TYPE_CHECKING:
     from rlfleet.buffer.client import BufferClient
 
-__all__ = ["NAMESPACE", "ReplayService", "running_buffers", "validate_name"]
+__all__ = ["MAX_SHARDS", "NAMESPACE", "ReplayService", "running_buffers", "validate_name"]
 
 log = logging.getLogger(__name__)
 
-NAMESPACE = "rlfleet"
-MAX_SHARDS = 127  # the shard number takes the 7 bits above a 56-bit local index
-# threads per shard actor: blocked samplers and writers, plus stats and pings
-_SHARD_CONCURRENCY = 32
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _SHARD_RE = re.compile(r"^rlfleet:(?P<buffer>.+):shard-(?P<shard>\d+)$")
 
@@ -142,21 +144,27 @@ class ReplayService:
     ) -> "ReplayService":
         """Start the shards of buffer ``name``, or reattach to them if they run.
 
-        Runs on the driver with Ray initialised. A directory that already holds a
-        shard is reopened with its data (relaunching after ``shutdown`` resumes).
+        Runs on the driver. Uses this process's Ray; when Ray is not initialised it
+        joins the cluster named by ``RAY_ADDRESS`` (``rlfleet.buffer.init_ray``, the
+        same bounded join as ``BufferClient.connect``) and raises ``ClusterConnectError``
+        without one: call ``ray.init(address=...)`` first. A directory that already
+        holds a shard is reopened with its data (relaunching after ``shutdown`` resumes).
 
         Args:
             name: the buffer's name (see ``validate_name``).
             path: the buffer's directory; shard ``k`` uses ``<path>/shard-<k>`` on the
                 disk of the node it runs on. Made absolute here.
             capacity: total rows, or a size string ("500GB"), split evenly over shards.
-            num_shards: shard actors, 1 to 127.
+            num_shards: shard actors, 1 to ``MAX_SHARDS`` (128).
             sampler: ``"uniform"``, ``"without_replacement"``, ``"prioritized"``,
                 ``"sequence"``, or a mapping such as ``{"type": "prioritized",
                 "alpha": 0.6, "beta": 0.4}``.
-            rate_limiter: per-shard limiter settings (``min_size_to_sample``,
+            rate_limiter: limiter settings (``min_size_to_sample``,
                 ``samples_per_insert``, ``error_margin``, ``timeout_s``); None: no
-                limits beyond a non-empty shard.
+                limits beyond a non-empty shard. With ``samples_per_insert`` and several
+                shards the limiter is buffer-wide (kept by shard 0): the ratio and
+                ``min_size_to_sample`` hold for the buffer as a whole. Otherwise each
+                shard applies ``min_size_to_sample`` to its own rows.
             durability: ``"process"`` or ``"fsync"``.
             placement: ``"spread"`` (over nodes) or ``"pack"`` (all on this node).
             nodes: the node id of each shard (``num_shards`` ids), overriding
@@ -176,8 +184,9 @@ class ReplayService:
         if isinstance(num_shards, bool) or not isinstance(num_shards, int) \
                 or not 1 <= num_shards <= MAX_SHARDS:
             raise ValueError(
-                f"num_shards={num_shards!r}: must be an int in [1, {MAX_SHARDS}] "
-                f"(the shard number is stored in 7 bits of every index)"
+                f"num_shards={num_shards!r}: must be an int in [1, {MAX_SHARDS}] (every "
+                f"index stores its shard number in {MAX_SHARDS.bit_length() - 1} bits); use "
+                f"fewer, larger shards"
             )
         if placement not in ("spread", "pack"):
             raise ValueError(f"placement={placement!r}: must be 'spread' or 'pack'")
@@ -190,11 +199,9 @@ class ReplayService:
             raise ValueError(f"durability={durability!r}: must be 'process' or 'fsync'")
         limiter = RateLimiterSpec.from_mapping(rate_limiter).to_mapping()
         capacities = _split_capacity(capacity, num_shards)
-        if not ray.is_initialized():
-            raise RuntimeError(
-                "ReplayService.launch: Ray is not initialised in this process; call "
-                "ray.init(...) first (or use `rlfleet serve CONFIG`)"
-            )
+        # Ray not initialised: join RAY_ADDRESS's cluster, bounded, as BufferClient.connect
+        # does; with no RAY_ADDRESS this raises, naming ray.init(address=...) as the fix.
+        init_ray(None, namespace=NAMESPACE, timeout_s=min(timeout_s, DEFAULT_CONNECT_TIMEOUT_S))
         root = Path(path).expanduser().absolute()
 
         running = running_buffers().get(name)
@@ -203,7 +210,7 @@ class ReplayService:
 
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        actor_class = ray.remote(ReplayShard)
+        actor_class = shard_actor_class()
         handles = []
         for k, node in enumerate(nodes if nodes is not None else _nodes_for(placement, num_shards)):
             options: dict[str, Any] = dict(
@@ -211,7 +218,7 @@ class ReplayService:
                 namespace=NAMESPACE,
                 max_restarts=-1,
                 max_task_retries=-1,
-                max_concurrency=_SHARD_CONCURRENCY,
+                max_concurrency=DEFAULT_CONCURRENCY,  # the default group; see remote.py
                 num_cpus=0,
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
                 get_if_exists=True,

@@ -3,20 +3,24 @@
 A shard directory holds::
 
     meta.json       what never changes per write: format version, schema, capacity,
-                    sampler, durability (JSON, replaced atomically by rename)
-    header.bin      eight 64-bit words; words 2 and 3 are the committed window
-                    ``[start, end)`` of global row indices (``end`` is total inserted)
+                    sampler, durability, index tag (JSON, replaced atomically by rename)
+    header.bin      eight 64-bit words: magic, format version, the committed window
+                    ``[start, end)`` of row counters (``end`` is total inserted), and
+                    the max priority (a float64)
     data/           a tensordict memmap directory, one ``<key>.memmap`` file per leaf,
                     created sparse at full capacity (``TensorDict.load_memmap`` opens it)
     priorities.bin  float64 ``[capacity]`` raw priorities (prioritized sampler only)
 
 Row ``i`` lives in slot ``i % capacity``. A store of one aligned 8-byte word into the
 mapped header is atomic with respect to a process crash, which is what makes a commit
-cost nanoseconds; the order of those stores (see ``ReplayBuffer.extend``) is what keeps
-torn rows invisible.
+cost nanoseconds; the order of those stores (see ``ReplayBuffer``) is what keeps torn
+rows invisible. Format 2 is this layout with TorchRL's keys; a format 1 directory
+(reward and flags at the root) opens read-only, its maps copy-on-write (``upgrade``).
 
 Everything here runs wherever the buffer lives (driver or shard actor). Nothing here
-locks: ``ReplayBuffer`` serialises writers and guards the window.
+locks: ``ReplayBuffer`` serialises writers and guards the window. The module passes 400
+lines because it is the whole on-disk format in one place: the files, and the schema
+and metadata they record.
 """
 
 from __future__ import annotations
@@ -26,7 +30,6 @@ import json
 import logging
 import mmap
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -34,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from rlfleet.buffer.capacity import MAX_ROWS, human_bytes, parse_capacity  # re-exported
 from rlfleet.buffer.errors import BufferFormatError, SchemaMismatch
 
 __all__ = [
@@ -43,7 +47,6 @@ __all__ = [
     "Schema",
     "check_arrays",
     "format_key",
-    "free_disk_bytes",
     "human_bytes",
     "parse_capacity",
     "read_meta",
@@ -52,62 +55,21 @@ __all__ = [
     "schema_from_arrays",
     "schema_from_json",
     "schema_to_json",
+    "write_memmap_layout",
     "write_meta",
 ]
 
 logger = logging.getLogger(__name__)
 
 FORMAT_NAME = "rlfleet.buffer"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: reward and flags at the root, read-only here (see ``upgrade``)
 HEADER_MAGIC = 0x524C464C45455431  # "RLFLEET1"
+RESERVE_AHEAD_BYTES = 64 * 2**20  # disk blocks reserved ahead of the write cursor
 HEADER_WORDS = 8
 H_MAGIC, H_VERSION, H_START, H_END, H_MAX_PRIORITY = 0, 1, 2, 3, 4
 
 # key path -> (per-row shape, numpy dtype)
 Schema = dict[tuple[str, ...], tuple[tuple[int, ...], np.dtype]]
-
-_UNITS = {
-    "b": 1,
-    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "pb": 10**15,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "pib": 2**50,
-}
-_SIZE_RE = re.compile(r"^\s*([0-9][0-9_]*(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
-MAX_ROWS = 2**62
-
-
-def parse_capacity(capacity: int | str) -> tuple[int | None, int | None]:
-    """Split a capacity into ``(rows, bytes)``; exactly one of them is not None.
-
-    ``1_000_000`` or ``"1000000"`` are rows; ``"500GB"`` (10**9) or ``"2TiB"`` (2**40)
-    are bytes of row data.
-    """
-    if isinstance(capacity, bool) or not isinstance(capacity, (int, str)):
-        raise ValueError(
-            f"capacity={capacity!r}: expected a row count (int) or a size string such as "
-            f"'500GB' or '2TiB'"
-        )
-    if isinstance(capacity, int):
-        rows = capacity
-    else:
-        m = _SIZE_RE.match(capacity)
-        if m is None or m.group(2).lower() not in _UNITS | {"": 1}:
-            raise ValueError(
-                f"capacity={capacity!r}: not a row count or a size; write e.g. 1000000, "
-                f"'500GB' or '2TiB' (units: {', '.join(sorted(_UNITS))})"
-            )
-        number, unit = m.group(1).replace("_", ""), m.group(2).lower()
-        if unit:
-            nbytes = int(float(number) * _UNITS[unit])
-            if nbytes < 1:
-                raise ValueError(f"capacity={capacity!r}: must be at least 1 byte")
-            return None, nbytes
-        if "." in number:
-            raise ValueError(f"capacity={capacity!r}: a row count must be a whole number")
-        rows = int(number)
-    if not 1 <= rows < MAX_ROWS:
-        raise ValueError(f"capacity={capacity!r}: row count must be in [1, 2**62)")
-    return rows, None
-
 
 def format_key(key: tuple[str, ...]) -> str:
     """``("next", "observation")`` -> ``'next.observation'`` for messages."""
@@ -270,10 +232,12 @@ def read_meta(directory: Path) -> dict[str, Any]:
 class Header:
     """The memmapped 64-byte header: magic, version, committed window, max priority.
 
-    Thread-safety: plain loads and stores; the caller serialises writers.
+    ``read_only`` maps it copy-on-write: stores change this process's view, never the
+    file (a buffer of an older format, opened read-only). Thread-safety: plain loads and
+    stores; the caller serialises writers.
     """
 
-    def __init__(self, path: Path, *, create: bool = False) -> None:
+    def __init__(self, path: Path, *, create: bool = False, read_only: bool = False) -> None:
         self.path = path
         if create:
             with open(path, "wb") as f:
@@ -293,10 +257,23 @@ class Header:
                 f"open: header {path} is missing or not {HEADER_WORDS * 8} bytes; the buffer "
                 f"directory is damaged"
             )
-        self._map = np.memmap(path, dtype=np.int64, mode="r+", shape=(HEADER_WORDS,))
+        self._map = np.memmap(path, dtype=np.int64, mode="c" if read_only else "r+", shape=(HEADER_WORDS,))
         if int(self._map[H_MAGIC]) != HEADER_MAGIC:
             raise BufferFormatError(f"open: header {path} has a wrong magic number; damaged buffer")
+        if not 1 <= self.version <= FORMAT_VERSION:
+            raise BufferFormatError(
+                f"open: header {path} says format version {self.version}; this rlfleet reads "
+                f"versions 1..{FORMAT_VERSION}: the buffer is damaged, or newer than this rlfleet"
+            )
         self._max_priority = self._map[H_MAX_PRIORITY : H_MAX_PRIORITY + 1].view(np.float64)
+
+    @property
+    def version(self) -> int:
+        return int(self._map[H_VERSION])
+
+    @version.setter
+    def version(self, value: int) -> None:
+        self._map[H_VERSION] = value
 
     @property
     def start(self) -> int:
@@ -335,19 +312,37 @@ def _aligned_range(offset: int, length: int) -> tuple[int, int]:
     return lo, offset + length - lo
 
 
+def write_memmap_layout(directory: Path, schema: Schema, capacity: int) -> None:
+    """Create a tensordict memmap directory for ``schema`` at ``capacity`` rows: sparse
+    ``<key>.memmap`` files plus the metadata files tensordict writes beside them (what
+    ``TensorDict.load_memmap`` reads). No row data is written."""
+    from tensordict import TensorDict
+
+    nested: dict[str, Any] = {}
+    for key, (shape, dtype) in schema.items():
+        node = nested
+        for part in key[:-1]:
+            node = node.setdefault(part, {})
+        one = torch.from_numpy(np.zeros((1, *shape), dtype=dtype))
+        node[key[-1]] = one.expand(capacity, *shape)
+    TensorDict(nested, batch_size=[capacity]).memmap_like(str(directory))
+
+
 class MemmapColumns:
     """The data memmaps of one shard: numpy views ``[capacity, *shape]`` per key.
 
+    ``read_only`` maps the files copy-on-write (nothing this process does reaches them).
     Runs wherever the buffer lives. Not thread-safe by itself; ``write`` and ``gather``
     on disjoint slots may run concurrently (plain memory copies).
     """
 
-    def __init__(self, data_dir: Path, schema: Schema, capacity: int) -> None:
+    def __init__(self, data_dir: Path, schema: Schema, capacity: int, *, read_only: bool = False) -> None:
         self.data_dir = data_dir
         self.schema = schema
         self.capacity = capacity
         self.arrays: dict[tuple[str, ...], np.memmap] = {}
         self.files: dict[tuple[str, ...], Path] = {}
+        self.reserved = 0  # disk blocks of slots below this are allocated (``reserve_ahead``)
         for key, (shape, dtype) in schema.items():
             path = data_dir.joinpath(*key[:-1], f"{key[-1]}.memmap")
             expected = capacity * int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
@@ -357,7 +352,8 @@ class MemmapColumns:
                     f"directory is damaged"
                 )
             self.files[key] = path
-            self.arrays[key] = np.memmap(path, dtype=dtype, mode="r+", shape=(capacity, *shape))
+            self.arrays[key] = np.memmap(path, dtype=dtype, mode="c" if read_only else "r+",
+                                         shape=(capacity, *shape))
             _advise_huge_pages(self.arrays[key])
         # plain ndarray views of the maps: slicing an np.memmap runs its Python-level
         # __getitem__/__array_finalize__, which costs more than a small batch's copy
@@ -367,20 +363,11 @@ class MemmapColumns:
     @classmethod
     def create(cls, data_dir: Path, schema: Schema, capacity: int) -> "MemmapColumns":
         """Create the tensordict memmap directory, sparse at full capacity."""
-        from tensordict import TensorDict
-
         if data_dir.exists():
             # left by a crash between creating the files and recording the schema
             shutil.rmtree(data_dir)
-        nested: dict[str, Any] = {}
-        for key, (shape, dtype) in schema.items():
-            node = nested
-            for part in key[:-1]:
-                node = node.setdefault(part, {})
-            one = torch.from_numpy(np.zeros((1, *shape), dtype=dtype))
-            node[key[-1]] = one.expand(capacity, *shape)
         try:
-            TensorDict(nested, batch_size=[capacity]).memmap_like(str(data_dir))
+            write_memmap_layout(data_dir, schema, capacity)
         except (RuntimeError, OSError) as e:
             shutil.rmtree(data_dir, ignore_errors=True)
             raise OSError(
@@ -390,6 +377,28 @@ class MemmapColumns:
                 f"filesystem limits file sizes: lower the capacity",
             ) from e
         return cls(data_dir, schema, capacity)
+
+    def reserve_ahead(self, needed: int, batch: int) -> None:
+        """Reserve disk blocks from slot ``self.reserved`` (all below are reserved) up to
+        slot ``needed``, plus room ahead (``RESERVE_AHEAD_BYTES`` of rows, at least 4
+        batches of ``batch`` rows) when the disk has it.
+
+        Raises:
+            OSError: the disk cannot supply the blocks up to ``needed``.
+        """
+        reserved = self.reserved
+        if needed <= reserved:
+            return
+        ahead = max(4 * batch, RESERVE_AHEAD_BYTES // max(1, row_bytes(self.schema)))
+        target = min(self.capacity, max(needed, reserved + ahead))
+        try:
+            self.reserve(reserved, target)
+        except OSError:
+            if target == needed:
+                raise
+            self.reserve(reserved, needed)  # no room ahead: only what is needed
+            target = needed
+        self.reserved = target
 
     def reserve(self, first_slot: int, end_slot: int) -> None:
         """Allocate disk blocks for slots ``[first_slot, end_slot)`` of every file.
@@ -460,19 +469,6 @@ def _advise_huge_pages(array: np.memmap) -> None:
         pass
 
 
-def free_disk_bytes(directory: Path) -> int:
-    return shutil.disk_usage(directory).free
-
-
 def rows_for_bytes(capacity_bytes: int, schema: Schema, extra_per_row: int = 0) -> int:
     per_row = row_bytes(schema) + extra_per_row
     return max(0, min(MAX_ROWS - 1, capacity_bytes // max(1, per_row)))
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
-        if abs(n) < 1000 or unit == "PB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return f"{n} B"  # unreachable
-

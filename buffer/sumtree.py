@@ -32,7 +32,9 @@ from types import ModuleType
 
 import numpy as np
 
-__all__ = ["SumTree", "update_is_valid"]
+from rlfleet.buffer.priorities import high_bits, split_update
+
+__all__ = ["SumTree"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,14 +63,6 @@ def _count_true(below: np.ndarray) -> np.ndarray:
         return below.sum(axis=1)
     words = _bitwise_count(below.view(np.uint64))  # each True byte is one set bit
     return words[:, 0].astype(np.int64) + words[:, 1]
-
-
-def update_is_valid(idx: np.ndarray, priority: np.ndarray, start: int, end: int, limit: float) -> bool:
-    """Every index in ``[start, end)`` and every priority a finite number in ``[0, limit]``
-    (``[n]`` each, n >= 1; four reductions, and NaN fails every comparison). The numba
-    update checks the same inside its loop."""
-    top = priority.max()
-    return bool(priority.min() >= 0 and top < np.inf and top <= limit and idx.min() >= start and idx.max() < end)
 
 
 class SumTree:
@@ -180,25 +174,31 @@ class SumTree:
         return (end - 1) - ((end - 1 - slots) % capacity), leaf, int(np.count_nonzero(leaf <= 0))
 
     def update_rows(self, priorities: np.ndarray, index: np.ndarray, priority: np.ndarray,
-                    alpha: float, start: int, end: int, limit: float) -> float | None:
-        """The sampler's update, all or nothing: for each global ``index`` in
-        ``[start, end)``, ``priorities[slot] = priority`` and the leaf ``priority ** alpha``
-        (slot ``index % len(priorities)``). Returns the largest priority, or None with
-        nothing changed when an index is outside the window or a priority is not a finite
-        number in ``[0, limit]``."""
+                    alpha: float, tag: int, start: int, end: int, limit: float) -> tuple[float, int] | None:
+        """The sampler's update: for each tagged ``index`` (``indices``) whose row is live
+        (counter in ``[start, end)``), ``priorities[slot] = priority`` and the leaf
+        ``priority ** alpha`` (slot ``counter % len(priorities)``); rows overwritten since
+        they were sampled (counter below ``start``) are skipped. Returns the largest
+        stored priority (0.0 when none) and how many were skipped, or None with nothing
+        changed when the update must be refused whole (``priorities.split_update``)."""
         if self._kernels is not None:
-            ok, top, total = self._kernels.update_rows(self._flat, self._offsets, priorities, index, priority,
-                                                       len(priorities), alpha, start, end, limit)
+            ok, top, total, skipped = self._kernels.update_rows(
+                self._flat, self._offsets, priorities, index, priority, len(priorities), alpha,
+                high_bits(tag), start, end, limit)
             if not ok:
                 return None
             self._total = total
-            return top
-        if not update_is_valid(index, priority, start, end, limit):
+            return top, skipped
+        split = split_update(index, priority, tag, start, end, limit)
+        if split is None:
             return None
-        slots = index % len(priorities)
+        counter, priority, skipped = split
+        if len(counter) == 0:
+            return 0.0, skipped
+        slots = counter % len(priorities)
         priorities[slots] = priority
         self.set(slots, priority if alpha == 1.0 else np.power(priority, alpha))
-        return float(priority.max())
+        return float(priority.max()), skipped
 
     def find(self, mass: np.ndarray) -> np.ndarray:
         """Slots whose prefix-sum interval holds each value of ``mass`` (float64 ``[n]``)."""

@@ -15,10 +15,13 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from rlfleet.buffer.indices import COUNTER_BITS, SHARD_SHIFT
+
 __all__ = ["draw_rows", "find", "refresh_range", "set_points", "update_rows"]
 
 FANOUT = 16
 SHIFT = 4
+COUNTER_MASK = (1 << COUNTER_BITS) - 1  # a compile-time constant in the kernels
 
 
 @numba.njit(cache=True, nogil=True)
@@ -124,32 +127,44 @@ def set_points(flat: np.ndarray, offsets: np.ndarray, slots: np.ndarray, values:
 
 @numba.njit(cache=True, nogil=True)
 def update_rows(flat: np.ndarray, offsets: np.ndarray, priorities: np.ndarray, index: np.ndarray,
-                priority: np.ndarray, capacity: int, alpha: float, start: int, end: int,
-                limit: float) -> tuple[bool, float, float]:
-    """The prioritized sampler's update, all or nothing: raw priority into ``priorities``
-    and ``priority ** alpha`` into the tree at slot ``index % capacity``.
+                priority: np.ndarray, capacity: int, alpha: float, high: int, start: int, end: int,
+                limit: float) -> tuple[bool, float, float, int]:
+    """The prioritized sampler's update in one pass over the batch: raw priority into
+    ``priorities`` and ``priority ** alpha`` into the tree at slot ``counter % capacity``
+    for every index whose row is live; rows overwritten since they were sampled
+    (``counter < start``) are skipped and counted.
 
-    Returns (ok, largest priority, new total). Not ok, with nothing written, when an
-    index is outside ``[start, end)`` or a priority is not a finite number in
-    ``[0, limit]`` (the caller then finds which, for its message).
+    ``index`` holds tagged indices (``indices``): each must be >= 0, carry ``high`` above
+    its counter (``index >> SHARD_SHIFT``: this buffer's tag, shard 0) and a counter
+    below ``end``. Returns (ok, largest stored priority, new total, skipped). Not ok,
+    with nothing written, when an index breaks that or a priority is not a finite number
+    in ``[0, limit]`` (the caller then finds which, for its message).
     """
     n = len(index)
     for i in range(n):
         p = priority[i]
-        if not (p >= 0.0 and p < np.inf and p <= limit and index[i] >= start and index[i] < end):
-            return False, 0.0, 0.0
+        v = index[i]
+        if not (p >= 0.0 and p < np.inf and p <= limit and v >= 0 and (v >> SHARD_SHIFT) == high
+                and (v & COUNTER_MASK) < end):
+            return False, 0.0, 0.0, 0
     slots = np.empty(n, dtype=np.int64)
     powered = np.empty(n, dtype=np.float64)
     top = 0.0
+    stored = 0
     for i in range(n):
-        slot = index[i] % capacity
+        counter = index[i] & COUNTER_MASK
+        if counter < start:
+            continue  # overwritten since it was sampled: its slot holds another row now
+        slot = counter % capacity
         p = priority[i]
-        slots[i] = slot
+        slots[stored] = slot
         priorities[slot] = p
-        powered[i] = p if alpha == 1.0 else p ** alpha
+        powered[stored] = p if alpha == 1.0 else p ** alpha
         top = max(top, p)
-    set_points(flat, offsets, slots, powered)
-    return True, top, _block_sum(flat, offsets[len(offsets) - 2])
+        stored += 1
+    if stored:
+        set_points(flat, offsets, slots[:stored], powered[:stored])
+    return True, top, _block_sum(flat, offsets[len(offsets) - 2]), n - stored
 
 
 @numba.njit(cache=True, nogil=True)

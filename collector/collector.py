@@ -12,7 +12,15 @@ A batch holds ``T = ceil(frames_per_batch / K)`` vector steps. Per step the coll
 copies observations, actions, rewards and flags into preallocated ``[T, K, ...]`` numpy
 arrays; once per batch it reorders them env-major (all T rows of env 0 in time order,
 then env 1, ...) so an episode's rows are contiguous in the buffer, and wraps them in a
-``TensorDict [T*K]`` with DESIGN.md's keys.
+``TensorDict [T*K]`` in TorchRL's layout (buffer format 2, DESIGN.md "Data"), ``N = T*K``::
+
+    observation                 env's dtype [N, *obs]
+    action                      int64 [N] (Discrete), the env's dtype [N, *act] (Box)
+    episode_id, step            int64 [N]
+    collector_id, policy_version  int64 [N]
+    next: observation           env's dtype [N, *obs]
+          reward                float32 [N, 1]
+          terminated, truncated, done  bool [N, 1]   (done = terminated | truncated)
 
 The ``CollectorActor`` overlaps the two halves: it sends batch b on a second thread
 while it collects batch b+1 (``collect_batch`` then ``send``).
@@ -232,17 +240,20 @@ class Collector:
             return torch.from_numpy(np.ascontiguousarray(a.swapaxes(0, 1)).reshape(rows, *a.shape[2:]))
 
         b = self._buf
-        terminated = env_major(b["terminated"])
-        truncated = env_major(b["truncated"])
+        # TorchRL's layout: reward and flags of a step live under "next", shaped [N, 1].
+        terminated = env_major(b["terminated"]).unsqueeze(-1)
+        truncated = env_major(b["truncated"]).unsqueeze(-1)
         return TensorDict(
             {
                 "observation": env_major(b["observation"]),
                 "action": env_major(b["action"]),
-                "reward": env_major(b["reward"]),
-                "terminated": terminated,
-                "truncated": truncated,
-                "done": terminated | truncated,
-                "next": {"observation": env_major(b["next_observation"])},
+                "next": {
+                    "observation": env_major(b["next_observation"]),
+                    "reward": env_major(b["reward"]).unsqueeze(-1),
+                    "terminated": terminated,
+                    "truncated": truncated,
+                    "done": terminated | truncated,
+                },
                 "episode_id": env_major(b["episode_id"]),
                 "step": env_major(b["step"]),
                 "collector_id": torch.full((rows,), self.collector_id, dtype=torch.int64),

@@ -178,18 +178,38 @@ class PolicyConfig:
     Attributes:
         type: ``"mlp"``: an MLP on 1-D observations, or a small CNN encoder followed by
             the MLP on ``[C, H, W]`` uint8 image observations. ``"cnn"``: the same, but
-            insists on image observations.
-        hidden: Widths of the MLP's hidden layers.
+            insists on image observations. ``"package.module:factory"``: a network of
+            your own, ``factory(observation_space, action_space, **kwargs) -> nn.Module``
+            (see ``rlfleet.collector.user_policy`` for what it must return).
+        hidden: Widths of the MLP's hidden layers (built-in types; SAC's critics use
+            them with any type).
+        kwargs: Keyword arguments of a factory of your own.
     """
 
     type: str = "mlp"
     hidden: tuple[int, ...] = (64, 64)
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.type not in POLICY_TYPES:
-            raise ValueError(f"policy.type = {self.type!r}: must be one of {list(POLICY_TYPES)}")
+        custom = isinstance(self.type, str) and ":" in self.type
+        if not custom and self.type not in POLICY_TYPES:
+            raise ValueError(
+                f"policy.type = {self.type!r}: must be one of {list(POLICY_TYPES)} or "
+                "'package.module:factory' naming a function that returns your own nn.Module"
+            )
+        if custom:
+            module, _, attr = self.type.partition(":")
+            if not module or not attr:
+                raise ValueError(f"policy.type = {self.type!r}: expected 'package.module:factory'")
         if not isinstance(self.hidden, (tuple, list)):
             raise ValueError(f"policy.hidden = {self.hidden!r}: must be a list of layer widths")
         for i, width in enumerate(self.hidden):
             _check_int("policy", f"hidden[{i}]", width, 1)
         object.__setattr__(self, "hidden", tuple(self.hidden))
+        if not isinstance(self.kwargs, Mapping):
+            raise ValueError(f"policy.kwargs = {self.kwargs!r}: must be a mapping of keyword arguments")
+        if self.kwargs and not custom:
+            raise ValueError(
+                f"policy.kwargs = {dict(self.kwargs)!r}: only a policy.type of your own "
+                f"('package.module:factory') takes kwargs; {self.type!r} takes policy.hidden"
+            )

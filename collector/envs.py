@@ -1,7 +1,8 @@
 """Building gymnasium envs from an ``EnvConfig``: single envs, vector envs, seeds.
 
 An env is named by a registered gymnasium id (``"CartPole-v1"``) or by
-``"package.module:callable"``; wrappers are applied to each single env in order.
+``"package.module:callable"`` (found as ``python -m`` would, the working directory first:
+see ``user_code``); wrappers are applied to each single env in order.
 
 Vector envs autoreset in ``SAME_STEP`` mode: when env j ends an episode, the same
 ``step`` call resets it, returns the reset observation in ``obs[j]`` and the true final
@@ -28,7 +29,6 @@ from __future__ import annotations
 
 import difflib
 import functools
-import importlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -36,6 +36,7 @@ import gymnasium
 import numpy as np
 
 from rlfleet.collector.config import EnvConfig
+from rlfleet.collector.user_code import import_attr
 
 __all__ = ["VectorStepper", "derive_seeds", "make_env", "make_vector_env"]
 
@@ -48,21 +49,10 @@ def derive_seeds(seed: int, count: int, *, salt: tuple[int, ...] = ()) -> list[i
     return [int(s) for s in sequence.generate_state(count, dtype=np.uint32)]
 
 
-def _import_attr(path: str, what: str) -> Any:
-    module_name, _, attr = path.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ValueError(
-            f"{what} {path!r}: cannot import module {module_name!r} ({e}); install it or fix "
-            "the 'package.module:callable' path"
-        ) from e
-    return module, attr, getattr(module, attr, None)
-
-
 def _env_factory(env_id: str, kwargs: Mapping[str, Any]) -> Callable[[], gymnasium.Env]:
     if ":" in env_id:
-        _, attr, target = _import_attr(env_id, "env.id")
+        target = import_attr(env_id, "env.id")
+        attr = env_id.partition(":")[2]
         if callable(target):
             return functools.partial(target, **kwargs)
         # gymnasium's own "module:EnvId" form: importing the module registers the id.
@@ -89,7 +79,7 @@ def _wrapper(spec: str | Mapping[str, Any], index: int) -> Callable[[gymnasium.E
         kwargs = {k: v for k, v in spec.items() if k != "type"}
         spec = spec["type"]
     if ":" in spec:
-        _, _, target = _import_attr(spec, f"env.wrappers[{index}]")
+        target = import_attr(spec, f"env.wrappers[{index}]")
     else:
         target = getattr(gymnasium.wrappers, spec, None)
         if target is None:

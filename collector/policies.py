@@ -2,7 +2,8 @@
 
 Collectors and learners call the same ``build_policy`` with the same config and spaces,
 so the modules are identical and a learner's ``state_dict()`` loads into a collector's
-policy. Two heads:
+policy. ``policy.type: "package.module:factory"`` builds a network of the user's own
+instead (``user_policy``). Two built-in heads:
 
 - ``QNetwork`` for ``Discrete`` actions: ``obs [B, *obs_shape] -> q [B, n_actions]``.
 - ``GaussianActor`` for 1-D ``Box`` actions: ``obs -> (mean [B, A], log_std [B, A])``;
@@ -31,6 +32,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from rlfleet.collector.config import PolicyConfig
+from rlfleet.collector.user_policy import build_user_policy, is_factory_path
 
 __all__ = [
     "GaussianActor", "QNetwork", "acting_forward", "build_policy", "check_state_dict", "resolve_device",
@@ -270,7 +272,8 @@ def build_policy(policy: PolicyConfig, observation_space: gymnasium.Space, actio
     """Build the policy network for these spaces (runs anywhere: driver, actor, learner).
 
     Args:
-        policy: Network type and hidden widths.
+        policy: Network type and hidden widths; a ``"package.module:factory"`` type
+            builds the user's own module (``rlfleet.collector.user_policy``).
         observation_space: The single env's observation space.
         action_space: The single env's action space: ``Discrete`` gives a ``QNetwork``,
             a 1-D ``Box`` with finite bounds a ``GaussianActor``.
@@ -279,9 +282,11 @@ def build_policy(policy: PolicyConfig, observation_space: gymnasium.Space, actio
         A freshly initialised module on the CPU (move it with ``.to(device)``).
 
     Raises:
-        ValueError: A space the policies cannot handle; the message says which wrapper
-            or setting fixes it.
+        ValueError: A space the policies cannot handle (the message says which wrapper
+            or setting fixes it), or a factory whose module does not fit the spaces.
     """
+    if is_factory_path(policy.type):
+        return build_user_policy(policy.type, policy.kwargs, observation_space, action_space)
     encoder = _encoder(policy, observation_space)
     if isinstance(action_space, gymnasium.spaces.Discrete):
         return QNetwork(encoder, policy.hidden, int(action_space.n), int(action_space.start))

@@ -11,6 +11,10 @@ observation that followed, including the true final one at an episode end.
 
 Importable by Ray workers as ``"rlfleet.collector.testing:CountingEnv"``.
 
+Rows are in TorchRL's layout (buffer format 2): reward and the flags are read from
+``("next", "reward")`` (float32 ``[N, 1]``) and ``("next", "terminated" | "truncated" |
+"done")`` (bool ``[N, 1]``); rows of another layout fail the checks, naming the key.
+
 ``check_counting_rows`` checks each transition on its own (also after sampling);
 ``check_counting_stream`` checks rows in insertion order: every env's rows form its
 exact trajectory from its first step, with nothing lost, duplicated or reordered. Both
@@ -77,13 +81,33 @@ class CountingEnv(gymnasium.Env):
         return self._obs(), reward, terminated, truncated, {}
 
 
+def _next_column(rows: TensorDictBase, name: str, dtype: type) -> np.ndarray:
+    """``rows["next", name]`` as a flat ``[N]`` array, once it is ``dtype [N, 1]`` (format 2)."""
+    n = rows.shape[0]
+    value = rows.get(("next", name), None)
+    if value is None:
+        where = "at the root" if name in rows.keys() else "nowhere"
+        raise AssertionError(
+            f"rows lack key 'next.{name}' (found {where}); buffer format 2 (TorchRL's "
+            f"layout) stores reward and flags under 'next'"
+        )
+    array = value.numpy()
+    if array.shape != (n, 1) or array.dtype != np.dtype(dtype):
+        raise AssertionError(
+            f"key 'next.{name}' is {array.dtype} {list(array.shape)}; format 2 stores it as "
+            f"{np.dtype(dtype)} [{n}, 1]"
+        )
+    return array[:, 0]
+
+
 def check_counting_rows(rows: TensorDictBase, *, max_length: int) -> None:
     """Check every row of ``rows [N]`` (from ``CountingEnv``) against the env's rules.
 
     Per row: ``step`` matches the observation, ``next.observation`` is the observation
-    one step later (the true final one at an episode end), reward, terminated,
-    truncated and done follow from the episode's length; ``episode_id`` maps one-to-one
-    to ``(tag, episode)`` within ``rows``.
+    one step later (the true final one at an episode end), ``next.reward``,
+    ``next.terminated``, ``next.truncated`` and ``next.done`` (each ``[N, 1]``) follow
+    from the episode's length; ``episode_id`` maps one-to-one to ``(tag, episode)``
+    within ``rows``.
 
     Raises:
         AssertionError: naming the first bad row and what differs.
@@ -91,10 +115,10 @@ def check_counting_rows(rows: TensorDictBase, *, max_length: int) -> None:
     obs = rows["observation"].numpy()
     nxt = rows["next", "observation"].numpy()
     step = rows["step"].numpy()
-    reward = rows["reward"].numpy()
-    term = rows["terminated"].numpy()
-    trunc = rows["truncated"].numpy()
-    done = rows["done"].numpy()
+    reward = _next_column(rows, "reward", np.float32)
+    term = _next_column(rows, "terminated", np.bool_)
+    trunc = _next_column(rows, "truncated", np.bool_)
+    done = _next_column(rows, "done", np.bool_)
     eids = rows["episode_id"].numpy()
     owner: dict[int, tuple[int, int]] = {}
     for i in range(obs.shape[0]):
@@ -143,7 +167,7 @@ def check_counting_stream(rows: TensorDictBase, *, max_length: int) -> dict[int,
     """
     check_counting_rows(rows, max_length=max_length)
     obs = rows["observation"].numpy()
-    done = rows["done"].numpy()
+    done = rows["next", "done"].numpy()[:, 0]
     last: dict[int, tuple[int, int, bool]] = {}
     counts: dict[int, int] = {}
     for i in range(obs.shape[0]):

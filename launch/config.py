@@ -14,7 +14,8 @@ back to a default costs a whole run:
   ``policy.hidden=[128,128]``) are parsed as YAML scalars and type-checked the same way.
 
 The env, collector and policy sections are the collector package's own dataclasses; this
-module composes them and adds the sections that belong to the run.
+module composes them and adds the sections that belong to the run. It runs a little past
+400 lines on purpose: the whole schema, a docstring per field, reads in one place.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any
 
 import yaml
 
+from rlfleet.buffer.capacity import parse_capacity
 from rlfleet.collector.config import CollectorConfig, EnvConfig, ExplorationConfig, PolicyConfig
 from rlfleet.launch.config_loader import ConfigError, apply_overrides, build, parse_yaml
 
@@ -73,14 +75,17 @@ class RayConfig:
     """Where the run's Ray cluster comes from.
 
     Attributes:
-        address: None starts an embedded local Ray; "auto" (or an address) joins a
-            running cluster. The ``RAY_ADDRESS`` environment variable also joins.
+        address: None starts an embedded local Ray of the run's own, always (even when
+            ``RAY_ADDRESS`` is set or a cluster runs on the machine); ``"auto"`` joins the
+            cluster ``ray start`` started on this machine; ``"HOST:PORT"`` joins that one.
         namespace: Ray namespace of the run's named actors.
         num_cpus: logical CPUs of an embedded local Ray (None: the machine's count).
         include_dashboard: start the dashboard of an embedded Ray (None: when the
             dashboard package imports). It binds to 127.0.0.1.
         placement_timeout_s: how long the run waits for its placement groups (shards,
             collectors, learners) before it fails naming what does not fit.
+        connect_timeout_s: with an address, the longest wait to learn whether the
+            cluster answers, accepts this process's token and runs the same versions.
     """
 
     address: str | None = None
@@ -88,11 +93,15 @@ class RayConfig:
     num_cpus: int | None = None
     include_dashboard: bool | None = None
     placement_timeout_s: float = 60.0
+    connect_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         if self.num_cpus is not None:
             _positive("num_cpus", self.num_cpus)
         _positive("placement_timeout_s", self.placement_timeout_s)
+        _positive("connect_timeout_s", self.connect_timeout_s)
+        if self.address is not None and not self.address.strip():
+            raise ConfigError("address: '' is empty; use null (embedded Ray), 'auto' or 'HOST:PORT'")
 
 
 @dataclass(frozen=True)
@@ -157,16 +166,14 @@ class RateLimiterConfig:
         return dataclasses.asdict(self)
 
 
-_SIZE_RE = re.compile(r"^\s*\d+(\.\d+)?\s*([KMGTP]i?B|B)\s*$", re.IGNORECASE)
-
-
 @dataclass(frozen=True)
 class BufferConfig:
     """The run's replay service.
 
     Attributes:
         path: directory of the buffer (None: ``<run dir>/buffer``).
-        capacity: total rows over all shards, or a size string such as "500GB".
+        capacity: total rows over all shards, or a size string such as "500GB" (the
+            buffer's own grammar: ``rlfleet.buffer.capacity.parse_capacity``).
         num_shards: shard actors; capacity is split evenly over them.
         sampler: see :class:`SamplerConfig`.
         rate_limiter: see :class:`RateLimiterConfig`.
@@ -188,12 +195,10 @@ class BufferConfig:
     overcommit: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.capacity, int):
-            _positive("capacity", self.capacity)
-        elif not _SIZE_RE.match(self.capacity):
-            raise ConfigError(
-                f"capacity: {self.capacity!r} is neither a row count nor a size such as '500GB'"
-            )
+        try:  # one grammar for YAML, overrides and the Python API: the buffer's
+            parse_capacity(self.capacity)
+        except ValueError as e:
+            raise ConfigError(str(e).replace("capacity=", "capacity: ", 1)) from None
         _positive("num_shards", self.num_shards)
         _one_of("durability", self.durability, ("process", "fsync"))
         _one_of("placement", self.placement, ("spread", "pack"))
@@ -344,7 +349,9 @@ class RunConfig:
 # --------------------------------------------------------------------------- public
 
 
-def parse_config(text: str, overrides: Sequence[str] = (), *, source: str = "<string>") -> RunConfig:
+def parse_config(
+    text: str, overrides: Sequence[str] | Mapping[str, Any] = (), *, source: str = "<string>"
+) -> RunConfig:
     """Parse YAML text into a :class:`RunConfig`, then apply ``key=value`` overrides.
 
     Runs on the driver. Raises:
@@ -362,14 +369,16 @@ def parse_config(text: str, overrides: Sequence[str] = (), *, source: str = "<st
     return apply_overrides(config, overrides)
 
 
-def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> RunConfig:
+def load_config(path: str | os.PathLike, overrides: Sequence[str] | Mapping[str, Any] = ()) -> RunConfig:
     """Load a YAML config file strictly and apply ``key=value`` overrides.
 
     Runs on the driver; thread-safe.
 
     Args:
         path: a YAML file shaped like DESIGN.md's config section.
-        overrides: ``dotted.key=value`` strings; values are YAML (``null``, ``[64, 64]``).
+        overrides: ``dotted.key=value`` strings, values written as YAML (``null``,
+            ``[64, 64]``), as on the command line; or a mapping of dotted keys to Python
+            values, ``{"learner.lr": 1e-3, "policy.hidden": [128, 128]}``.
 
     Returns:
         The frozen :class:`RunConfig`.

@@ -187,27 +187,91 @@ _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _c
 
 
 def parse_yaml(text: str, source: str) -> Any:
+    """Parse config YAML; errors name the line of the mistake (see ``_yaml_error``)."""
     try:
         return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        what = e.problem or e.context or "invalid YAML"
-        if mark is not None:
-            raise ConfigError(f"{source}:{mark.line + 1}:{mark.column + 1}: {what}") from None
-        raise ConfigError(f"{source}: {what}") from None
+        raise _yaml_error(e, text, source) from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{source}: {e}") from None
+        raise ConfigError(f"{source}: not valid YAML: {e}") from None
+
+
+def _yaml_error(e: yaml.MarkedYAMLError, text: str, source: str) -> ConfigError:
+    """A PyYAML error in our words, at the line where the mistake is.
+
+    PyYAML marks where it gave up, which is often the line after the mistake (a key
+    missing its ':' is only noticed on the next line); the mark of what it was scanning
+    (a key, a quote, a bracket) is the better place then.
+    """
+    lines = text.splitlines() or [""]
+    problem, context = e.problem or "", e.context or ""
+    mark = e.problem_mark or e.context_mark
+    line, column = (mark.line, mark.column) if mark is not None else (0, 0)
+    start = e.context_mark
+    if problem == "could not find expected ':'" and start is not None:
+        line, column = start.line, start.column
+        what = "this line is not 'key: value': the ':' after the key is missing"
+    elif context.startswith("while scanning a quoted scalar") and start is not None:
+        line, column = start.line, start.column
+        what = "this quote is never closed"
+    elif context.startswith("while parsing a flow") and start is not None and start.line != line:
+        line, column = start.line, start.column
+        closer = "]" if "sequence" in context else "}"
+        what = f"this {'list' if closer == ']' else 'mapping'} is never closed with '{closer}'"
+    elif problem == "mapping values are not allowed here":
+        line, column, what = _misplaced_colon(lines, line, column)
+    elif problem.startswith("expected <block end>") or problem.startswith("expected <block mapping start>"):
+        what = "this line does not line up with the lines above it: check its indentation"
+    elif problem.startswith("could not determine a constructor"):
+        what = "a YAML tag (!!...) is not allowed in a config: write the plain value"
+    elif problem.startswith("found undefined alias"):
+        what = f"{problem}: anchors (&name) must come before their aliases (*name)"
+    elif "'\\t'" in problem:
+        what = "a tab character: indent with spaces"
+    else:
+        what = problem or context or "invalid YAML"
+    shown = lines[line].strip() if 0 <= line < len(lines) else ""
+    return ConfigError(f"{source}:{line + 1}:{column + 1}: {what} (the line reads {shown!r})")
+
+
+def _misplaced_colon(lines: list[str], line: int, column: int) -> tuple[int, int, str]:
+    """Where a "mapping values are not allowed here" comes from, and what to say."""
+    previous = line - 1
+    while previous >= 0 and (not lines[previous].strip() or lines[previous].lstrip().startswith("#")):
+        previous -= 1
+    here = lines[line] if line < len(lines) else ""
+    indent = len(here) - len(here.lstrip())
+    if previous >= 0:
+        above = lines[previous]
+        above_indent = len(above) - len(above.lstrip())
+        if ":" not in above and not above.lstrip().startswith("-") and above_indent == indent:
+            # "id CartPole-v1" then "num_envs: 4": YAML read both as one key
+            return previous, above_indent, "this line is not 'key: value': the ':' after the key is missing"
+        if indent > above_indent and ":" in above and not above.rstrip().endswith(":"):
+            return line, indent, "this key is indented more than the key above it, which already has a value"
+    return line, column, "a ': ' inside a value: put the value in quotes"
 
 
 # --------------------------------------------------------------------------- overrides
 
 
-def _parse_override_value(text: str) -> Any:
+def _admits_str(tp: Any) -> bool:
+    if tp is str:
+        return True
+    return typing.get_origin(tp) in (Union, types.UnionType) and str in typing.get_args(tp)
+
+
+def _parse_override_value(text: str, keep_strings: bool = False) -> Any:
+    """A ``key=value`` override's value: a YAML scalar or flow collection.
+
+    ``keep_strings``: the field takes strings (``buffer.capacity: int | str``), so a
+    string stays one and the field's own grammar judges it, as it would in a file.
+    """
     try:
         value = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError:
         return text
-    if isinstance(value, str):
+    if isinstance(value, str) and not keep_strings:
         # YAML 1.1 reads "3e5" and "1e-3" as strings; a user typing them means numbers.
         try:
             number = float(value)
@@ -217,8 +281,10 @@ def _parse_override_value(text: str) -> Any:
     return value
 
 
-def _apply_override(obj: Any, parts: list[str], raw: Any, done: str, override: str) -> Any:
-    """Return ``obj`` with the leaf at ``parts`` replaced by ``raw`` (checked and converted)."""
+def _apply_override(obj: Any, parts: list[str], text: Any, done: str, override: str) -> Any:
+    """Return ``obj`` with the leaf at ``parts`` replaced by the value ``text`` gives
+    (a ``key=value`` override's text, or a Python value from a mapping of overrides),
+    checked and converted."""
     key, rest = parts[0], parts[1:]
     here = f"{done}.{key}" if done else key
     if dataclasses.is_dataclass(obj):
@@ -232,8 +298,9 @@ def _apply_override(obj: Any, parts: list[str], raw: Any, done: str, override: s
                 raise ConfigError(
                     f"override {override!r}: {here!r} is a {_type_name(tp)}, it has no key {rest[0]!r}"
                 )
-            new = _apply_override(child, rest, raw, here, override)
+            new = _apply_override(child, rest, text, here, override)
         else:
+            raw = _parse_override_value(text, _admits_str(tp)) if isinstance(text, _Text) else text
             try:
                 new = _coerce(raw, tp, here)
             except ConfigError as e:
@@ -250,28 +317,47 @@ def _apply_override(obj: Any, parts: list[str], raw: Any, done: str, override: s
         child = new_dict.get(key, {})
         if not isinstance(child, dict):
             raise ConfigError(f"override {override!r}: {here!r} is {child!r}, it has no key {rest[0]!r}")
-        new_dict[key] = _apply_override(child, rest, raw, here, override)
+        new_dict[key] = _apply_override(child, rest, text, here, override)
     else:
-        new_dict[key] = raw
+        new_dict[key] = _parse_override_value(text) if isinstance(text, _Text) else text
     return new_dict
 
 
-def apply_overrides(config: Any, overrides: Sequence[str]) -> Any:
-    """Return the dataclass ``config`` with ``key=value`` overrides applied, each type-checked.
+class _Text(str):
+    """The text of a ``key=value`` override, still to be parsed as YAML at its leaf."""
+
+
+def apply_overrides(config: Any, overrides: Sequence[str] | Mapping[str, Any]) -> Any:
+    """Return the dataclass ``config`` with overrides applied, each type-checked.
+
+    Args:
+        config: a config dataclass.
+        overrides: ``["learner.lr=1e-3", ...]`` strings, whose values are YAML text, or a
+            mapping ``{"learner.lr": 1e-3, "policy.hidden": [128, 128]}`` of Python values.
 
     Raises:
         ConfigError: an override without ``=``, an unknown key (naming the nearest), or a
             value of the wrong type.
     """
-    for override in overrides:
-        key, sep, text = override.partition("=")
+    if isinstance(overrides, Mapping):
+        items = [(str(k), v, f"{k}={v!r}") for k, v in overrides.items()]
+    elif isinstance(overrides, str):
+        raise ConfigError(
+            f"overrides {overrides!r}: give a list of KEY=VALUE strings or a mapping, not one string"
+        )
+    else:
+        items = []
+        for override in overrides:
+            key, sep, text = str(override).partition("=")
+            if not sep or not key.strip():
+                raise ConfigError(
+                    f"override {override!r}: expected KEY=VALUE with a dotted key, e.g. learner.lr=0.001"
+                )
+            items.append((key, _Text(text), override))
+    for key, value, shown in items:
         key = key.strip()
-        if not sep or not key:
-            raise ConfigError(
-                f"override {override!r}: expected KEY=VALUE with a dotted key, e.g. learner.lr=0.001"
-            )
         parts = key.split(".")
         if any(not p for p in parts):
-            raise ConfigError(f"override {override!r}: empty part in key {key!r}")
-        config = _apply_override(config, parts, _parse_override_value(text), "", override)
+            raise ConfigError(f"override {shown!r}: empty part in key {key!r}")
+        config = _apply_override(config, parts, value, "", shown)
     return config

@@ -11,15 +11,17 @@ The online Q-network is the collectors' policy module (``build_policy`` of a dis
 action space: ``[B, *obs] -> [B, n_actions]``), so its ``state_dict`` loads into a
 collector as is. Runs on a learner rank; not thread-safe (one step at a time).
 
-Batches:
-- ``n_step == 1``: a TensorDict ``[B]`` with ``observation``, ``action``, ``reward``,
-  ``terminated`` and ``("next", "observation")``; optionally ``weight`` (importance
+Batches are in TorchRL's layout (buffer format 2, DESIGN.md "Data"):
+- ``n_step == 1``: a TensorDict ``[B]`` with ``observation``, ``action`` (int64 ``[B]``),
+  ``("next", "observation")``, ``("next", "reward")`` (``[B, 1]``) and
+  ``("next", "terminated")`` (bool ``[B, 1]``); optionally ``weight`` (importance
   weights of prioritized replay, already normalised).
 - ``n_step > 1``: a TensorDict ``[B, n]`` of ``n`` consecutive rows of one episode (the
-  buffer's ``sequence`` sampler with ``length=n``), additionally with ``done``. The target
-  is ``r_0 + g r_1 + ... + g^(m-1) r_(m-1) + g^m max Q'(s_m)`` where ``m`` stops at the
-  first done row; a terminated end does not bootstrap, a truncated one does (its
-  ``next.observation`` is the true final observation). Weights are read from row 0.
+  buffer's ``sequence`` sampler with ``length=n``), additionally with
+  ``("next", "done")``. The target is ``r_0 + g r_1 + ... + g^(m-1) r_(m-1) + g^m
+  max Q'(s_m)`` where ``m`` stops at the first done row; a terminated end does not
+  bootstrap, a truncated one does (its ``next.observation`` is the true final
+  observation). Weights are read from row 0.
 
 Truncation is never treated as termination: only ``terminated`` cuts the bootstrap.
 """
@@ -211,8 +213,8 @@ class DQNLoss(nn.Module):
     @torch.no_grad()
     def _target(self, batch: TensorDict) -> torch.Tensor:
         if self.n_step == 1:
-            reward = batch["reward"].reshape(-1).float()
-            terminated = batch["terminated"].reshape(-1)
+            reward = batch["next", "reward"].reshape(-1).float()
+            terminated = batch["next", "terminated"].reshape(-1)
             next_obs = batch["next", "observation"]
             discount = torch.full_like(reward, self.gamma)
         else:
@@ -227,8 +229,8 @@ class DQNLoss(nn.Module):
                 f"DQNLoss: batch sequences have length {n}, n_step is {self.n_step}; "
                 f"configure the buffer's sequence sampler with length={self.n_step}"
             )
-        reward = batch["reward"].reshape(B, n).float()
-        done = batch["done"].reshape(B, n).bool()
+        reward = batch["next", "reward"].reshape(B, n).float()
+        done = batch["next", "done"].reshape(B, n).bool()
         # alive[:, k] is True while no done has happened strictly before row k.
         done_before = torch.cumsum(done.long(), dim=1) - done.long()
         alive = done_before == 0
@@ -237,7 +239,7 @@ class DQNLoss(nn.Module):
         # The last row that counts: the first done row, else row n-1.
         last = torch.where(done.any(dim=1), done.float().argmax(dim=1), torch.full((B,), n - 1))
         rows = torch.arange(B)
-        terminated = batch["terminated"].reshape(B, n).bool()[rows, last]
+        terminated = batch["next", "terminated"].reshape(B, n).bool()[rows, last]
         next_obs = batch["next", "observation"][rows, last]
         discount = self.gamma ** (last.float() + 1.0)
         return ret, terminated, next_obs, discount

@@ -7,10 +7,17 @@ takes, greedily (no exploration):
 - ``Box`` actions: ``obs [B, *obs_shape] -> action float32 [B, A]`` (``tanh`` of the mean,
   rescaled to the box bounds).
 
-The batch dimension is dynamic. Anyone with torch loads it with::
+The batch dimension is dynamic; the rank and the dtype are not (``torch.export`` fixes
+them), so the program takes a batch in the observation space's dtype. Anyone with torch
+loads it with::
 
     policy = torch.export.load("policy.pt2").module()
-    action = policy(torch.as_tensor(obs[None]))
+    actions = policy(torch.as_tensor(obs_batch, dtype=torch.float32))   # [B, *obs_shape]
+    action = policy(torch.as_tensor(obs, dtype=torch.float32)[None])[0]  # one observation
+
+With rlfleet installed, :func:`load_exported` wraps the same program so that it takes one
+observation or a batch, as numpy or torch, in any float dtype (float64 included), and
+says what to pass when the shape fits neither.
 
 ``policy.json`` beside it records the observation shape and dtype and the action space.
 Runs on the driver (``rlfleet run`` at the end, ``rlfleet export RUN_DIR`` any time);
@@ -35,7 +42,8 @@ from torch import nn
 
 from rlfleet.launch.rundir import RunDir
 
-__all__ = ["GreedyPolicy", "export", "export_arguments", "export_policy", "export_run"]
+__all__ = ["ExportedPolicy", "GreedyPolicy", "export", "export_arguments", "export_policy", "export_run",
+           "load_exported"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,18 +51,31 @@ _MAX_BATCH = 1 << 20
 
 
 class GreedyPolicy(nn.Module):
-    """Wraps a ``QNetwork`` or ``GaussianActor``: ``obs [B, ...] -> action`` (greedy)."""
+    """``obs [B, ...] -> action`` (greedy) around any policy module of the run.
 
-    def __init__(self, policy: nn.Module) -> None:
+    ``Discrete``: argmax of the Q-values plus the space's ``start``. ``Box``: the mode of
+    the squashed Gaussian, ``tanh(mean)`` rescaled to the box bounds (what
+    ``GaussianActor.deterministic`` computes; a network of the user's own returns
+    ``(mean, log_std)`` the same way).
+    """
+
+    def __init__(self, policy: nn.Module, action_space: gymnasium.Space) -> None:
         super().__init__()
         self.policy = policy
-        self.discrete = not hasattr(policy, "deterministic")
-        self.action_start = int(getattr(policy, "action_start", 0))
+        self.discrete = isinstance(action_space, gymnasium.spaces.Discrete)
+        if self.discrete:
+            self.action_start = int(action_space.start)
+        else:
+            low = torch.as_tensor(np.asarray(action_space.low), dtype=torch.float32)
+            high = torch.as_tensor(np.asarray(action_space.high), dtype=torch.float32)
+            self.register_buffer("scale", (high - low) / 2.0)
+            self.register_buffer("bias", (high + low) / 2.0)
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         if self.discrete:
             return self.policy(obs).argmax(dim=-1) + self.action_start
-        return self.policy.deterministic(obs)
+        mean = self.policy(obs)[0]
+        return torch.tanh(mean) * self.scale + self.bias
 
 
 def _space_info(space: gymnasium.Space) -> dict[str, Any]:
@@ -80,8 +101,9 @@ def export_policy(
     """Export ``policy`` (from ``build_policy``) greedily to ``path`` with ``torch.export``.
 
     Args:
-        policy: a ``QNetwork`` or ``GaussianActor`` holding the trained weights (any device;
-            it is exported from a CPU copy).
+        policy: the run's policy module (``build_policy``: a ``QNetwork``, a
+            ``GaussianActor`` or a network of the user's own) holding the trained
+            weights (any device; it is exported from a CPU copy).
         observation_space: the single env's observation space (shape and dtype of input).
         action_space: the single env's action space (recorded in the returned info).
         path: the ``.pt2`` file to write.
@@ -94,7 +116,7 @@ def export_policy(
     """
     path = Path(path)
     # A frozen CPU copy: the program's outputs then carry no autograd history.
-    module = GreedyPolicy(copy.deepcopy(policy)).to("cpu").eval().requires_grad_(False)
+    module = GreedyPolicy(copy.deepcopy(policy), action_space).to("cpu").eval().requires_grad_(False)
     dtype = getattr(observation_space, "dtype", np.float32)
     example = np.stack([observation_space.sample() for _ in range(2)]).astype(dtype)
     obs = torch.as_tensor(example)
@@ -116,6 +138,62 @@ def export_policy(
         "action_space": _space_info(action_space),
         "policy": type(policy).__name__,
     }
+
+
+class ExportedPolicy:
+    """An exported ``policy.pt2`` for acting: one observation or a batch, any float dtype.
+
+    Runs wherever it is loaded; thread-safe as far as the program is (no state).
+
+    Args:
+        path: ``policy.pt2``, or the run directory holding it.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        path = Path(path)
+        if path.is_dir():
+            path = path / RunDir(path).policy_path.name
+        if not path.is_file():
+            raise FileNotFoundError(f"load_exported: {str(path)!r} does not exist; export it with `rlfleet export RUN_DIR`")
+        self.path = path
+        exported = torch.export.load(path)
+        self.program = exported.module()
+        placeholder = next(n for n in exported.graph.nodes if n.op == "placeholder"
+                           and n.name in exported.graph_signature.user_inputs)
+        example = placeholder.meta["val"]
+        self.obs_shape = tuple(int(d) for d in example.shape[1:])
+        self.dtype: torch.dtype = example.dtype
+
+    def __call__(self, obs: Any) -> torch.Tensor:
+        """The greedy action of one observation ``[*obs_shape]`` (action ``[]`` or ``[A]``)
+        or of a batch ``[B, *obs_shape]`` (actions ``[B]`` or ``[B, A]``).
+
+        Raises:
+            ValueError: a shape that is neither, or floats for an integer (image) space.
+        """
+        x = obs if isinstance(obs, torch.Tensor) else torch.as_tensor(np.asarray(obs))
+        single = tuple(x.shape) == self.obs_shape
+        if not single and tuple(x.shape[1:]) != self.obs_shape:
+            want = ", ".join(map(str, self.obs_shape))
+            raise ValueError(
+                f"{self.path.name}: observation of shape {list(x.shape)}: pass one observation "
+                f"of shape [{want}] or a batch [B, {want}]"
+            )
+        if x.dtype != self.dtype:
+            if x.is_floating_point() and not self.dtype.is_floating_point:
+                raise ValueError(
+                    f"{self.path.name}: observation of dtype {x.dtype}: the policy takes "
+                    f"{self.dtype} observations, as the env gives them; pass those"
+                )
+            x = x.to(self.dtype)
+        with torch.no_grad():
+            out = self.program(x[None] if single else x)
+        return out[0] if single else out
+
+
+def load_exported(path: str | os.PathLike) -> ExportedPolicy:
+    """Load ``policy.pt2`` (or a run directory's) as an :class:`ExportedPolicy`."""
+    return ExportedPolicy(path)
 
 
 def load_policy_state(run_dir: RunDir) -> dict[str, torch.Tensor]:
@@ -185,5 +263,6 @@ def export(args: argparse.Namespace) -> int:
         print(f"rlfleet export: {e}", file=sys.stderr)
         return 1
     print(f"exported {path}")
-    print(f"load it with: torch.export.load({str(path)!r}).module()")
+    print(f"load it with: torch.export.load({str(path)!r}).module() (a batch [B, *obs_shape]), "
+          "or rlfleet.launch.export.load_exported(path) (one observation or a batch)")
     return 0

@@ -9,9 +9,17 @@ The loop a ``LearnerActor`` (or a test) drives::
         publisher.publish(learner.policy_state_dict(), learner.steps)
 
 ``source`` is anything with ``sample(n) -> TensorDict`` and
-``update_priority(index, priority)``: a local ``ReplayBuffer`` in tests, a
+``update_priority(index, priority) -> int``: a local ``ReplayBuffer`` in tests, a
 ``BufferClient`` in a run. A background thread keeps ``prefetch`` batches ready so the
 optimizer rarely waits on sampling; ``learner/sample_wait_s`` reports how long it did.
+Batches are in TorchRL's layout (buffer format 2, DESIGN.md "Data").
+
+Priorities (prioritized samplers only): after each step the learner writes
+``|td_error| + PRIORITY_EPS`` back for the rows it sampled. The buffer stores those of
+live rows and skips, and returns the count of, rows overwritten since they were
+sampled; the learner counts both (``learner/priority_updates_skipped``,
+``learner/priority_stored_fraction``). A ``StaleIndexError`` now means an index the
+buffer never issued (another buffer, a row never written): a bug, so it propagates.
 
 Policy version: the learner's version is its optimizer step count at the last
 publish; rows carry the ``policy_version`` of the weights that collected them, so
@@ -32,8 +40,6 @@ import torch
 from tensordict import TensorDict
 from torch import nn
 
-from rlfleet.buffer.errors import StaleIndexError
-
 __all__ = ["Algorithm", "Learner", "SampleSource", "build_algorithm"]
 
 logger = logging.getLogger(__name__)
@@ -47,7 +53,9 @@ class SampleSource(Protocol):
 
     def sample(self, n: int) -> TensorDict: ...
 
-    def update_priority(self, index: Any, priority: Any) -> None: ...
+    def update_priority(self, index: Any, priority: Any) -> int:
+        """Store priorities of live rows; returns how many were skipped (overwritten rows)."""
+        ...
 
 
 class Algorithm(Protocol):
@@ -196,6 +204,9 @@ class Learner:
         self._prefetch_depth = int(prefetch)
         self._prefetcher: _Prefetcher | None = None
         self._writes_priorities: bool | None = None
+        # Priority updates since this rank started (not carried over by checkpoints).
+        self.priority_updates = 0
+        self.priority_updates_skipped = 0
         self._distributed = False
 
     def distribute(self, process_group: Any = None) -> None:
@@ -219,8 +230,16 @@ class Learner:
         Keys: ``learner/steps``, ``learner/loss``, ``learner/steps_per_s``,
         ``learner/sample_wait_s`` (total seconds waiting for batches in this call),
         ``learner/policy_version``, ``learner/policy_lag``, and the algorithm's own
-        metrics under ``learner/``. With DDP every rank must call this with the same
-        ``num_steps``.
+        metrics under ``learner/``. Once this rank writes priorities (a prioritized
+        sampler) also ``learner/priority_updates_skipped`` (rows whose priority the
+        buffer skipped because they were overwritten since they were sampled) and
+        ``learner/priority_stored_fraction`` (rows stored / rows sent); both are
+        cumulative since this rank started, not per call. With DDP every rank must
+        call this with the same ``num_steps``.
+
+        Raises:
+            StaleIndexError: the buffer refused a priority update's index as one it never
+                issued (a batch from another buffer): a bug, never an overwritten row.
         """
         if num_steps < 1:
             raise ValueError(f"Learner.step: num_steps={num_steps} must be >= 1")
@@ -256,6 +275,10 @@ class Learner:
             }
         )
         out.setdefault("learner/loss", 0.0)
+        if self.priority_updates:
+            stored = self.priority_updates - self.priority_updates_skipped
+            out["learner/priority_updates_skipped"] = float(self.priority_updates_skipped)
+            out["learner/priority_stored_fraction"] = stored / self.priority_updates
         return out
 
     def _write_priorities(self, batch: TensorDict, td_error: torch.Tensor) -> None:
@@ -268,11 +291,11 @@ class Learner:
         if index.dim() > 1:  # sequences: the priority belongs to the slice's first row
             index = index[:, 0]
         priority = td_error.abs().reshape(-1).to("cpu", torch.float64) + PRIORITY_EPS
-        try:
-            self.source.update_priority(index.cpu(), priority)
-        except StaleIndexError as e:
-            # Rows overwritten since they were sampled: their priorities no longer matter.
-            logger.debug("skipped priority update of overwritten rows: %s", e)
+        # Overwritten rows are skipped and counted by the buffer; any other bad index
+        # raises StaleIndexError, which is left to propagate.
+        skipped = int(self.source.update_priority(index.cpu(), priority))
+        self.priority_updates += int(priority.numel())
+        self.priority_updates_skipped += skipped
 
     def mark_published(self) -> int:
         """Record that the current weights were published; returns the new version."""

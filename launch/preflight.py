@@ -16,12 +16,22 @@ from rlfleet.launch.config import RunConfig
 __all__ = [
     "CPUS_PER_COLLECTOR",
     "CPUS_PER_LEARNER",
+    "FORMAT_2_STEP_KEYS",
     "buffer_schema",
     "check_placement",
     "check_resume_schema",
     "required_resources",
     "resume_exploration",
 ]
+
+# What the collectors write under "next" besides the observation (buffer format 2,
+# DESIGN.md "Data"): per-row shape and dtype. Format 1 had them at the root, shape [].
+FORMAT_2_STEP_KEYS = {
+    "reward": ((1,), "float32"),
+    "terminated": ((1,), "bool"),
+    "truncated": ((1,), "bool"),
+    "done": ((1,), "bool"),
+}
 
 # Logical CPUs each actor kind asks Ray for (shards ask for none: they mostly wait on I/O).
 CPUS_PER_COLLECTOR = 1.0
@@ -89,6 +99,10 @@ def resume_exploration(config: RunConfig, frames_done: int) -> RunConfig:
 def check_resume_schema(schema: dict | None, observation_space: Any, action_space: Any, where: str) -> None:
     """Refuse to resume into a buffer whose rows the current env cannot produce.
 
+    The collectors write buffer format 2 (TorchRL's layout); a buffer of format-1 rows
+    (reward and flags at the root) is refused too, since no batch of the new layout
+    fits its schema (and the buffer opens such a directory read-only until upgraded).
+
     Raises:
         SchemaMismatch: naming the key, what the buffer holds and what the env gives.
     """
@@ -98,9 +112,16 @@ def check_resume_schema(schema: dict | None, observation_space: Any, action_spac
 
     if not schema:
         return
+    if any((key,) in schema for key in FORMAT_2_STEP_KEYS):
+        raise SchemaMismatch(
+            f"resume: the buffer at {where} holds format-1 rows (reward and flags at the root) and "
+            "this rlfleet writes format 2 (TorchRL's layout: 'next.reward', 'next.done', ...); "
+            f"migrate it in place with `rlfleet check --upgrade {where}`, or start a new run"
+        )
     expect = {
         ("observation",): (tuple(observation_space.shape), np.dtype(observation_space.dtype)),
         ("next", "observation"): (tuple(observation_space.shape), np.dtype(observation_space.dtype)),
+        **{("next", key): (shape, np.dtype(dtype)) for key, (shape, dtype) in FORMAT_2_STEP_KEYS.items()},
     }
     if getattr(action_space, "shape", None) is not None:
         expect[("action",)] = (tuple(action_space.shape), None)

@@ -14,9 +14,11 @@ rescaled to the box), so its ``state_dict`` loads into collectors as is. The cri
 actions in the tanh range ``[-1, 1]``: stored (box-scaled) actions are mapped back
 before they enter a critic. Runs on a learner rank; not thread-safe.
 
-A batch is a TensorDict ``[B]`` with ``observation``, ``action`` (box units),
-``reward``, ``terminated``, ``("next", "observation")``, optionally ``weight``
-(prioritized replay). Only ``terminated`` stops the bootstrap; truncation does not.
+A batch is a TensorDict ``[B]`` in TorchRL's layout (buffer format 2, DESIGN.md
+"Data") with ``observation``, ``action`` (box units, ``[B, A]``), ``("next",
+"observation")``, ``("next", "reward")`` (``[B, 1]``), ``("next", "terminated")``
+(bool ``[B, 1]``), optionally ``weight`` (prioritized replay). Only ``terminated``
+stops the bootstrap; truncation does not.
 """
 
 from __future__ import annotations
@@ -182,8 +184,8 @@ class SACLoss(nn.Module):
         """
         obs = batch["observation"].float()
         action = self._to_unit(batch["action"])
-        reward = batch["reward"].reshape(-1).float()
-        not_terminated = (~batch["terminated"].reshape(-1).bool()).float()
+        reward = batch["next", "reward"].reshape(-1).float()
+        not_terminated = (~batch["next", "terminated"].reshape(-1).bool()).float()
         with torch.no_grad():
             next_action, next_log_prob = self._sample_action(self.actor, batch["next", "observation"].float())
             q1_next, q2_next = self.target_critic(batch["next", "observation"], next_action)

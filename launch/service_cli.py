@@ -1,9 +1,14 @@
 """``rlfleet serve | status | sample | stop``: the replay service from the command line.
 
-Runs on the driver. Every command attaches to a running Ray cluster (``--address``,
-else ``RAY_ADDRESS``, else the local cluster started by ``ray start --head``): a
-detached service has to outlive the command that started it, so there is no embedded
-Ray here. Each command returns an exit code; errors print one line on stderr.
+Runs on the driver. Every command joins a running Ray cluster, named on purpose:
+``--address HOST:PORT`` (``serve`` also reads ``ray.address`` from its config), else
+``RAY_ADDRESS``, or ``--address auto`` for the cluster ``ray start --head`` started on this
+machine; with none of them the command stops and says so, rather than attach to
+whichever Ray happens to run here. A detached service has to outlive the command that
+started it, so there is no embedded Ray. Joining goes through ``rlfleet.buffer.init_ray``
+and gives up after ``--connect-timeout`` seconds, naming the address and the cause (nothing
+listening, a refused token, other Ray/Python versions). Each command prints the cluster
+it joined on stderr and returns an exit code; errors print one line on stderr.
 """
 
 from __future__ import annotations
@@ -24,22 +29,29 @@ __all__ = [
 def _address_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--address", default=None,
-        help="Ray cluster address (default: RAY_ADDRESS, else the local cluster)",
+        help="Ray cluster to join: HOST:PORT, or 'auto' for the one `ray start` started on "
+             "this machine (default: RAY_ADDRESS; no default beyond it)",
+    )
+    parser.add_argument(
+        "--connect-timeout", type=float, default=None, metavar="SECONDS",
+        help="give up joining the cluster after this long (default 30; serve: ray.connect_timeout_s)",
     )
 
 
-def _attach(address: str | None) -> None:
-    import ray
+def _attach(address: str | None, timeout_s: float | None) -> None:
+    """Join the cluster (see the module docstring) and say which one on stderr.
 
-    if ray.is_initialized():
-        return
+    Exits with one line on stderr when there is no address or the join fails."""
+    from rlfleet.buffer import init_ray
+    from rlfleet.buffer.cluster import DEFAULT_CONNECT_TIMEOUT_S
+
     try:
-        ray.init(address=address or "auto", namespace="rlfleet", log_to_driver=False)
-    except ConnectionError as e:
-        raise SystemExit(
-            f"error: no Ray cluster at {address or 'auto'!r} ({e}); start one with "
-            f"`ray start --head` or pass --address (with RAY_AUTH_MODE=token)"
-        ) from e
+        info = init_ray(address, namespace="rlfleet",
+                        timeout_s=DEFAULT_CONNECT_TIMEOUT_S if timeout_s is None else timeout_s)
+    except (ConnectionError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from e
+    if info.started:  # joined just now (a process that called ray.init knows its cluster)
+        print(info.describe(), file=sys.stderr)
 
 
 def _fail(message: str) -> int:
@@ -60,11 +72,30 @@ def serve(args: argparse.Namespace) -> int:
     from rlfleet.buffer import ReplayService
     from rlfleet.launch.config import load_config
 
-    config = load_config(args.config, args.overrides)
+    from rlfleet.buffer.service import running_buffers
+
+    overrides = list(args.overrides)
+    if args.connect_timeout is not None:
+        overrides.append(f"ray.connect_timeout_s={args.connect_timeout}")
+    try:
+        config = load_config(args.config, overrides)
+    except (ValueError, FileNotFoundError) as e:
+        return _fail(str(e))
     buf = config.buffer
-    path = Path(buf.path) if buf.path else Path(config.run.dir) / config.name / "buffer"
-    _attach(args.address or config.ray.address)
+    path = (Path(buf.path) if buf.path else Path(config.run.dir) / config.name / "buffer").absolute()
+    _attach(args.address or config.ray.address, config.ray.connect_timeout_s)
     import ray
+
+    if config.name in running_buffers():
+        # A running service keeps its directory: reattaching with another buffer.path
+        # would report a path the data is not in.
+        where = _running_path(config.name)
+        if where is not None and where != path:
+            return _fail(
+                f"buffer {config.name!r} already runs with its data under {where}, not under "
+                f"{path}; stop it first (`rlfleet stop {config.name}`) to serve it from {path}, "
+                f"or set buffer.path={where}"
+            )
 
     nodes = None
     if buf.node_resource is not None:  # shards only on the nodes offering it, as `run` does
@@ -85,7 +116,8 @@ def serve(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as e:
         return _fail(str(e))
     stats = service.client().stats()
-    print(f"replay service {config.name!r}: {service.num_shards} shard(s) under {path.absolute()}")
+    where = _running_path(config.name) or path
+    print(f"replay service {config.name!r}: {service.num_shards} shard(s) under {where}")
     print(_table(stats))
     address = ray.get_runtime_context().gcs_address
     print("connect from Python on the cluster:")
@@ -93,6 +125,18 @@ def serve(args: argparse.Namespace) -> int:
           f"BufferClient; c = BufferClient.connect('{config.name}'); print(len(c))\"")
     print(f"stop it with: rlfleet stop {config.name}")
     return 0
+
+
+def _running_path(name: str) -> Path | None:
+    """The directory the running buffer ``name`` keeps its shards in (shard 0's parent)."""
+    from rlfleet.buffer import BufferClient, BufferNotFound, ShardUnavailable
+
+    try:
+        rows = BufferClient.connect(name).stats()["shards"]
+    except (BufferNotFound, ShardUnavailable):
+        return None
+    paths = [row["path"] for row in rows if row.get("path")]
+    return Path(paths[0]).parent if paths else None
 
 
 # -- status --------------------------------------------------------------------------------
@@ -116,7 +160,7 @@ def status(args: argparse.Namespace) -> int:
         return _fail(f"--watch {args.watch:g}: must be > 0 seconds")
     if args.iterations is not None and args.iterations < 1:
         return _fail(f"--iterations {args.iterations}: must be at least 1")
-    _attach(args.address)
+    _attach(args.address, args.connect_timeout)
     if args.watch is None:
         code, text = _status_once(args)
         if code:
@@ -221,11 +265,11 @@ def sample_arguments(parser: argparse.ArgumentParser) -> None:
 def sample(args: argparse.Namespace) -> int:
     """Print a few sampled rows (from the shards that are up)."""
     from rlfleet.buffer import BufferClient, BufferNotFound, SampleTimeout, ShardUnavailable
-    from rlfleet.buffer.client import SHARD_SHIFT
+    from rlfleet.buffer.indices import counter_of, shard_of
 
     if args.n < 1:
         return _fail(f"-n {args.n}: must be at least 1")
-    _attach(args.address)
+    _attach(args.address, args.connect_timeout)
     try:
         batch = BufferClient.connect(args.name).sample(
             args.n, timeout_s=args.timeout_s, allow_partial=True)
@@ -234,8 +278,8 @@ def sample(args: argparse.Namespace) -> int:
     keys = sorted(batch.keys(include_nested=True, leaves_only=True),
                   key=lambda k: k if isinstance(k, tuple) else (k,))
     for i in range(batch.batch_size[0]):
-        index = int(batch["index"][i].reshape(-1)[0])
-        print(f"row {i}: shard {index >> SHARD_SHIFT}, index {index & ((1 << SHARD_SHIFT) - 1)}")
+        index = batch["index"][i].reshape(-1)[:1].numpy()
+        print(f"row {i}: shard {int(shard_of(index)[0])}, index {int(counter_of(index)[0])}")
         for key in keys:
             if key == "index":
                 continue
@@ -264,7 +308,7 @@ def stop(args: argparse.Namespace) -> int:
     """Stop a running buffer's shards; the data stays on disk unless --delete."""
     from rlfleet.buffer import BufferNotFound, ReplayService
 
-    _attach(args.address)
+    _attach(args.address, args.connect_timeout)
     try:
         ReplayService.shutdown(args.name, delete=args.delete)
     except (BufferNotFound, ValueError) as e:

@@ -90,6 +90,7 @@ class BroadcastPublisher:
         self._cond = threading.Condition()
         self._pending: tuple[dict[str, torch.Tensor], int] | None = None
         self._stop = False
+        self._forming = False  # the sender thread waits in a rendezvous (up to form_timeout_s)
         self._group: dist.ProcessGroup | None = None
         self._gen = 0
         self._n = 0
@@ -151,11 +152,18 @@ class BroadcastPublisher:
         }
 
     def close(self) -> None:
-        """Stop the sender thread; the store closes with this object."""
+        """Stop the sender thread; the store closes with this object.
+
+        Waits for a broadcast in flight (at most ``op_timeout_s``), never for a group
+        that is still forming: nobody needs that group any more, and its rendezvous
+        would hold a short run's shutdown for ``form_timeout_s``. The thread is a daemon
+        and ends with the process.
+        """
         with self._cond:
             self._stop = True
             self._cond.notify_all()
-        self._thread.join(timeout=self.form_timeout_s + self.op_timeout_s + 1.0)
+        if not self._forming:
+            self._thread.join(timeout=self.op_timeout_s + 1.0)
         self._group = None
 
     # ------------------------------------------------------------------ thread
@@ -197,6 +205,7 @@ class BroadcastPublisher:
         self._gen = self._store.add(GEN_KEY, 1)
         self._n = 0
         self._last_attempt = time.monotonic()
+        self._forming = True
         try:
             group = gloo_group(
                 self._store, self._gen, 0, self.num_collectors + 1, host=self.host, timeout_s=self.form_timeout_s
@@ -204,6 +213,8 @@ class BroadcastPublisher:
         except Exception as e:
             self._attempt_failed = True
             self.failures += 1
+            if self._stop:  # closed meanwhile: nothing is waiting for this group
+                return
             logger.warning(
                 "weight group generation %d did not form within %.0fs (%s); weights go through "
                 "the object store until it does",
@@ -212,6 +223,8 @@ class BroadcastPublisher:
                 e,
             )
             return
+        finally:
+            self._forming = False
         group.set_timeout(timedelta(seconds=self.op_timeout_s))
         self._group = group
         self._attempt_failed = False

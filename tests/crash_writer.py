@@ -5,11 +5,13 @@ once, creates the buffer if absent, then serves lines on stdin:
 
 - ``run SEED``: fork a child that reopens the buffer and, forever, extends it with rows
   whose every field is a function of the row's index (see ``expected_rows``), then sets
-  random priorities of some live rows. Around each call it prints ``begin END`` /
+  random priorities of some live rows. Around each call it prints ``begin END N`` /
   ``committed N`` (``extend``) and ``prio`` / ``prioed`` (``update_priority``), so the
   last line before a kill says which call the kill interrupted. The parent prints
   ``child PID``. Batch sizes reach 0.7 of the capacity, so the ring wraps every few
-  calls.
+  calls, and one batch in five holds more rows than the capacity (1.1 to 2.5 times),
+  the case whose commit stores ``start`` past ``end`` for an instant. The priority
+  updates name live rows and rows already overwritten (skipped by the buffer).
 - ``kill``: SIGKILL the child, reap it and print ``reaped PID SIGNAL`` (SIGNAL is 0 when
   the child had exited by itself, i.e. failed). Killing before reaping means the pid
   cannot have been reused by another process.
@@ -55,21 +57,29 @@ def priorities_for(rng: np.random.Generator, n: int) -> np.ndarray:
 def _child(path: str, seed: int) -> None:
     from rlfleet.buffer.replay_buffer import ReplayBuffer
 
+    from rlfleet.buffer.indices import with_tag
+
     rng = np.random.default_rng(seed)
     rb = ReplayBuffer.open(path, seed=seed)
     capacity = rb.capacity
     while True:
-        n = int(rng.integers(1, max(2, int(capacity * 0.7))))
+        if rng.random() < 0.2:  # more rows than the capacity: only the newest land
+            n = int(rng.integers(int(capacity * 1.1), int(capacity * 2.5)))
+        else:
+            n = int(rng.integers(1, max(2, int(capacity * 0.7))))
         first = rb.total_inserted
-        os.write(1, f"begin {first + n}\n".encode())
+        os.write(1, f"begin {first + n} {n}\n".encode())
         rb.extend_arrays(expected_rows(np.arange(first, first + n)))
         os.write(1, f"committed {rb.total_inserted}\n".encode())
         # every sampler takes the call (the others validate and ignore it)
-        live = np.arange(rb.total_inserted - len(rb), rb.total_inserted)
+        start = rb.total_inserted - len(rb)
+        live = np.arange(start, rb.total_inserted)
         pick = rng.choice(live, size=min(256, len(live)), replace=False)
-        prio = priorities_for(rng, len(pick))
+        gone = np.arange(max(0, start - 16), start)  # overwritten rows: skipped
+        prio = priorities_for(rng, len(pick) + len(gone))
         os.write(1, b"prio\n")
-        rb.update_priority(pick, prio)
+        skipped = rb.update_priority(with_tag(np.concatenate([pick, gone]), rb.index_tag), prio)
+        assert skipped == len(gone), (skipped, len(gone))
         os.write(1, b"prioed\n")
 
 

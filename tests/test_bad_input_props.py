@@ -5,9 +5,11 @@ what is wrong, never a hang, a crashed actor, or a changed buffer. "Unchanged" i
 byte for byte: the committed counters, every stored row, ``meta.json``, ``header.bin``
 and (prioritized) ``priorities.bin``.
 
-Buffers live under the session's temporary directory (one per example); the service
-property runs on the session's Ray cluster. A SIGALRM guard turns a hang into a failure.
-The default run keeps ``max_examples`` small; the ``slow`` variants draw more.
+Buffers live under the session's temporary directory (one per example); the same bad
+calls through the client and the shard actors are in ``test_bad_input_service_props.py``.
+A SIGALRM guard turns a hang into a failure. The default run keeps ``max_examples``
+small; the ``slow`` variants draw more. The module passes 400 lines because each
+property keeps its generator, its oracle and its checks together.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from hypothesis import strategies as st
 from tensordict import TensorDict
 
 from rlfleet.buffer import ReplayBuffer, SchemaMismatch, StaleIndexError
+from rlfleet.buffer.indices import counter_of, with_shard, with_tag
 from rlfleet.buffer.storage import format_key
 from rlfleet.launch.config import ConfigError, RunConfig, config_to_dict, parse_config
 
@@ -182,7 +185,8 @@ def check_batch_sizes(tmp_path_factory, schema, cap, kinds):
         for kind in kinds:
             n = {"zero": 0, "one": 1, "cap": cap, "cap+1": cap + 1, "2cap+3": 2 * cap + 3}[kind]
             index = rb.extend(to_td(make_rows(schema, total, n), n))
-            assert index.dtype == torch.int64 and index.tolist() == list(range(total, total + n))
+            assert index.dtype == torch.int64
+            assert index.tolist() == with_tag(np.arange(total, total + n), rb.index_tag).tolist()
             total += n
             assert rb.total_inserted == total and len(rb) == min(cap, total)
             if len(rb):
@@ -191,7 +195,8 @@ def check_batch_sizes(tmp_path_factory, schema, cap, kinds):
                     assert np.array_equal(got.get(key).numpy(), arr), key
                 batch = rb.sample(5)
                 assert batch.batch_size == torch.Size([5])
-                assert ((batch["index"] >= total - len(rb)) & (batch["index"] < total)).all()
+                counter = counter_of(batch["index"].numpy())
+                assert ((counter >= total - len(rb)) & (counter < total)).all()
             elif rb.schema is not None:
                 with pytest.raises(ValueError, match=r"sample: the buffer is empty"):
                     rb.sample(1)
@@ -222,7 +227,7 @@ def test_batch_sizes_zero_one_capacity_and_above_many(tmp_path_factory, **case):
 # --------------------------------------------------------------------------- priorities and indices
 
 BAD_PRIORITIES = ["negative", "nan", "inf", "-inf", "overflow", "short", "long", "2d"]
-BAD_INDICES = ["stale", "never_written", "negative", "foreign_shard", "float", "2d"]
+BAD_INDICES = ["stale", "never_written", "negative", "foreign_shard", "foreign_tag", "float", "2d"]
 
 
 def check_bad_priority_calls(tmp_path_factory, cap, n_rows, alpha, prio_kind, index_kind, pos):
@@ -230,15 +235,16 @@ def check_bad_priority_calls(tmp_path_factory, cap, n_rows, alpha, prio_kind, in
     with no_hang(), ReplayBuffer.create(fresh_dir(tmp_path_factory), capacity=cap,
                                         sampler=sampler, seed=0) as rb:
         rb.extend_arrays({("x",): np.arange(n_rows)})
+        tag = rb.index_tag
         live = np.arange(rb.total_inserted - len(rb), rb.total_inserted)
-        rb.update_priority(live, np.linspace(0.5, 2.0, len(live)))
+        rb.update_priority(with_tag(live, tag), np.linspace(0.5, 2.0, len(live)))
         mass = rb.priority_mass
         before = snapshot(rb)
         k = len(live)
         at = pos % k
         # bad priorities on valid indices
         prio = np.ones(k)
-        index = live.copy()
+        index = with_tag(live, tag)
         if prio_kind in ("negative", "nan", "inf", "-inf"):
             prio[at] = {"negative": -1e-3, "nan": np.nan, "inf": np.inf, "-inf": -np.inf}[prio_kind]
             expect = rf"priority\[{at}\]=.* is not a finite number >= 0"
@@ -248,7 +254,7 @@ def check_bad_priority_calls(tmp_path_factory, cap, n_rows, alpha, prio_kind, in
             expect = (rf"priority\[{at}\]=.* is above .*, the largest whose p\*\*alpha" if alpha >= 1
                       else rf"priority\[{at}\]=inf is not a finite number >= 0")
         else:
-            prio = {"short": prio[:-1], "long": np.ones(k + 1), "2d": prio[:, None]}[prio_kind]
+            prio = {"short": prio[:-1], "long": np.ones(k + 1), "2d": np.ones((k, 2))}[prio_kind]
             expect = r"priorities \(shape .*\) for .* indices \(shape .*\); pass one priority per index"
         with pytest.raises(ValueError, match=expect):
             rb.update_priority(index, prio)
@@ -256,28 +262,46 @@ def check_bad_priority_calls(tmp_path_factory, cap, n_rows, alpha, prio_kind, in
         # bad indices with good priorities
         prio = np.ones(k)
         if index_kind == "stale":
-            if live[0] == 0:  # nothing overwritten yet: overwrite the oldest row
-                rb.extend_arrays({("x",): np.arange(rb.total_inserted, rb.total_inserted + 1)})
+            # not bad: the overwritten row is skipped and counted, the live rows stored
+            if live[0] == 0:  # nothing overwritten yet: wrap the ring
+                rb.extend_arrays({("x",): np.arange(rb.total_inserted, rb.total_inserted + cap)})
                 live = np.arange(rb.total_inserted - len(rb), rb.total_inserted)
-                before, mass = snapshot(rb), rb.priority_mass
                 k, at = len(live), pos % len(live)
                 prio = np.ones(k)
-            index = live.copy()
-            index[at] = live[0] - 1
-            expect = rf"index\[{at}\]={live[0] - 1} is not a live row .* overwritten or never written"
-            error = StaleIndexError
-        elif index_kind in ("never_written", "negative", "foreign_shard"):
-            value = {"never_written": rb.total_inserted + pos, "negative": -1 - pos,
-                     "foreign_shard": (3 << 56) | int(live[at])}[index_kind]
-            index = live.copy()
-            index[at] = value
-            expect = rf"index\[{at}\]={value} is not a live row \(live indices are \[{live[0]}, {live[-1] + 1}\)\)"
-            error = StaleIndexError
+            counters = live.copy()
+            counters[at] = live[0] - 1
+            old = np.fromfile(rb.path / "priorities.bin")[live[at] % cap]
+            assert rb.update_priority(with_tag(counters, tag), prio * 3.0) == 1
+            stored = np.fromfile(rb.path / "priorities.bin")
+            assert (stored[np.delete(counters, at) % cap] == 3.0).all()
+            assert stored[live[at] % cap] == old  # not in the call: unchanged
+            assert rb.stats()["priority_updates_skipped"] == 1
+            assert rb.priority_mass == pytest.approx(float(np.sum(stored[live % cap] ** alpha)), rel=1e-9)
+            batch = rb.sample(16)
+            assert torch.isfinite(batch["weight"]).all()
+            return
+        index = with_tag(live, tag)
+        error = StaleIndexError
+        if index_kind == "never_written":
+            counter = rb.total_inserted + pos
+            index[at] = with_tag(np.array([counter]), tag)[0]
+            expect = (rf"index\[{at}\]={index[at]} names row {counter}, which was never written "
+                      rf"\(this buffer has written rows 0..{rb.total_inserted - 1}\)")
+        elif index_kind == "negative":
+            index[at] = -1 - pos
+            expect = rf"index\[{at}\]={index[at]} is negative; pass the int64 indices"
+        elif index_kind == "foreign_shard":
+            index[at] = with_shard(index[at:at + 1], 3)[0]
+            expect = (rf"index\[{at}\]={index[at]} belongs to another buffer or to an earlier "
+                      rf"buffer created at .*: it carries tag {tag} and shard 3")
+        elif index_kind == "foreign_tag":
+            index[at] = with_tag(live[at:at + 1], (tag + 1 + pos) % 4096)[0]
+            expect = rf"index\[{at}\]={index[at]} belongs to another buffer"
         elif index_kind == "float":
             index = live.astype(np.float64) + 0.5
             expect, error = r"index has dtype float64; pass integer indices", ValueError
         else:
-            index = live[:, None]
+            index = index[:, None]
             prio = prio[:, None]
             expect, error = r"pass one priority per index", ValueError
         with pytest.raises(error, match=expect):
@@ -316,7 +340,7 @@ def test_huge_finite_priorities_below_the_limit_keep_sampling_finite(tmp_path_fa
                                         sampler=sampler, seed=0) as rb:
         rb.extend_arrays({("x",): np.arange(64)})
         try:
-            rb.update_priority(np.arange(64), np.full(64, huge))
+            rb.update_priority(with_tag(np.arange(64), rb.index_tag), np.full(64, huge))
         except ValueError as e:  # refused only above the documented limit
             assert "the largest whose p**alpha" in str(e)
             assert huge ** alpha * 64 > 1e300
@@ -433,97 +457,3 @@ def test_configs_with_wrong_types_and_unknown_keys_name_the_key(**case):
 @given(**config_case)
 def test_configs_with_wrong_types_and_unknown_keys_name_the_key_many(**case):
     check_config(**case)
-
-
-# --------------------------------------------------------------------------- through the service
-
-SVC = "props-svc"
-
-
-@pytest.fixture(scope="module")
-def service(ray_cluster, tmp_path_factory):
-    """2 prioritized shards of capacity 20 each, 50 rows written (both rings wrapped)."""
-    from rlfleet.buffer import ReplayService
-
-    svc = ReplayService.launch(SVC, tmp_path_factory.mktemp("svc"), capacity=40, num_shards=2,
-                               sampler={"type": "prioritized", "alpha": 1.0, "beta": 0.4},
-                               rate_limiter={"min_size_to_sample": 1}, seed=0)
-    client = svc.client(seed=0)
-    for first in range(0, 50, 10):
-        client.extend(to_td(make_rows(SERVICE_SCHEMA, first, 10), 10))
-    yield client
-    ReplayService.shutdown(SVC, delete=True)
-
-
-SERVICE_SCHEMA = {("observation",): ((3,), np.dtype(np.float32)), ("action",): ((), np.dtype(np.int64)),
-                  ("next", "observation"): ((3,), np.dtype(np.float32))}
-
-
-def shard_view(client) -> list[tuple]:
-    """Per shard: pid (a restart changes it) and the numbers a bad call must not change."""
-    import ray
-
-    shards = [ray.get_actor(f"rlfleet:{SVC}:shard-{k}", namespace="rlfleet") for k in range(2)]
-    pids = ray.get([s.ping.remote() for s in shards], timeout=30)
-    stats = client.stats()["shards"]
-    return [(pid, s["size"], s["total_inserted"], s["priority_mass"]) for pid, s in zip(pids, stats)]
-
-
-@settings(max_examples=6, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-@given(mutation=st.sampled_from(["dtype", "drop", "add", "shape"]), key=st.sampled_from(list(SERVICE_SCHEMA)),
-       prio_kind=st.sampled_from(["negative", "nan", "inf", "short", "overflow"]),
-       index_kind=st.sampled_from(["foreign_shard", "stale", "never_written"]))
-def test_bad_calls_through_the_client_are_refused_and_shards_stay_up(service, mutation, key, prio_kind, index_kind):
-    import ray
-
-    client = service
-    before = shard_view(client)
-    bad = dict(SERVICE_SCHEMA)
-    if mutation == "dtype":
-        bad[key] = (bad[key][0], np.dtype(np.float64) if bad[key][1] != np.float64 else np.dtype(np.int32))
-        expect = rf"key '{re.escape(format_key(key))}' has dtype"
-    elif mutation == "drop":
-        del bad[key]
-        expect = rf"batch lacks key '{re.escape(format_key(key))}'"
-    elif mutation == "add":
-        bad[("extra",)] = ((), np.dtype(np.float32))
-        expect = r"batch has key 'extra' that the buffer schema lacks"
-    else:
-        bad[key] = (bad[key][0] + (2,), bad[key][1])
-        expect = rf"key '{re.escape(format_key(key))}' has per-row shape"
-    arrays = make_rows(bad, 0, 4)
-    with no_hang(60):
-        with pytest.raises(SchemaMismatch, match=expect):
-            client.extend(to_td(arrays, 4))
-        # a writer that bypasses the client meets the same check in the shard actor
-        shard = ray.get_actor(f"rlfleet:{SVC}:shard-1", namespace="rlfleet")
-        with pytest.raises(SchemaMismatch, match=expect):
-            ray.get(shard.extend.remote(arrays), timeout=30)
-
-        index = client.sample(8)["index"].numpy()
-        prio = np.ones(len(index))
-        if prio_kind == "short":
-            prio, expect = prio[:-1], r"pass one priority per index"
-        elif prio_kind == "overflow":
-            prio[2], expect = 1e308, r"priority\[\d+\]=1e\+308 is above .*the largest whose p\*\*alpha"
-        else:
-            prio[2] = {"negative": -1.0, "nan": np.nan, "inf": np.inf}[prio_kind]
-            expect = r"priority\[2\]=.* is not a finite number >= 0"
-        with pytest.raises(ValueError, match=expect):
-            client.update_priority(index[:1] if prio_kind == "overflow" else index,
-                                   prio[2:3] if prio_kind == "overflow" else prio)
-        index = index.copy()
-        if index_kind == "foreign_shard":
-            index[1] = (5 << 56) | (int(index[1]) & ((1 << 56) - 1))
-            error, expect = StaleIndexError, r"index\[1\]=\d+ names shard 5, but buffer 'props-svc' has shards 0..1"
-        else:
-            # shard 0 holds rows 10..29 of its 30 (capacity 20): row 0 was overwritten.
-            # Both indices go to one shard: the client does not make a call that spans
-            # shards atomic, so a shard that refuses cannot undo another's update.
-            local = 0 if index_kind == "stale" else 10**6
-            index = np.array([local, 12])
-            error, expect = StaleIndexError, rf"index\[0\]={local} is not a live row"
-        with pytest.raises(error, match=expect):
-            client.update_priority(index, np.ones(len(index)))
-    assert shard_view(client) == before

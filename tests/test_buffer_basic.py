@@ -1,4 +1,9 @@
-"""ReplayBuffer on real memmap directories: layout, reopen, wrap-around, positions, errors."""
+"""ReplayBuffer on real memmap directories: layout, reopen, wrap-around, positions, errors.
+
+Indices carry the buffer's tag (``rlfleet.buffer.indices``): tests compare their row
+counters (``counters``) with the rows they expect. The module passes 400 lines because
+it is the table of ReplayBuffer's basic contract, one short test per promise.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +14,14 @@ import pytest
 import torch
 from tensordict import TensorDict
 
-from rlfleet.buffer import BufferFormatError, ReplayBuffer, SchemaMismatch, StaleIndexError
+from rlfleet.buffer import BufferFormatError, ReplayBuffer, SchemaMismatch
+from rlfleet.buffer.indices import MAX_COUNTER, counter_of, tag_of, with_tag
 from rlfleet.buffer.storage import parse_capacity
+
+
+def counters(index) -> np.ndarray:
+    """The row counters of indices a buffer returned (a tensor or an array)."""
+    return counter_of(np.asarray(index))
 
 
 def rows(first: int, n: int, episode: int = 0) -> TensorDict:
@@ -42,9 +53,10 @@ def test_extend_then_reopen_has_same_contents(tmp_path):
     path = tmp_path / "buf"
     with ReplayBuffer.create(path, capacity=100, seed=0) as rb:
         idx = rb.extend(rows(0, 30))
-        assert torch.equal(idx, torch.arange(30))
+        assert counters(idx).tolist() == list(range(30))
+        assert (tag_of(idx.numpy()) == rb.index_tag).all() and 0 <= rb.index_tag < 4096
         idx = rb.extend(rows(30, 12))
-        assert torch.equal(idx, torch.arange(30, 42))
+        assert torch.equal(idx, torch.from_numpy(with_tag(np.arange(30, 42), rb.index_tag)))
         assert len(rb) == 42 and rb.total_inserted == 42 and rb.capacity == 100
         assert rb.schema[("next", "observation")] == ((4,), np.dtype("float32"))
         assert rb.schema[("done",)] == ((), np.dtype("bool"))
@@ -52,8 +64,9 @@ def test_extend_then_reopen_has_same_contents(tmp_path):
         assert len(rb) == 42 and rb.total_inserted == 42 and rb.sampler_type == "uniform"
         assert_rows(rb[:], range(42))
         batch = rb.sample(1000)
-        assert_rows(batch, batch["index"].numpy())
-        assert set(batch["index"].tolist()) == set(range(42))  # 1000 draws hit all 42 rows
+        assert_rows(batch, counters(batch["index"]))
+        assert set(counters(batch["index"]).tolist()) == set(range(42))  # 1000 draws hit all 42 rows
+        assert (tag_of(batch["index"].numpy()) == rb.index_tag).all()
 
 
 def test_directory_layout_opens_with_plain_tensordict(tmp_path):
@@ -61,7 +74,9 @@ def test_directory_layout_opens_with_plain_tensordict(tmp_path):
     with ReplayBuffer.create(path, capacity=16) as rb:
         rb.extend(rows(0, 5))
     meta = json.loads((path / "meta.json").read_text())
-    assert meta["format"] == "rlfleet.buffer" and meta["format_version"] == 1
+    assert meta["format"] == "rlfleet.buffer" and meta["format_version"] == 2
+    assert isinstance(meta["index_tag"], int) and 0 <= meta["index_tag"] < 4096
+    assert np.fromfile(path / "header.bin", dtype=np.int64)[1] == 2  # the header's version word
     assert meta["capacity"] == 16 and meta["sampler"] == {"type": "uniform"}
     assert (path / "header.bin").stat().st_size == 64
     data = TensorDict.load_memmap(path / "data")
@@ -80,8 +95,8 @@ def test_wrap_around_keeps_newest_rows_in_order(tmp_path):
         assert_rows(rb[torch.tensor([0, 9, -2])], [25, 34, 33])
         assert_rows(rb[2:8:3], [27, 30])
         batch = rb.sample(500)
-        assert set(batch["index"].tolist()) == set(range(25, 35))
-        assert_rows(batch, batch["index"].numpy())
+        assert set(counters(batch["index"]).tolist()) == set(range(25, 35))
+        assert_rows(batch, counters(batch["index"]))
 
 
 def test_batch_larger_than_capacity_keeps_the_newest(tmp_path):
@@ -89,7 +104,7 @@ def test_batch_larger_than_capacity_keeps_the_newest(tmp_path):
     with ReplayBuffer.create(path, capacity=8) as rb:
         rb.extend(rows(0, 3))
         idx = rb.extend(rows(3, 21))
-        assert torch.equal(idx, torch.arange(3, 24))
+        assert counters(idx).tolist() == list(range(3, 24))
         assert len(rb) == 8 and rb.total_inserted == 24
         assert_rows(rb[:], range(16, 24))
     with ReplayBuffer.open(path) as rb:
@@ -103,12 +118,12 @@ def test_extend_arrays_and_sample_arrays(tmp_path):
         for a in arrays.values():
             a.setflags(write=False)  # arrays arriving through Ray are read-only
         idx = rb.extend_arrays(arrays)
-        assert idx.dtype == np.int64 and idx.tolist() == list(range(20))
+        assert idx.dtype == np.int64 and idx.tolist() == with_tag(np.arange(20), rb.index_tag).tolist()
         out = rb.sample_arrays(64)
         assert set(out) == set(arrays) | {("index",)}
         assert out[("observation",)].shape == (64, 4)
-        assert np.array_equal(out[("action",)], out[("index",)])
-        assert np.array_equal(out[("next", "observation")][:, 0], out[("index",)] + 0.5)
+        assert np.array_equal(out[("action",)], counters(out[("index",)]))
+        assert np.array_equal(out[("next", "observation")][:, 0], counters(out[("index",)]) + 0.5)
 
 
 def test_sample_owns_its_memory(tmp_path):
@@ -118,10 +133,10 @@ def test_sample_owns_its_memory(tmp_path):
         before = batch["action"].clone()
         rb.extend(rows(100, 4))  # overwrite every slot
         assert torch.equal(batch["action"], before)
-        assert torch.equal(batch["action"], batch["index"])
+        assert np.array_equal(batch["action"].numpy(), counters(batch["index"]))
 
 
-def test_counters_pass_2_to_the_31(tmp_path):
+def test_counters_pass_2_to_the_31_and_reach_2_to_the_44(tmp_path):
     start = 2**31 - 5
     # a fresh buffer with its window moved just below 2**31 (internal test hook)
     path2 = tmp_path / "b2"
@@ -129,17 +144,42 @@ def test_counters_pass_2_to_the_31(tmp_path):
         rb.extend(rows(0, 0))
         rb._set_counters_for_test(start, start)
         idx = rb.extend(rows(start, 10))
-        assert idx.tolist() == list(range(start, start + 10))
+        assert counters(idx).tolist() == list(range(start, start + 10))
         assert rb.total_inserted == 2**31 + 5 and len(rb) == 7
-        rb.update_priority(torch.tensor([2**31 + 4]), torch.tensor([5.0]))
+        assert rb.update_priority(with_tag(np.array([2**31 + 4]), rb.index_tag), torch.tensor([5.0])) == 0
+        tag = rb.index_tag
     with ReplayBuffer.open(path2) as rb:
-        assert rb.total_inserted == 2**31 + 5
+        assert rb.total_inserted == 2**31 + 5 and rb.index_tag == tag
         assert_rows(rb[:], range(2**31 - 2, 2**31 + 5))
         batch = rb.sample(50)
-        assert int(batch["index"].min()) >= 2**31 - 2
-        assert torch.equal(batch["action"], batch["index"])
-        with pytest.raises(StaleIndexError, match=r"index\[0\]=2147483643 is not a live row \(live indices are \[2147483646, 2147483653\)\)"):
-            rb.update_priority([start], [1.0])
+        assert int(counters(batch["index"]).min()) >= 2**31 - 2
+        assert np.array_equal(batch["action"].numpy(), counters(batch["index"]))
+        # overwritten since: skipped and counted, not refused
+        assert rb.update_priority(with_tag(np.array([start, 2**31 + 4]), tag), [1.0, 2.0]) == 1
+        assert rb.stats()["priority_updates"] == 1 and rb.stats()["priority_updates_skipped"] == 1
+
+    # the last counters an index can name: 2**44 - 1 is the largest
+    path3 = tmp_path / "b3"
+    with ReplayBuffer.create(path3, capacity=4, sampler="prioritized") as rb:
+        rb.extend(rows(0, 0))
+        rb._set_counters_for_test(MAX_COUNTER - 6, MAX_COUNTER - 6)
+        idx = rb.extend(rows(0, 6))
+        assert counters(idx).tolist() == list(range(MAX_COUNTER - 6, MAX_COUNTER))
+        assert (tag_of(idx.numpy()) == rb.index_tag).all()  # the counter never reaches the tag
+        before = (path3 / "header.bin").read_bytes()
+        for n in (1, 5):
+            with pytest.raises(ValueError, match=rf"extend: {n} rows would take the row counter to "
+                                                 rf"{MAX_COUNTER + n}, past 17592186044416 \(2\*\*44.*"
+                                                 rf"create a new buffer"):
+                rb.extend(rows(0, n))
+        assert rb.total_inserted == MAX_COUNTER and (path3 / "header.bin").read_bytes() == before
+        assert rb.extend(rows(0, 0)).tolist() == []  # an empty batch still passes
+        assert rb.update_priority(idx[-2:], [3.0, 4.0]) == 0
+        drawn = counters(rb.sample(20)["index"])
+        assert drawn.min() >= MAX_COUNTER - 4 and drawn.max() <= MAX_COUNTER - 1
+    with pytest.raises(ValueError, match=r"start=17592186044417 is not in \[0, 2\*\*44\]"):
+        with ReplayBuffer.create(tmp_path / "b4", capacity=4) as rb:
+            rb._set_counters_for_test(MAX_COUNTER + 1, MAX_COUNTER + 1)
 
 
 @pytest.mark.parametrize(
@@ -159,7 +199,8 @@ def test_parse_capacity(capacity, expected):
 @pytest.mark.parametrize(
     "capacity, message",
     [
-        (0, r"row count must be in \[1, 2\*\*62\)"),
+        (0, r"row count must be in \[1, 2\*\*44\) \(the row counter of an index has 44 bits\)"),
+        (2**44, r"capacity=17592186044416: row count must be in \[1, 2\*\*44\)"),
         (-3, r"row count must be in"),
         ("12 parsecs", r"not a row count or a size"),
         (True, r"expected a row count"),
@@ -191,8 +232,8 @@ def test_capacity_beyond_free_disk_is_refused_unless_overcommit(tmp_path):
         with pytest.raises(OSError, match=r"cannot create sparse data files of .* lower the capacity"):
             rb.extend(rows(0, 2))  # beyond what the filesystem allows in one file
         assert len(rb) == 0 and rb.schema is None
-    with ReplayBuffer.create(tmp_path / "c", capacity=10**16) as rb:
-        with pytest.raises(ValueError, match=r"capacity=10000000000000000 needs .*overcommit=True"):
+    with ReplayBuffer.create(tmp_path / "c", capacity=10**13) as rb:
+        with pytest.raises(ValueError, match=r"capacity=10000000000000 needs .*overcommit=True"):
             rb.extend(rows(0, 2))
 
 
@@ -296,7 +337,7 @@ def test_open_errors(tmp_path):
     meta = json.loads((tmp_path / "newer" / "meta.json").read_text())
     meta["format_version"] = 99
     (tmp_path / "newer" / "meta.json").write_text(json.dumps(meta))
-    with pytest.raises(BufferFormatError, match=r"format version 99; this rlfleet reads versions up to 1: upgrade"):
+    with pytest.raises(BufferFormatError, match=r"format version 99; this rlfleet reads versions up to 2: upgrade"):
         ReplayBuffer.open(tmp_path / "newer")
     meta["format_version"] = 1
     del meta["sampler"]
@@ -328,6 +369,13 @@ def test_stats(tmp_path):
         assert s["size"] == 8 and s["capacity"] == 10 and s["total_inserted"] == 8
         assert s["inserts"] == 8 and s["samples"] == 3 and s["priority_mass"] == 8
         assert s["bytes_on_disk"] > 0
+        assert s["priority_updates"] == 0 and s["priority_updates_skipped"] == 0
+        # samplers without priorities check and count an update the same way
+        assert rb.update_priority(rb.sample(5)["index"], torch.ones(5)) == 0
+        rb.extend(rows(8, 4))  # rows 0 and 1 are overwritten
+        assert rb.update_priority(with_tag(np.array([0, 1, 2, 11]), rb.index_tag), torch.ones(4)) == 2
+        s = rb.stats()
+        assert s["priority_updates"] == 7 and s["priority_updates_skipped"] == 2
 
 
 @pytest.mark.parametrize("sampler", ["uniform", "prioritized", {"type": "sequence", "length": 3}])
@@ -347,7 +395,7 @@ def test_sample_into_out_matches_a_fresh_sample(tmp_path, sampler):
             for key in expected.keys(True, True):
                 assert torch.equal(got.get(key), expected.get(key)), key
                 assert got.get(key).data_ptr() == storages[key]  # written in place
-        assert_rows(out if out.batch_dims == 1 else out[:, 0], out["index"].reshape(len(out), -1)[:, 0].numpy())
+        assert_rows(out if out.batch_dims == 1 else out[:, 0], counters(out["index"].reshape(len(out), -1)[:, 0]))
 
 
 def test_sample_into_out_follows_a_replaced_tensor_and_keeps_added_keys(tmp_path):
@@ -357,7 +405,7 @@ def test_sample_into_out_follows_a_replaced_tensor_and_keeps_added_keys(tmp_path
         out["advantage"] = torch.full((8,), 7.0)
         out["action"] = torch.zeros(8, dtype=torch.int64)  # a new tensor: checked and used
         rb.sample(8, out=out)
-        assert_rows(out, out["index"].numpy())
+        assert_rows(out, counters(out["index"]))
         assert torch.equal(out["advantage"], torch.full((8,), 7.0))
 
 

@@ -14,6 +14,12 @@ reopen (``posix_fadvise(DONTNEED)``, unprivileged; residency is measured with
 ``mincore``), so the rows are read back from the disk rather than from memory.
 
 Each suite prints one figure line (shown with or without ``-s``).
+
+A kill lands between two header stores only by luck, so a deterministic test builds
+every header state the commit protocol passes through (on real buffer directories, the
+header words written as the protocol would have left them) and checks that
+``check_buffer`` accepts each one (reporting ``start > end`` as repairable) and that
+``ReplayBuffer.open`` shows exactly the committed rows.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import ctypes
 import mmap
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -36,6 +43,7 @@ import pytest
 from crash_writer import expected_rows
 from rlfleet.buffer import ReplayBuffer
 from rlfleet.buffer.check import check_buffer
+from rlfleet.buffer.indices import counter_of
 
 WRITER = Path(__file__).with_name("crash_writer.py")
 
@@ -46,6 +54,9 @@ class Figures:
     kills_mid_extend: int = 0
     kills_mid_update: int = 0
     kills_after_commit: int = 0  # trials whose writer had committed at least once
+    oversized_commits: int = 0  # extends of more rows than the capacity that committed
+    kills_mid_oversized: int = 0  # kills inside such an extend
+    repairable: int = 0  # reopens that found a state ReplayBuffer.open repairs (start > end)
     rows_checked: int = 0
     rows_lost: int = 0
     pages_dropped: int = 0  # pages of buffer files not resident after the drop
@@ -99,7 +110,8 @@ def read_priorities(path: Path, capacity: int, first: int, end: int) -> np.ndarr
 
 def verify(path: Path, committed: int, capacity: int, figures: Figures) -> int:
     report = check_buffer(path)
-    assert report.ok, str(report)
+    assert report.ok, str(report)  # every state a kill leaves is ok, repairable included
+    figures.repairable += bool(report.repairs)
     with ReplayBuffer.open(path) as rb:
         assert rb.total_inserted >= committed, "an extend that had returned was lost"
         figures.rows_lost += max(0, committed - rb.total_inserted)
@@ -118,7 +130,7 @@ def verify(path: Path, committed: int, capacity: int, figures: Figures) -> int:
                 # the sum-tree rebuilt at open agrees with the stored priorities
                 assert rb.priority_mass == pytest.approx(float(np.sum(live ** 0.6)), rel=1e-9)
             batch = rb.sample(64)
-            assert np.array_equal(batch["x"].numpy(), batch["index"].numpy())
+            assert np.array_equal(batch["x"].numpy(), counter_of(batch["index"].numpy()))
         return rb.total_inserted
 
 
@@ -152,7 +164,7 @@ def run_trials(path: Path, trials: int, *, sampler: str, durability: str, capaci
             committed_before = committed
             command(f"run {seed * 100_000 + trial}")
             wait_commits, seen_commits, started = rng.randint(0, 3), 0, False
-            last = "child"
+            last, big = "child", False
             while not started or seen_commits < wait_commits:
                 words = read_words()
                 last = words[0]
@@ -161,7 +173,10 @@ def run_trials(path: Path, trials: int, *, sampler: str, durability: str, capaci
                 elif words[0] == "committed":
                     committed = max(committed, int(words[1]))
                     seen_commits += 1
-                elif words[0] not in ("begin", "prio", "prioed"):
+                    figures.oversized_commits += big
+                elif words[0] == "begin":
+                    big = int(words[2]) > capacity
+                elif words[0] not in ("prio", "prioed"):
                     raise AssertionError(f"unexpected line from the writer: {words!r}")
             time.sleep(rng.uniform(0.0, 0.05))
             command("kill")
@@ -175,8 +190,12 @@ def run_trials(path: Path, trials: int, *, sampler: str, durability: str, capaci
                 last = words[0]
                 if words[0] == "committed":
                     committed = max(committed, int(words[1]))
+                    figures.oversized_commits += big
+                elif words[0] == "begin":
+                    big = int(words[2]) > capacity
             figures.trials += 1
             figures.kills_mid_extend += last == "begin"
+            figures.kills_mid_oversized += last == "begin" and big
             figures.kills_mid_update += last == "prio"
             figures.kills_after_commit += committed > committed_before
             if drop_cache:
@@ -196,7 +215,9 @@ def run_trials(path: Path, trials: int, *, sampler: str, durability: str, capaci
 def report(capsys, name: str, f: Figures, drop_cache: bool) -> None:
     line = (
         f"crash suite [{name}]: trials={f.trials} kills mid-write={f.kills_mid_extend} "
-        f"kills mid-update_priority={f.kills_mid_update} rows checked={f.rows_checked} "
+        f"kills mid-update_priority={f.kills_mid_update} oversized batches committed="
+        f"{f.oversized_commits} kills mid-oversized-extend={f.kills_mid_oversized} "
+        f"repairable states found={f.repairable} rows checked={f.rows_checked} "
         f"rows lost={f.rows_lost}"
     )
     if drop_cache:
@@ -211,6 +232,7 @@ def check_figures(f: Figures, trials: int) -> None:
     assert f.trials == trials and f.rows_lost == 0
     assert f.kills_after_commit >= trials // 2  # about 3 in 4 trials wait for a commit
     assert f.kills_mid_extend >= 1  # the kill does land inside extend
+    assert f.oversized_commits >= 1  # batches larger than the capacity were written
     assert f.rows_checked > 0
 
 
@@ -250,3 +272,86 @@ def test_sigkill_many_trials(tmp_path, capsys, sampler, durability, trials):
     # elsewhere a kill inside update_priority is luck (0 of 100 sequence trials once).
     if sampler == "prioritized" and durability == "process":
         assert f.kills_mid_update >= 1
+
+
+# --------------------------------------------------------------------------- header states
+
+def protocol_stores(start: int, end: int, n: int, capacity: int) -> list[tuple[int, int]]:
+    """The header windows ``(start, end)`` after each store of ``extend(n rows)``, in
+    order, as ``ReplayBuffer``'s docstring lays the protocol out (steps 1, 3 and 4; step 2
+    copies rows and stores no header word)."""
+    last = end + n
+    new_start = max(start, last - capacity)
+    states = []
+    if min(new_start, end) > start:  # step 1: evict what the batch overwrites
+        start = min(new_start, end)
+        states.append((start, end))
+    if new_start > end:  # step 3: only a batch larger than the capacity
+        start = new_start
+        states.append((start, end))
+    states.append((start, last))  # step 4: the commit
+    return states
+
+
+# name: (capacity, rows inserted before, rows in the extend)
+HEADER_SCENARIOS = {
+    "no wrap": (10, 3, 4),
+    "wrap": (10, 13, 5),
+    "exactly the capacity": (10, 13, 10),
+    "oversized": (10, 13, 23),
+    "oversized into an empty buffer": (10, 0, 15),
+}
+
+
+@pytest.mark.parametrize("durability", ["process", "fsync"])
+@pytest.mark.parametrize("scenario", list(HEADER_SCENARIOS))
+def test_every_header_state_a_kill_can_leave_checks_ok_and_opens(tmp_path, scenario, durability):
+    capacity, before, n = HEADER_SCENARIOS[scenario]
+    base = tmp_path / "base"
+    with ReplayBuffer.create(base, capacity=capacity, sampler="prioritized", durability=durability) as rb:
+        rb.extend_arrays({k: v[:0] for k, v in expected_rows(np.arange(1)).items()})
+        for first in range(0, before, 7):  # a few batches: the ring may have wrapped already
+            rb.extend_arrays(expected_rows(np.arange(first, min(before, first + 7))))
+        start0, end0 = rb.total_inserted - len(rb), rb.total_inserted
+        rb.flush()
+        shutil.copytree(base, tmp_path / "before")  # a kill before step 1: nothing touched
+        # the whole extend ran: every row it writes is in its slot, as at any instant
+        # after step 2 (the slots of the window before step 4 are not among them)
+        rb.extend_arrays(expected_rows(np.arange(end0, end0 + n)))
+    states = [(start0, end0)] + protocol_stores(start0, end0, n, capacity)
+    oversized = n > capacity
+    assert any(s > e for s, e in states) == oversized  # the case check used to call damage
+    for k, (start, end) in enumerate(states):
+        path = tmp_path / f"state-{k}"
+        shutil.copytree(tmp_path / "before" if k == 0 else base, path)
+        words = np.memmap(path / "header.bin", dtype=np.int64, mode="r+", shape=(8,))
+        words[2], words[3] = start, end  # the header as a kill after store k leaves it
+        words.flush()
+        del words
+        report = check_buffer(path)
+        assert report.ok, str(report)
+        live = (end, end) if start > end else (start, end)  # what open makes of it
+        assert (report.size, report.total_inserted, report.rows_checked) == (live[1] - live[0], end, live[1] - live[0])
+        if start > end:
+            assert report.repairs == [
+                f"header window start={start} > end={end}: an extend of more rows than the "
+                f"capacity was killed before its commit; the window opens empty at {end}, no "
+                f"committed row lost"
+            ]
+            assert str(report).splitlines()[0] == (
+                f"buffer {path}: OK (repairable: {report.repairs[0]}; ReplayBuffer.open repairs it)")
+        else:
+            assert report.repairs == [] and str(report).splitlines()[0] == f"buffer {path}: OK"
+        with ReplayBuffer.open(path, seed=k) as rb:
+            assert (rb.total_inserted, len(rb)) == (end, live[1] - live[0])
+            if len(rb):
+                got = rb[:]
+                for key, want in expected_rows(np.arange(*live)).items():
+                    assert np.array_equal(got.get(key).numpy(), want), key
+                batch = rb.sample(16)
+                assert np.array_equal(batch["x"].numpy(), counter_of(batch["index"].numpy()))
+            idx = rb.extend_arrays(expected_rows(np.arange(end, end + 3)))  # and it writes on
+            assert counter_of(idx).tolist() == [end, end + 1, end + 2]
+        header = np.fromfile(path / "header.bin", dtype=np.int64)
+        assert (header[2], header[3]) == (max(live[0], end + 3 - capacity), end + 3)
+        assert check_buffer(path).repairs == []  # the repair was stored

@@ -15,6 +15,7 @@ import pytest
 from crash_writer import expected_rows
 from rlfleet.buffer import ReplayBuffer
 from rlfleet.buffer.check import check_buffer
+from rlfleet.buffer.indices import counter_of
 from rlfleet.launch.check import check, check_arguments
 
 
@@ -43,7 +44,7 @@ def test_one_terabyte_sparse_buffer_stays_small(tmp_path):
         rb.extend_arrays(cartpole_rows(first, 5_000))
     for _ in range(50):
         batch = rb.sample_arrays(256)
-        assert np.array_equal(batch[("action",)], batch[("index",)])
+        assert np.array_equal(batch[("action",)], counter_of(batch[("index",)]))
     assert rb.capacity == 10**12 // (16 + 16 + 8 + 4 + 1)
     stats = rb.stats()
     assert stats["size"] == 50_000
@@ -100,7 +101,7 @@ def test_full_disk_is_a_clean_oserror(small_disk, capsys):
     assert free_at_failure < page  # the disk really was full for that row, not earlier
     assert len(rb) == first and rb.total_inserted == first
     batch = rb.sample(100)
-    assert np.array_equal(batch["x"].numpy(), batch["index"].numpy())
+    assert np.array_equal(batch["x"].numpy(), counter_of(batch["index"].numpy()))
     # the process lives and the buffer works on once space comes back
     filler.unlink()
     rb.extend_arrays(expected_rows(np.arange(first, first + 10)))
@@ -158,7 +159,9 @@ def test_check_reports_intact_and_damaged_buffers(tmp_path, capsys):
     del header
     assert check_buffer(path).problems == ["header window holds 70 rows, more than capacity 50"]
 
-    assert "is not an rlfleet buffer" in check_buffer(tmp_path).problems[0]
+    report = check_buffer(tmp_path)  # a directory that holds a buffer is not one
+    assert not report.is_buffer and not report.ok
+    assert report.problems == [f"{tmp_path} has no meta.json: it is not an rlfleet buffer directory"]
 
 
 def test_check_command_line_on_sharded_directory(tmp_path, capsys):
@@ -175,3 +178,64 @@ def test_check_command_line_on_sharded_directory(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "shard-1: DAMAGED" in out and "x.memmap is 8 bytes, expected 80" in out
     assert "2 shards: 1 DAMAGED" in out
+
+
+def test_check_command_line_exit_statuses(tmp_path, capsys):
+    """0 ok or repairable, 1 damaged, 2 not a buffer (with the run directory's buffer named)."""
+    from rlfleet.launch.cli import main as cli_main
+
+    run_dir = tmp_path / "run"
+    with ReplayBuffer.create(run_dir / "buffer" / "shard-0", capacity=10) as rb:
+        rb.extend_arrays(expected_rows(np.arange(4)))
+    assert cli_main(["check", str(run_dir)]) == 2
+    out = capsys.readouterr().out
+    assert out == (f"{run_dir}: not a buffer ({run_dir} has no meta.json; a run directory keeps "
+                   f"its buffer in {run_dir / 'buffer'}: run `rlfleet check {run_dir / 'buffer'}`)\n")
+    assert cli_main(["check", str(run_dir / "buffer")]) == 0
+    assert "1 shards: all OK" not in capsys.readouterr().out  # one shard: no summary line
+    missing = tmp_path / "nothing"
+    assert cli_main(["check", str(missing)]) == 2
+    assert capsys.readouterr().out == f"{missing}: not a buffer ({missing} does not exist)\n"
+    (tmp_path / "empty").mkdir()
+    assert cli_main(["check", str(tmp_path / "empty")]) == 2
+    assert "not a buffer" in capsys.readouterr().out
+    (tmp_path / "file").write_text("x")
+    assert cli_main(["check", str(tmp_path / "file"), "--json"]) == 2
+    out = json.loads(capsys.readouterr().out)
+    assert out["ok"] is False and out["exit_status"] == 2 and out["buffers"][0]["is_buffer"] is False
+    assert out["buffers"][0]["problems"] == [f"{tmp_path / 'file'} is a file, not a buffer directory"]
+
+    # a shard without meta.json inside a sharded directory is damage, not "not a buffer"
+    (run_dir / "buffer" / "shard-1").mkdir()
+    assert cli_main(["check", str(run_dir / "buffer")]) == 1
+    out = capsys.readouterr().out
+    assert "shard-1: not a buffer" in out and "2 shards: 1 DAMAGED" in out
+
+    # a kill between the two window stores of an oversized extend: repairable, exit 0
+    path = tmp_path / "b"
+    with ReplayBuffer.create(path, capacity=10) as rb:
+        rb.extend_arrays(expected_rows(np.arange(7)))
+    header = np.memmap(path / "header.bin", dtype=np.int64, mode="r+", shape=(8,))
+    header[2] = 20  # start of an extend of 23 rows after 7: 7 + 23 - 10
+    header.flush()
+    del header
+    assert cli_main(["check", str(path)]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first == (f"buffer {path}: OK (repairable: header window start=20 > end=7: an extend "
+                     f"of more rows than the capacity was killed before its commit; the window "
+                     f"opens empty at 7, no committed row lost; ReplayBuffer.open repairs it)")
+    assert run_check_cli(path, as_json=True) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["ok"] is True and out["buffers"][0]["repairs"] and out["buffers"][0]["size"] == 0
+
+
+def test_check_help_documents_the_exit_statuses(capsys):
+    from rlfleet.launch.cli import main as cli_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["check", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--upgrade" in out
+    assert "exit status:\n  0  every buffer is intact, or in a state a killed writer leaves" in out
+    assert "\n  1  a buffer is damaged" in out and "\n  2  PATH is not a buffer" in out

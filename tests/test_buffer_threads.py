@@ -10,10 +10,11 @@ import torch
 
 from crash_writer import expected_rows
 from rlfleet.buffer import ReplayBuffer
+from rlfleet.buffer.indices import counter_of, with_tag
 
 
 def check_batch(batch) -> None:
-    idx = batch["index"].reshape(-1).numpy()
+    idx = counter_of(batch["index"].reshape(-1).numpy())
     want = expected_rows(idx)
     for key, arr in want.items():
         got = batch.get(key).numpy().reshape(arr.shape)
@@ -29,6 +30,7 @@ def test_concurrent_extend_and_sample(tmp_path, sampler):
     errors: list[BaseException] = []
     stop = threading.Event()
     sampled = [0, 0]
+    updated = [0]
 
     def writer() -> None:
         try:
@@ -37,12 +39,13 @@ def test_concurrent_extend_and_sample(tmp_path, sampler):
                 n = 40 + (i * 37) % 200
                 rb.extend_arrays(expected_rows(np.arange(first, first + n)))
                 first += n
-                if sampler == "prioritized":
-                    live = np.arange(rb.total_inserted - len(rb), rb.total_inserted)
-                    try:
-                        rb.update_priority(live[-50:], np.full(50, 1.0 + i % 3))
-                    except IndexError:
-                        pass  # a concurrent extend may have evicted them: that is the contract
+                # rows of the last batch and rows long overwritten: the live ones are
+                # stored, the others skipped and counted (every sampler checks the call)
+                gone = np.arange(max(0, first - 1000), max(0, first - 1000) + 20)
+                index = with_tag(np.concatenate([np.arange(first - 50, first), gone]), rb.index_tag)
+                skipped = rb.update_priority(index, np.full(70, 1.0 + i % 3))
+                assert skipped == 20, skipped
+                updated[0] += 50
         except BaseException as e:  # report in the main thread
             errors.append(e)
         finally:
@@ -66,10 +69,13 @@ def test_concurrent_extend_and_sample(tmp_path, sampler):
         t.start()
     for t in threads:
         t.join()
+    stats = rb.stats()
     rb.close()
     if errors:
         raise errors[0]
     assert sum(sampled) > 0
+    assert stats["priority_updates"] == updated[0] == 150 * 50
+    assert stats["priority_updates_skipped"] == 150 * 20
 
 
 def test_getitem_returns_consistent_window_under_writes(tmp_path):

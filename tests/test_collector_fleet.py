@@ -18,8 +18,8 @@ COUNTING = "rlfleet.collector.testing:CountingEnv"
 MAX_LEN = 6
 KEYS = {
     ("observation",): ((4,), torch.float32), ("action",): ((), torch.int64),
-    ("reward",): ((), torch.float32), ("terminated",): ((), torch.bool),
-    ("truncated",): ((), torch.bool), ("done",): ((), torch.bool),
+    ("next", "reward"): ((1,), torch.float32), ("next", "terminated"): ((1,), torch.bool),
+    ("next", "truncated"): ((1,), torch.bool), ("next", "done"): ((1,), torch.bool),
     ("next", "observation"): ((4,), torch.float32), ("episode_id",): ((), torch.int64),
     ("step",): ((), torch.int64), ("collector_id",): ((), torch.int64),
     ("policy_version",): ((), torch.int64),
@@ -62,7 +62,7 @@ def test_fleet_fills_the_service_with_complete_transitions(cartpole):
     for key, (shape, dtype) in KEYS.items():
         assert batch[key].shape == (512, *shape) and batch[key].dtype == dtype, key
     assert set(batch["collector_id"].tolist()) <= {0, 1}
-    assert torch.equal(batch["done"], batch["terminated"] | batch["truncated"])
+    assert torch.equal(batch["next", "done"], batch["next", "terminated"] | batch["next", "truncated"])
     ids = batch["episode_id"]
     assert set((ids >> 48).tolist()) == set(batch["collector_id"].tolist())
     # reports reach the registry at most every report_interval_s: they catch up with the rows

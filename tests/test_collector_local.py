@@ -58,8 +58,8 @@ def test_no_step_lost_duplicated_or_reordered(vectorization):
     assert rows.shape == (72,)
     counts = check_counting_stream(rows, max_length=MAX_LEN)
     assert sorted(counts.values()) == [24, 24, 24]
-    done = rows["done"]
-    assert rows["terminated"][done].any() and rows["truncated"][done].any()
+    done = rows["next", "done"][:, 0]
+    assert rows["next", "terminated"][done].any() and rows["next", "truncated"][done].any()
     # one-step episodes (length 1) occur and end with the true final observation
     assert ((rows["step"] == 0) & done).any()
     assert (rows["collector_id"] == 0).all() and (rows["policy_version"] == 0).all()
@@ -82,11 +82,22 @@ def test_batches_are_env_major_and_rounded_up():
     tags = batch["observation"][:, 0].reshape(3, 4)
     # all 4 rows of env 0, then env 1, then env 2
     assert (tags == tags[:, :1]).all() and len(set(tags[:, 0].tolist())) == 3
-    assert batch["reward"].dtype == torch.float32
-    for key in ("terminated", "truncated", "done"):
-        assert batch[key].dtype == torch.bool
-    for key in ("episode_id", "step", "collector_id", "policy_version", "action"):
-        assert batch[key].dtype == torch.int64
+    # TorchRL's layout (buffer format 2): reward and flags under "next", [N, 1]
+    layout = {key: (tuple(v.shape), v.dtype) for key, v in batch.items(include_nested=True, leaves_only=True)}
+    assert layout == {
+        "observation": ((12, 3), torch.int64),
+        "action": ((12,), torch.int64),
+        ("next", "observation"): ((12, 3), torch.int64),
+        ("next", "reward"): ((12, 1), torch.float32),
+        ("next", "terminated"): ((12, 1), torch.bool),
+        ("next", "truncated"): ((12, 1), torch.bool),
+        ("next", "done"): ((12, 1), torch.bool),
+        "episode_id": ((12,), torch.int64),
+        "step": ((12,), torch.int64),
+        "collector_id": ((12,), torch.int64),
+        "policy_version": ((12,), torch.int64),
+    }
+    assert torch.equal(batch["next", "done"], batch["next", "terminated"] | batch["next", "truncated"])
 
 
 def test_episode_ids_unique_across_collectors_and_restarts():
@@ -219,7 +230,7 @@ def test_cartpole_rows_chain_within_each_env():
     finally:
         c.close()
     rows = sink.rows()
-    obs, nxt, done = rows["observation"], rows["next", "observation"], rows["done"]
+    obs, nxt, done = rows["observation"], rows["next", "observation"], rows["next", "done"][:, 0]
     for j in range(4):
         seg = slice(50 * j, 50 * (j + 1))
         o, n, d = obs[seg], nxt[seg], done[seg]
@@ -269,3 +280,36 @@ def test_collector_on_cuda_produces_the_same_rows_as_on_cpu():
     check_counting_stream(on_cuda, max_length=MAX_LEN)
     assert on_cuda["observation"].device.type == "cpu"
     assert (on_cuda == run("cpu")).all()
+
+
+def _format_1(rows: TensorDict) -> TensorDict:
+    """The same rows in the old layout: reward and flags at the root, shape [N]."""
+    out = rows.exclude(*[("next", k) for k in ("reward", "terminated", "truncated", "done")])
+    for k in ("reward", "terminated", "truncated", "done"):
+        out[k] = rows["next", k][:, 0]
+    return out
+
+
+LAYOUT_CASES = {
+    "format 1": (_format_1, r"rows lack key 'next.reward' \(found at the root\); buffer format 2"),
+    "missing": (lambda td: td.exclude(("next", "done")), r"rows lack key 'next.done' \(found nowhere\)"),
+    "flat reward": (lambda td: td.set(("next", "reward"), td["next", "reward"][:, 0]),
+                    r"key 'next.reward' is float32 \[12\]; format 2 stores it as float32 \[12, 1\]"),
+    "float flag": (lambda td: td.set(("next", "truncated"), td["next", "truncated"].float()),
+                   r"key 'next.truncated' is float32 \[12, 1\]; format 2 stores it as bool \[12, 1\]"),
+}
+
+
+@pytest.mark.parametrize("case", list(LAYOUT_CASES))
+def test_counting_checks_refuse_another_layout(case):
+    sink = ListSink()
+    c = counting_collector(sink, num_envs=3, frames_per_batch=12)
+    try:
+        c.run_batch()
+    finally:
+        c.close()
+    (batch,) = sink.batches
+    check_counting_stream(batch, max_length=MAX_LEN)
+    change, match = LAYOUT_CASES[case]
+    with pytest.raises(AssertionError, match=match):
+        check_counting_rows(change(batch.clone()), max_length=MAX_LEN)

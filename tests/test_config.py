@@ -89,14 +89,35 @@ BAD_TEXT = [
     ("out_of_range", "learner: {gamma: 1.5}", r"learner.gamma: 1.5 must be in \[0, 1\]"),
     ("bad_choice", "learner: {algorithm: ppo}", r"learner.algorithm: 'ppo' is not one of 'dqn', 'sac'"),
     ("collector_check", "env: {num_envs: 0}", r"env.num_envs = 0: must be an integer >= 1"),
-    ("bad_capacity", "buffer: {capacity: lots}", r"buffer.capacity: 'lots' is neither a row count"),
+    ("bad_capacity", "buffer: {capacity: lots}",
+     r"buffer.capacity: 'lots': not a row count or a size; write e.g. 1000000, '500GB' or '2TiB'"),
+    ("capacity_e_notation", "buffer: {capacity: 1e6}", r"buffer.capacity: '1e6': not a row count or a size"),
     ("bad_name", "name: ../x", r"name: '../x' must be"),
     ("n_step_without_sequences", "learner: {n_step: 3}",
      r"learner.n_step: 3 needs slices of 3 rows, but buffer.sampler is \{'type': 'uniform'\}; "
      r"set buffer.sampler to \{type: sequence, length: 3\}"),
     ("top_list", "- 1\n- 2", r"the top level must be a mapping of sections, got list"),
-    ("syntax", "learner:\n  lr: [1,\n  gamma: 2\n", r"<string>:4:1: "),
-    ("bad_indent", "learner:\n  lr: 1\n gamma: 2\n", r"<string>:3:2: "),
+    ("syntax", "learner:\n  lr: [1,\n  gamma: 2\n",
+     r"^<string>:2:7: this list is never closed with '\]' \(the line reads 'lr: \[1,'\)$"),
+    ("bad_indent", "learner:\n  lr: 1\n gamma: 2\n",
+     r"^<string>:3:2: this line does not line up with the lines above it: check its indentation "
+     r"\(the line reads 'gamma: 2'\)$"),
+    ("key_without_colon", "name: x\nseed: 0\nenv:\n  id CartPole-v1\n  num_envs: 4\n",
+     r"^<string>:4:3: this line is not 'key: value': the ':' after the key is missing "
+     r"\(the line reads 'id CartPole-v1'\)$"),
+    ("last_key_without_colon", "learner:\n  lr: 0.1\n  batch_size 64\n",
+     r"^<string>:3:3: this line is not 'key: value': the ':' after the key is missing "
+     r"\(the line reads 'batch_size 64'\)$"),
+    ("open_quote", "name: 'x\nseed: 0\n", r"^<string>:1:7: this quote is never closed \(the line reads \"name: 'x\"\)$"),
+    ("tab", "env:\n\tid: CartPole-v1\n",
+     r"^<string>:2:1: a tab character: indent with spaces \(the line reads 'id: CartPole-v1'\)$"),
+    ("colon_in_value", "name: x: y\n",
+     r"^<string>:1:8: a ': ' inside a value: put the value in quotes \(the line reads 'name: x: y'\)$"),
+    ("yaml_tag", "name: !!python/object:os.system x\n",
+     r"^<string>:1:7: a YAML tag \(!!\.\.\.\) is not allowed in a config: write the plain value"),
+    ("indented_under_value", "learner:\n  lr: 0.1\n    gamma: 0.9\n",
+     r"^<string>:3:5: this key is indented more than the key above it, which already has a value "
+     r"\(the line reads 'gamma: 0.9'\)$"),
     ("duplicate", "seed: 1\nname: a\nseed: 2\n", r"<string>:3:1: duplicated key 'seed' \(first on line 1\)"),
 ]
 
@@ -116,7 +137,7 @@ def test_missing_file_names_the_path(tmp_path):
 def test_parse_error_names_file_line_and_column(tmp_path):
     path = tmp_path / "broken.yaml"
     path.write_text("name: x\nlearner: {lr: 0.1\n")
-    with pytest.raises(ConfigError, match=r"broken.yaml:3:1: "):
+    with pytest.raises(ConfigError, match=r"broken.yaml:2:10: this mapping is never closed with '\}'"):
         load_config(path)
 
 
@@ -159,6 +180,10 @@ BAD_OVERRIDES = [
     ("bad_value", "collector.exploration.start=2", r"collector.exploration.start = 2.0: must be a number in"),
     ("bad_choice", "buffer.sampler.type=bad", r"buffer.sampler.type: 'bad' is not one of"),
     ("list_for_int", "learner.n_step=[1]", r"learner.n_step: expected int, got \[1\] \(list\)"),
+    # one capacity grammar, the buffer's: what a YAML file or ReplayBuffer.create refuses,
+    # an override refuses too
+    ("capacity_e_notation", "buffer.capacity=1e6", r"buffer.capacity: '1e6': not a row count or a size"),
+    ("connect_timeout", "ray.connect_timeout_s=0", r"ray.connect_timeout_s: 0.0 must be > 0"),
 ]
 
 
@@ -167,3 +192,28 @@ def test_bad_overrides_are_refused_naming_the_override(override, match):
     with pytest.raises(ConfigError, match=match) as info:
         apply_overrides(RunConfig(), [override])
     assert str(info.value).startswith(f"override {override!r}")
+
+
+def test_overrides_may_be_a_mapping_of_python_values(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("learner: {lr: 0.1, batch_size: 32}\n")
+    config = load_config(path, {"learner.lr": 1e-3, "policy.hidden": [128, 128], "buffer.capacity": "8GB",
+                                "env.kwargs.max_episode_steps": 200, "ray.address": None})
+    assert (config.learner.lr, config.learner.batch_size) == (0.001, 32)
+    assert config.policy.hidden == (128, 128) and config.buffer.capacity == "8GB"
+    assert config.env.kwargs == {"max_episode_steps": 200} and config.ray.address is None
+    with pytest.raises(ConfigError) as info:
+        load_config(path, {"learner.lr": "fast"})
+    assert str(info.value) == "override \"learner.lr='fast'\": learner.lr: expected float, got 'fast' (str)"
+    with pytest.raises(ConfigError) as info:
+        load_config(path, "learner.lr=1")
+    assert str(info.value) == ("overrides 'learner.lr=1': give a list of KEY=VALUE strings or a mapping, "
+                               "not one string")
+
+
+def test_ray_section_holds_the_connect_bound_and_a_policy_factory_loads():
+    config = parse_config("ray: {address: auto, connect_timeout_s: 5}\n"
+                          "policy: {type: 'my_nets:make_q', kwargs: {width: 16}}\n")
+    assert (config.ray.address, config.ray.connect_timeout_s) == ("auto", 5.0)
+    assert (config.policy.type, dict(config.policy.kwargs)) == ("my_nets:make_q", {"width": 16})
+    assert parse_config(dump_config(config)) == config

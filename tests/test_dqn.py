@@ -25,11 +25,11 @@ def one_step_batch(*, terminated: bool = False, truncated: bool = False) -> Tens
         {
             "observation": torch.tensor([[3.0, 4.0]]),
             "action": torch.tensor([0]),
-            "reward": torch.tensor([1.0]),
-            "terminated": torch.tensor([terminated]),
-            "truncated": torch.tensor([truncated]),
-            "done": torch.tensor([done]),
             ("next", "observation"): torch.tensor([[1.0, 2.0]]),
+            ("next", "reward"): torch.tensor([[1.0]]),
+            ("next", "terminated"): torch.tensor([[terminated]]),
+            ("next", "truncated"): torch.tensor([[truncated]]),
+            ("next", "done"): torch.tensor([[done]]),
         },
         [1],
     )
@@ -83,11 +83,11 @@ def test_n_step_target() -> None:
         return {
             "observation": torch.tensor([[3.0, 4.0]] * 3),
             "action": torch.tensor([0, 1, 1]),
-            "reward": torch.tensor([1.0, 2.0, 4.0]),
-            "terminated": term,
-            "truncated": done & ~term,
-            "done": done,
             ("next", "observation"): torch.tensor([[1.0, 2.0]] * 3),
+            ("next", "reward"): torch.tensor([[1.0], [2.0], [4.0]]),
+            ("next", "terminated"): term.unsqueeze(-1),
+            ("next", "truncated"): (done & ~term).unsqueeze(-1),
+            ("next", "done"): done.unsqueeze(-1),
         }
 
     rows = [seq(None, False), seq(1, True), seq(0, False)]

@@ -15,7 +15,7 @@ from rlfleet.collector.config import EnvConfig, PolicyConfig
 from rlfleet.collector.policies import build_policy
 from rlfleet.launch.cli import main
 from rlfleet.launch.config import RunConfig
-from rlfleet.launch.export import GreedyPolicy, export_policy, export_run
+from rlfleet.launch.export import GreedyPolicy, export_policy, export_run, load_exported
 from rlfleet.launch.rundir import RunDir
 
 # Loads the program with torch alone and proves rlfleet was never imported.
@@ -44,7 +44,9 @@ def test_exported_policy_acts_like_the_module_and_loads_without_rlfleet(tmp_path
     info = export_policy(policy, observation_space, action_space, tmp_path / "policy.pt2")
     observation_space.seed(1)
     obs = np.stack([observation_space.sample() for _ in range(5)])
-    expected = GreedyPolicy(policy).eval()(torch.as_tensor(obs)).detach().numpy()
+    expected = GreedyPolicy(policy, action_space).eval()(torch.as_tensor(obs)).detach().numpy()
+    if env_id == "Pendulum-v1":  # the same mode the built-in actor computes
+        np.testing.assert_allclose(expected, policy.deterministic(torch.as_tensor(obs)).detach().numpy(), rtol=1e-6)
 
     np.save(tmp_path / "obs.npy", obs)
     script = tmp_path / "load.py"
@@ -108,3 +110,60 @@ def test_export_command_reexports_and_reports_a_missing_policy(tmp_path, capsys)
     assert "policy_state.pt' does not exist: the run saved no policy yet" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "nowhere")]) == 1
     assert "run directory" in capsys.readouterr().err
+
+
+def test_load_exported_takes_one_observation_or_a_batch_in_any_float_dtype(tmp_path):
+    observation_space, action_space = _spaces("CartPole-v1")
+    torch.manual_seed(5)
+    policy = build_policy(PolicyConfig(hidden=(8,)), observation_space, action_space)
+    export_policy(policy, observation_space, action_space, tmp_path / "policy.pt2")
+    act = load_exported(tmp_path / "policy.pt2")
+    assert (act.obs_shape, act.dtype) == ((4,), torch.float32)
+    observation_space.seed(2)
+    batch = np.stack([observation_space.sample() for _ in range(6)])
+    expected = policy(torch.as_tensor(batch)).argmax(-1)
+    assert torch.equal(act(batch), expected)
+    assert torch.equal(act(batch.astype(np.float64)), expected)
+    assert [int(act(obs)) for obs in batch] == expected.tolist()
+    assert act(torch.as_tensor(batch[0], dtype=torch.float64)).shape == ()
+    with pytest.raises(ValueError) as raised:
+        act(np.zeros((2, 3)))
+    assert str(raised.value) == ("policy.pt2: observation of shape [2, 3]: pass one observation of shape [4] "
+                                 "or a batch [B, 4]")
+
+
+def test_load_exported_refuses_floats_for_an_image_policy(tmp_path):
+    image = gymnasium.spaces.Box(0, 255, (3, 8, 8), np.uint8)
+    policy = build_policy(PolicyConfig(hidden=(8,)), image, gymnasium.spaces.Discrete(2))
+    export_policy(policy, image, gymnasium.spaces.Discrete(2), tmp_path / "policy.pt2")
+    act = load_exported(tmp_path)  # a directory holding policy.pt2 works too
+    assert act(np.zeros((3, 8, 8), np.uint8)).shape == ()
+    with pytest.raises(ValueError) as raised:
+        act(np.zeros((3, 8, 8), np.float32))
+    assert str(raised.value) == ("policy.pt2: observation of dtype torch.float32: the policy takes torch.uint8 "
+                                 "observations, as the env gives them; pass those")
+
+
+def test_export_of_a_users_own_network(tmp_path, monkeypatch):
+    (tmp_path / "ex_nets.py").write_text(
+        "from torch import nn\n"
+        "class Actor(nn.Module):\n"
+        "    def __init__(self, d, a):\n"
+        "        super().__init__()\n"
+        "        self.mean, self.log_std = nn.Linear(d, a), nn.Linear(d, a)\n"
+        "    def forward(self, obs):\n"
+        "        return self.mean(obs), self.log_std(obs)\n"
+        "def make_actor(observation_space, action_space):\n"
+        "    return Actor(observation_space.shape[0], action_space.shape[0])\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    observation_space, action_space = _spaces("Pendulum-v1")
+    torch.manual_seed(4)
+    actor = build_policy(PolicyConfig(type="ex_nets:make_actor"), observation_space, action_space)
+    info = export_policy(actor, observation_space, action_space, tmp_path / "policy.pt2")
+    assert info["policy"] == "Actor" and info["output"] == "action float32 [B, A]"
+    obs = torch.randn(5, 3)
+    program = torch.export.load(tmp_path / "policy.pt2").module()
+    # the mode of the squashed Gaussian, rescaled to Pendulum's [-2, 2]
+    torch.testing.assert_close(program(obs), torch.tanh(actor(obs)[0]) * 2.0)

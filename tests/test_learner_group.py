@@ -29,11 +29,11 @@ def bandit_rows(n: int, seed: int = 0) -> TensorDict:
         {
             "observation": obs,
             "action": action,
-            "reward": (action == 0).float(),
-            "terminated": ones,
-            "truncated": ~ones,
-            "done": ones,
             ("next", "observation"): obs,
+            ("next", "reward"): (action == 0).float().unsqueeze(-1),
+            ("next", "terminated"): ones.unsqueeze(-1),
+            ("next", "truncated"): ~ones.unsqueeze(-1),
+            ("next", "done"): ones.unsqueeze(-1),
             "episode_id": torch.arange(n),
             "step": torch.zeros(n, dtype=torch.int64),
             "collector_id": torch.zeros(n, dtype=torch.int64),
@@ -90,11 +90,11 @@ def pendulum_rows(n: int) -> TensorDict:
         {
             "observation": obs,
             "action": action,
-            "reward": -(action[:, 0] ** 2),
-            "terminated": flags,
-            "truncated": flags,
-            "done": flags,
             ("next", "observation"): obs,
+            ("next", "reward"): -(action**2),
+            ("next", "terminated"): flags.unsqueeze(-1),
+            ("next", "truncated"): flags.unsqueeze(-1),
+            ("next", "done"): flags.unsqueeze(-1),
             "episode_id": torch.zeros(n, dtype=torch.int64),
             "step": torch.arange(n),
             "collector_id": torch.zeros(n, dtype=torch.int64),
@@ -174,3 +174,26 @@ def test_resume_without_checkpoint(ray_cluster, tmp_path: Path) -> None:
 def test_unplaceable_learner_count(ray_cluster, tmp_path: Path) -> None:
     with pytest.raises(LearnerGroupError, match=r"num_learners=64 needs 64 CPU .* the cluster has 8 CPU"):
         LearnerGroup(config("lg-big", 64), "lg-big", OBS_SPACE, ACT_SPACE, run_dir=tmp_path)
+
+
+def test_prioritized_service_reports_priority_updates(ray_cluster, tmp_path: Path) -> None:
+    """Rank 0's priority counters reach the group's metrics (what metrics.jsonl records)."""
+    name = "lg-prioritized"
+    sampler = {"type": "prioritized", "alpha": 0.6, "beta": 0.4}
+    svc = ReplayService.launch(name, tmp_path / "buffer", capacity=2000, sampler=sampler, detached=False, seed=0)
+    try:
+        svc.client().extend(bandit_rows(512))
+        group = LearnerGroup(config(name, 1), name, OBS_SPACE, ACT_SPACE, run_dir=tmp_path / "run")
+        try:
+            first = group.step(4)
+            second = group.step(2)
+        finally:
+            group.shutdown()
+        stats = svc.client().stats()
+    finally:
+        ReplayService.shutdown(name)
+    # Nothing was overwritten (512 rows in 2000): every one of the 6 x 32 updates is stored.
+    for metrics in (first, second):
+        assert metrics["learner/priority_updates_skipped"] == 0.0
+        assert metrics["learner/priority_stored_fraction"] == 1.0
+    assert stats["total"]["priority_updates"] == 6 * 32

@@ -11,6 +11,8 @@ import torch
 from tensordict import TensorDict
 
 from rlfleet.buffer import ReplayBuffer
+from rlfleet.buffer.errors import StaleIndexError
+from rlfleet.buffer.indices import counter_of
 from rlfleet.collector.config import PolicyConfig
 from rlfleet.collector.policies import build_policy
 from rlfleet.launch.dqn import DQNLoss
@@ -50,11 +52,11 @@ def bandit_rows(n: int, *, policy_version: int = 0, seed: int = 0) -> TensorDict
         {
             "observation": obs,
             "action": action,
-            "reward": (action == 0).float(),
-            "terminated": ones,
-            "truncated": ~ones,
-            "done": ones,
             ("next", "observation"): obs,
+            ("next", "reward"): (action == 0).float().unsqueeze(-1),
+            ("next", "terminated"): ones.unsqueeze(-1),
+            ("next", "truncated"): ~ones.unsqueeze(-1),
+            ("next", "done"): ones.unsqueeze(-1),
             "policy_version": torch.full((n,), policy_version, dtype=torch.int64),
         },
         [n],
@@ -79,10 +81,10 @@ class RecordingSource:
         self.sampled.append(batch["index"].clone())
         return batch
 
-    def update_priority(self, index, priority) -> None:
+    def update_priority(self, index, priority) -> int:
         assert index.shape == priority.shape, "index and priority must align"
         self.updates.append((index.clone(), priority.clone()))
-        self.buffer.update_priority(index, priority)
+        return self.buffer.update_priority(index, priority)
 
 
 class RecordingAlgorithm:
@@ -126,13 +128,72 @@ def test_priorities_written_back(tmp_path: Path) -> None:
         net = build_policy(PolicyConfig(hidden=(8,)), OBS_SPACE, ACT_SPACE)
         algorithm = RecordingAlgorithm(DQNLoss(net))
         learner = Learner(algorithm, source, batch_size=16, prefetch=0)
-        learner.step(3)
+        metrics = learner.step(3)
         assert len(source.updates) == 3
+        assert metrics["learner/priority_updates_skipped"] == 0.0
+        assert metrics["learner/priority_stored_fraction"] == 1.0
         for sampled, (index, priority), td in zip(source.sampled, source.updates, algorithm.td_errors, strict=True):
             assert torch.equal(index, sampled)
             assert torch.equal(priority, td.abs().double() + PRIORITY_EPS)
         # The buffer took them: its mass is sum(p ** alpha) over rows, the new ones included.
         assert rb.priority_mass != pytest.approx(64.0)
+
+
+class OverwritingSource(RecordingSource):
+    """Writes ``rows_after_sample`` new rows right after each sample, so that some of
+    the sampled rows are overwritten before their priorities come back."""
+
+    def __init__(self, buffer: ReplayBuffer, rows_after_sample: int) -> None:
+        super().__init__(buffer)
+        self.rows_after_sample = rows_after_sample
+        self.expected_skips: list[int] = []
+
+    def sample(self, n: int) -> TensorDict:
+        batch = super().sample(n)
+        self.buffer.extend(bandit_rows(self.rows_after_sample, seed=len(self.sampled)))
+        oldest_live = self.buffer.total_inserted - len(self.buffer)
+        self.expected_skips.append(int((counter_of(batch["index"].numpy()) < oldest_live).sum()))
+        return batch
+
+
+def test_priority_updates_of_overwritten_rows_are_counted(tmp_path: Path) -> None:
+    sampler = {"type": "prioritized", "alpha": 0.6, "beta": 0.4}
+    with ReplayBuffer.create(tmp_path / "rb", capacity=64, sampler=sampler, seed=0) as rb:
+        rb.extend(bandit_rows(64))
+        source = OverwritingSource(rb, rows_after_sample=24)
+        learner = make_learner(source, batch_size=16, prefetch=0)
+        first = learner.step(2)
+        second = learner.step(3)
+    skips = source.expected_skips
+    assert len(skips) == 5 and sum(skips) > 0 and sum(skips) < 5 * 16  # some, not all
+    assert learner.priority_updates == 5 * 16
+    assert learner.priority_updates_skipped == sum(skips)
+    # cumulative since the rank started, not per step() call
+    assert first["learner/priority_updates_skipped"] == float(sum(skips[:2]))
+    assert first["learner/priority_stored_fraction"] == (32 - sum(skips[:2])) / 32
+    assert second["learner/priority_updates_skipped"] == float(sum(skips))
+    assert second["learner/priority_stored_fraction"] == (80 - sum(skips)) / 80
+
+
+def test_priority_update_to_another_buffer_raises(tmp_path: Path) -> None:
+    """An index the buffer never issued is a bug: StaleIndexError reaches the caller."""
+    sampler = {"type": "prioritized", "alpha": 0.6, "beta": 0.4}
+    with ReplayBuffer.create(tmp_path / "a", capacity=64, sampler=sampler, seed=0) as a, \
+            ReplayBuffer.create(tmp_path / "b", capacity=64, sampler=sampler, seed=0) as b:
+        a.extend(bandit_rows(64))
+        b.extend(bandit_rows(64))  # same rows, same positions: only the index tag differs
+
+        class WrongBuffer:
+            def sample(self, n: int) -> TensorDict:
+                return a.sample(n)
+
+            def update_priority(self, index, priority) -> int:
+                return b.update_priority(index, priority)
+
+        learner = make_learner(WrongBuffer(), batch_size=8, prefetch=0)
+        with pytest.raises(StaleIndexError, match=r"update_priority: index\[0\]=\d+ belongs to another buffer"):
+            learner.step(1)
+    assert learner.priority_updates == 0
 
 
 def test_uniform_buffer_gets_no_priorities(tmp_path: Path) -> None:
@@ -168,7 +229,7 @@ def test_checkpoint_round_trip(tmp_path: Path) -> None:
             assert n == 32
             return batch.clone()
 
-        def update_priority(self, index, priority) -> None:
+        def update_priority(self, index, priority) -> int:
             raise AssertionError("a uniform batch carries no weights: no priority updates")
 
     first = make_learner(FixedBatch(), batch_size=32, prefetch=0)
@@ -205,11 +266,11 @@ def test_n_step_with_sequence_sampler(tmp_path: Path) -> None:
         {
             "observation": obs,
             "action": torch.zeros(n, dtype=torch.int64),
-            "reward": torch.ones(n),
-            "terminated": terminated,
-            "truncated": torch.zeros(n, dtype=torch.bool),
-            "done": terminated,
             ("next", "observation"): obs,
+            ("next", "reward"): torch.ones(n, 1),
+            ("next", "terminated"): terminated.unsqueeze(-1),
+            ("next", "truncated"): torch.zeros(n, 1, dtype=torch.bool),
+            ("next", "done"): terminated.unsqueeze(-1),
             "episode_id": episode,
             "step": step,
             "policy_version": torch.zeros(n, dtype=torch.int64),

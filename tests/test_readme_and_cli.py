@@ -68,3 +68,18 @@ def test_cli_unknown_command_is_refused_with_choices():
     out = _rlfleet("frobnicate")
     assert out.returncode == 2
     assert "invalid choice: 'frobnicate'" in out.stderr
+
+
+def test_cli_prints_its_version():
+    from importlib import metadata
+
+    out = _rlfleet("--version")
+    assert out.returncode == 0
+    assert out.stdout == f"rlfleet {metadata.version('rlfleet')}\n"
+
+
+def test_readme_command_table_says_which_commands_need_a_running_cluster():
+    rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| `rlfleet (\w+)[^|]*\|[^|]*\| ([^|]+) \|$", README, flags=re.M)}
+    assert set(rows) == set(COMMANDS)
+    assert {name for name, ray in rows.items() if ray == "a running cluster"} == {"serve", "status", "sample", "stop"}
+    assert rows["run"].startswith("its own embedded Ray")

@@ -10,7 +10,7 @@ from rlfleet.buffer.errors import SchemaMismatch
 from rlfleet.launch.cli import main
 from rlfleet.launch.config import RunConfig, parse_config
 from rlfleet.launch.preflight import check_placement, check_resume_schema, resume_exploration
-from rlfleet.launch.run import _Stop
+from rlfleet.launch.session import Stop
 
 PLACEMENT = [
     ("cpu_short", "collector: {num_workers: 3}\nlearner: {num_learners: 2}", {"CPU": 4.0},
@@ -39,6 +39,15 @@ CARTPOLE_SCHEMA = {
     ("observation",): ((4,), np.dtype("float32")),
     ("next", "observation"): ((4,), np.dtype("float32")),
     ("action",): ((), np.dtype("int64")),
+    ("next", "reward"): ((1,), np.dtype("float32")),
+    ("next", "terminated"): ((1,), np.dtype("bool")),
+    ("next", "truncated"): ((1,), np.dtype("bool")),
+    ("next", "done"): ((1,), np.dtype("bool")),
+}
+# The same rows in buffer format 1: reward and flags at the root, shape [].
+FORMAT_1_SCHEMA = {
+    **{k: v for k, v in CARTPOLE_SCHEMA.items() if k[0] != "next" or k == ("next", "observation")},
+    **{(k,): ((), np.dtype("bool")) for k in ("terminated", "truncated", "done")},
     ("reward",): ((), np.dtype("float32")),
 }
 
@@ -65,6 +74,17 @@ def test_resume_schema_refuses_another_env():
         check_resume_schema({("observation",): ((4,), np.dtype("float32"))}, *_spaces("CartPole-v1"), "b")
 
 
+def test_resume_schema_refuses_format_1_rows():
+    with pytest.raises(SchemaMismatch, match=(
+        r"resume: the buffer at runs/x/buffer holds format-1 rows \(reward and flags at the root\) and "
+        r"this rlfleet writes format 2 \(TorchRL's layout: 'next.reward', 'next.done', ...\); migrate "
+        r"it in place with `rlfleet check --upgrade runs/x/buffer`, or start a new run")):
+        check_resume_schema(FORMAT_1_SCHEMA, *_spaces("CartPole-v1"), "runs/x/buffer")
+    flat_reward = {**CARTPOLE_SCHEMA, ("next", "reward"): ((), np.dtype("float32"))}
+    with pytest.raises(SchemaMismatch, match=r"key 'next.reward' of the buffer at b is \[\] float32 but the env gives \[1\] float32"):
+        check_resume_schema(flat_reward, *_spaces("CartPole-v1"), "b")
+
+
 def test_resume_continues_the_exploration_schedule():
     config = parse_config(
         "collector: {num_workers: 2, init_random_frames: 1000, "
@@ -81,13 +101,13 @@ def test_resume_continues_the_exploration_schedule():
 
 def test_stop_conditions_in_order():
     config = parse_config("run: {total_frames: 1000, target_return: 100, return_window: 3, time_limit_s: 60}")
-    stop = _Stop(config, 0, started=0.0)
+    stop = Stop(config, 0, started=0.0)
     assert stop(999, [100.0, 100.0], now=1.0) is None  # two episodes: the window is not full
     assert stop(999, [0.0, 100.0, 100.0, 100.0], now=1.0) == "target_return"
     assert stop(999, [100.0, 100.0, 99.0], now=1.0) is None
     assert stop(1000, [], now=1.0) == "total_frames"
     assert stop(10, [], now=60.0) == "time_limit"
-    no_target = _Stop(RunConfig(), 0, started=0.0)
+    no_target = Stop(RunConfig(), 0, started=0.0)
     assert no_target(10, [1e9] * 50, now=1.0) is None
 
 
@@ -114,17 +134,17 @@ def test_run_command_reports_bad_input_without_starting_anything(argv, match, ca
 
 
 def test_return_window_takes_an_equal_share_from_each_collector():
-    from rlfleet.launch.run import _window_returns
+    from rlfleet.launch.session import window_returns
 
     stats = {
         "recent_returns": [1.0] * 30 + [2.0] * 30,  # collector 0's list, then collector 1's
         "collectors": [{"recent_returns": [1.0] * 30}, None, {"recent_returns": [2.0] * 30}],
     }
-    window = _window_returns(stats, 20)
+    window = window_returns(stats, 20)
     assert sorted(window) == [1.0] * 10 + [2.0] * 10
     one = {"recent_returns": [float(i) for i in range(50)], "collectors": [{"recent_returns": []}]}
-    assert _window_returns(one, 20) == [float(i) for i in range(30, 50)]
-    assert _window_returns({}, 20) == []
+    assert window_returns(one, 20) == [float(i) for i in range(30, 50)]
+    assert window_returns({}, 20) == []
 
 
 def test_an_unknown_env_fails_before_a_run_directory_or_ray_exists(tmp_path):

@@ -84,7 +84,7 @@ def test_progress_prints_plain_lines_off_a_terminal():
     lines = out.getvalue().splitlines()
     assert lines[0] == (
         "3s  frames 12.3k  (2.0k/s)  buffer 12.0k  learner 800 steps (250/s)  return 31.2  "
-        "episodes 400  lag 1.5"
+        "episodes 400  lag 1.5 learner steps"
     )
     assert lines[1] == format_progress({"frames": 0})
     assert "return -" in lines[1]
@@ -115,3 +115,33 @@ def test_summary_table_aligns_its_rows():
 
 def test_default_config_is_what_an_empty_file_gives():
     assert parse_config("") == RunConfig()
+
+
+def test_a_log_record_never_lands_on_the_live_line():
+    import logging
+
+    out = io.StringIO()
+    display = Progress(out, live=True)
+    logger = logging.getLogger("rlfleet.test.progress")
+    logger.propagate = False
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    logger.addHandler(handler)
+    try:
+        with display.keep_logs_apart(logger):
+            display.update({"frames": 1})
+            logger.warning("restarted 1 collector actor(s)")
+        assert logger.handlers == [handler]  # put back as it was
+    finally:
+        logger.removeHandler(handler)
+    line = format_progress({"frames": 1})
+    # the line, wiped before the record, the record on a line of its own, the line again
+    assert out.getvalue() == f"\r\x1b[2K{line}\r\x1b[2KWARNING restarted 1 collector actor(s)\n{line}"
+
+
+def test_summary_shows_start_up_apart_from_collecting_and_lag_in_learner_steps():
+    table = format_summary({"run_dir": "r", "frames": 6016, "wall_s": 39.7, "startup_s": 30.9,
+                            "frames_per_s": 807.2})
+    assert "  start-up                     30.9 s (Ray, placement, actors)" in table.splitlines()
+    assert "  frames/s collecting          807" in table.splitlines()
+    assert format_progress({"learner/policy_lag": 411.7}).endswith("lag 411.7 learner steps")

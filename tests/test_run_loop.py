@@ -13,7 +13,7 @@ import time
 import pytest
 
 from rlfleet.launch.config import parse_config
-from rlfleet.launch.run import _Session
+from rlfleet.launch.session import Session
 from rlfleet.launch.rundir import RunDir
 
 
@@ -81,8 +81,8 @@ def _session(tmp_path, text: str, fleet: FakeFleet, stop_event: threading.Event 
     config = parse_config(text)
     run_dir = RunDir.create(tmp_path, "loop")
     records: list[dict] = []
-    session = _Session(config, run_dir, 0, 0.0, started=time.monotonic(),
-                       progress=records.append, stop_event=stop_event)
+    session = Session(config, run_dir, 0, 0.0, started=time.monotonic(),
+                      progress=records.append, stop_event=stop_event)
     session.fleet = fleet
     session.client = FakeClient(fleet)
     session.group = FakeGroup(session.client, config.buffer.rate_limiter.min_size_to_sample)
@@ -145,7 +145,7 @@ def test_the_time_limit_cuts_the_last_learner_steps_short_with_a_warning(tmp_pat
     fleet = FakeFleet(frames_per_poll=0, first_poll_frames=8000)
     session, _ = _paced_session(tmp_path, fleet, 8000, 0.5, "time_limit_s: 5")
     session.started -= 10.0
-    with caplog.at_level("WARNING", logger="rlfleet.launch.run"):
+    with caplog.at_level("WARNING", logger="rlfleet.launch.session"):
         session.loop()
     assert session.stop_reason == "total_frames"
     assert session.group.calls == []

@@ -90,6 +90,14 @@ def test_smoke_run_leaves_a_complete_run_directory(smoke_run):
     # total_frames takes every step its frames paid for before it stops
     assert 0.25 * (summary["frames"] - 500 - 128) - 1 <= summary["learner_steps"] <= 0.25 * summary["frames"], summary
     assert "run finished" in out and "stopped by" in out
+    # start-up is reported apart, and frames/s counts only the time spent collecting
+    assert 0 < summary["startup_s"] < summary["wall_s"]
+    # (collecting_s is stored rounded to the millisecond)
+    assert summary["frames_per_s"] == pytest.approx(summary["frames"] / summary["collecting_s"], rel=1e-3)
+    assert f"start-up                     {summary['startup_s']:.1f} s (Ray, placement, actors)" in out
+    # the run started its own Ray and said so; its end did not wait on a weight group
+    assert "started an embedded Ray at " in out
+    assert "did not form" not in out and "did not complete cleanly" not in out, out
 
 
 def test_smoke_run_metrics_count_up(smoke_run):

@@ -46,11 +46,11 @@ def rows(n: int, *, terminated: bool = True, seed: int = 0) -> TensorDict:
         {
             "observation": obs,
             "action": action,
-            "reward": -((unit - 0.5) ** 2).sum(1),
-            "terminated": flags,
-            "truncated": torch.zeros(n, dtype=torch.bool),
-            "done": flags,
             ("next", "observation"): obs,
+            ("next", "reward"): -((unit - 0.5) ** 2).sum(1, keepdim=True),
+            ("next", "terminated"): flags.unsqueeze(-1),
+            ("next", "truncated"): torch.zeros(n, 1, dtype=torch.bool),
+            ("next", "done"): flags.unsqueeze(-1),
         },
         [n],
     )
@@ -85,7 +85,7 @@ def test_terminated_rows_do_not_bootstrap() -> None:
     out = sac(batch)
     with torch.no_grad():
         q1, q2 = sac.critic(batch["observation"], sac._to_unit(batch["action"]))
-    assert torch.allclose(out["td_error"], batch["reward"] - torch.min(q1, q2))
+    assert torch.allclose(out["td_error"], batch["next", "reward"][:, 0] - torch.min(q1, q2))
 
 
 def test_temperature_moves_toward_the_target_entropy() -> None:
@@ -123,11 +123,11 @@ def test_learns_a_continuous_bandit(tmp_path: Path) -> None:
         {
             "observation": obs,
             "action": action,
-            "reward": -((action[:, 0] / 2 - 0.5) ** 2),
-            "terminated": done,
-            "truncated": ~done,
-            "done": done,
             ("next", "observation"): obs,
+            ("next", "reward"): -((action / 2 - 0.5) ** 2),
+            ("next", "terminated"): done.unsqueeze(-1),
+            ("next", "truncated"): ~done.unsqueeze(-1),
+            ("next", "done"): done.unsqueeze(-1),
         },
         [n],
     )

@@ -68,6 +68,21 @@ def test_serve_status_sample_stop_round_trip(ray_cluster, config, tmp_path, caps
     assert sorted(p.name for p in (tmp_path / "buf").iterdir()) == ["shard-0", "shard-1"]
 
 
+def test_serve_again_from_another_path_refuses_to_report_where_the_data_is_not(ray_cluster, config, tmp_path, capsys):
+    assert main(["serve", str(config)]) == 0
+    capsys.readouterr()
+    other = tmp_path / "elsewhere"
+    assert main(["serve", str(config), f"buffer.path={other}"]) == 1
+    assert capsys.readouterr().err == (
+        f"error: buffer 'svc-cli' already runs with its data under {tmp_path / 'buf'}, not under {other}; "
+        f"stop it first (`rlfleet stop svc-cli`) to serve it from {other}, or set buffer.path={tmp_path / 'buf'}\n"
+    )
+    # the same path again reattaches, and says where the data is
+    assert main(["serve", str(config)]) == 0
+    assert f"replay service 'svc-cli': 2 shard(s) under {tmp_path / 'buf'}" in capsys.readouterr().out
+    assert not other.exists()
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

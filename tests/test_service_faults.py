@@ -10,13 +10,14 @@ import signal
 import threading
 import time
 
+import numpy as np
 import pytest
 import ray
 import torch
 from tensordict import TensorDict
 
 from rlfleet.buffer import ReplayService, SampleTimeout, ShardUnavailable
-from rlfleet.buffer.client import SHARD_SHIFT
+from rlfleet.buffer.indices import shard_of
 
 
 def rows(ids) -> TensorDict:
@@ -122,15 +123,15 @@ def test_allow_partial_serves_the_batch_from_the_live_shards(lopsided):
     assert "error" not in result, result
     batch = result["value"]
     assert batch.batch_size == torch.Size([64])
-    assert set((batch["index"] >> SHARD_SHIFT).tolist()) == {0}
+    assert set(shard_of(batch["index"].numpy()).tolist()) == {0}
     assert set(batch["step"].tolist()) <= set(range(30))
 
 
 def test_without_allow_partial_the_sample_waits_for_the_restarted_shard(lopsided, monkeypatch):
-    from rlfleet.buffer import client as client_module
+    from rlfleet.buffer import shard_table
 
     # the client's deadline (timeout_s + grace) must cover the restart on a busy machine
-    monkeypatch.setattr(client_module, "_GRACE_S", 300.0)
+    monkeypatch.setattr(shard_table, "GRACE_S", 300.0)
     # the call is retried on the restarted shard, which still holds 10 < 20 rows
     result = _kill_while_blocked(lambda: lopsided.sample(64, timeout_s=2.0))
     assert isinstance(result.get("error"), SampleTimeout), result
@@ -138,20 +139,25 @@ def test_without_allow_partial_the_sample_waits_for_the_restarted_shard(lopsided
 
 
 def test_an_unanswering_shard_raises_shard_unavailable_instead_of_hanging(lopsided, monkeypatch):
-    from rlfleet.buffer import client as client_module
-    from rlfleet.buffer.service import _SHARD_CONCURRENCY
+    from rlfleet.buffer import shard_table
+    from rlfleet.buffer.remote import SAMPLE_CONCURRENCY
 
     handle = shard("svc-partial", 1)
     # park samples in shard 1's limiter until every one of its threads is taken
-    parked = [handle.sample.remote(5, None, None, 3600.0) for _ in range(_SHARD_CONCURRENCY - 1)]
+    parked = [handle.sample.remote(5, None, None, 3600.0) for _ in range(SAMPLE_CONCURRENCY - 1)]
     while ray.get(handle.stats.remote())["rate_limiter"]["samples_waiting"] < len(parked):
         time.sleep(0.05)
     parked.append(handle.sample.remote(5, None, None, 3600.0))
-    monkeypatch.setattr(client_module, "_GRACE_S", 0.5)
+    monkeypatch.setattr(shard_table, "GRACE_S", 0.5)
     try:
         with pytest.raises(ShardUnavailable, match=r"shard\(s\) \[1\] did not answer a sample "
                            r"within 1.5s; they may be restarting or overloaded"):
             lopsided.sample(64, timeout_s=1.0)
+        # blocked samplers hold every thread of the sample group, none of the insert
+        # group: a write still lands (5 rows: 15 < 20, so the samplers stay parked)
+        out = ray.get(handle.extend.remote({("observation",): np.zeros((5, 3), np.float32),
+                                            ("step",): np.arange(40, 45)}), timeout=60)
+        assert out["state"]["size"] == 15
     finally:
         ray.kill(handle, no_restart=False)  # frees the parked threads
         del parked

@@ -9,7 +9,8 @@ counted exactly the rows the clients inserted and sampled, every row on disk app
 exactly once with its own content, and every sampled row is a row some client inserted,
 at the index its insert returned. With the rate limiter on, the test also polls each
 shard's limiter while the clients run: the samples-per-insert ratio stays within the
-margin. Sample latency p50/p99 is printed, never asserted.
+margin for the buffer as a whole (the limiter is buffer-wide: two shards, a ratio). Sample
+latency p50/p99 is printed, never asserted.
 """
 
 from __future__ import annotations
@@ -26,13 +27,13 @@ import numpy as np
 import pytest
 
 from rlfleet.buffer import ReplayBuffer, ReplayService
-from rlfleet.buffer.client import SHARD_SHIFT
+from rlfleet.buffer.indices import shard_of
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIENT = Path(__file__).resolve().parent / "load_client.py"
 ROWS = 32        # rows per extend
 SAMPLE_N = 32    # rows per sample
-MIN_SIZE = 64    # per shard
+MIN_SIZE = 64    # the buffer's with the ratio on (buffer-wide limiter), each shard's without
 SPI = 1.0        # samples per insert
 # above any one move of the limiter's deficit (an insert moves it by SPI * ROWS, a sample
 # by at most SAMPLE_N), so the ratio holds within it
@@ -42,14 +43,16 @@ MARGIN = 256.0
 def plan(clients: int, extends: int, limited: bool) -> int:
     """Sample batches per client: with the ratio on, what the inserts pay for.
 
-    Each shard admits about ``SPI * (inserted - MIN_SIZE) + MARGIN`` sampled rows; the
-    plan stays at ``SPI * (inserted - MIN_SIZE)`` per shard, so the last samples never
-    wait for inserts that will not come.
+    The buffer-wide limiter holds ``sampled`` within ``MARGIN`` of ``SPI * (inserted -
+    MIN_SIZE)``. Each client's plan rounds its share of that to the nearest batch, at
+    most ``SAMPLE_N / 2`` rows off, so the total stays within the margin either way (for
+    up to ``2 * MARGIN / SAMPLE_N`` = 16 clients): neither the last samples nor the last
+    inserts wait for calls that will not come.
     """
     rows = extends * ROWS
     if not limited:
         return rows // SAMPLE_N
-    return int(SPI * (rows - 2 * MIN_SIZE / clients)) // SAMPLE_N
+    return round(SPI * (rows - MIN_SIZE / clients) / SAMPLE_N)
 
 
 class Clients:
@@ -109,7 +112,7 @@ class Clients:
 
 
 class RatioWatch:
-    """Polls each shard's limiter while the clients run; keeps the worst offsets seen."""
+    """Polls the buffer-wide limiter while the clients run; keeps the worst offsets seen."""
 
     def __init__(self, client) -> None:
         self.client = client
@@ -118,11 +121,10 @@ class RatioWatch:
         self.low = float("inf")     # samples ahead of the ratio, once sampling began
 
     def __call__(self) -> None:
-        for shard in self.client.stats()["shards"]:
-            limiter = shard["rate_limiter"]
-            self.high = max(self.high, limiter["ratio_offset"])
-            if limiter["samples"] > 0:
-                self.low = min(self.low, limiter["ratio_offset"])
+        limiter = self.client.stats()["total"]["buffer_rate_limiter"]
+        self.high = max(self.high, limiter["ratio_offset"])
+        if limiter["samples"] > 0:
+            self.low = min(self.low, limiter["ratio_offset"])
         self.polls += 1
 
 
@@ -161,7 +163,7 @@ def check_phase(buffer_dir: Path, stats: dict, results: list[dict], total_rows: 
             assert key not in on_disk, f"row {key} is on both shards"
             on_disk[key] = k
     assert set(on_disk) == set(index_of)
-    assert all(index_of[key] >> SHARD_SHIFT == k for key, k in on_disk.items())
+    assert all(shard_of(index_of[key]) == k for key, k in on_disk.items())
 
 
 LIMITER_OFF = {"min_size_to_sample": MIN_SIZE, "timeout_s": 120.0}
@@ -205,8 +207,9 @@ def test_clients_extend_and_sample_at_once_and_every_row_adds_up(ray_cluster, tm
                 assert watch.polls > 0
                 assert watch.high <= MARGIN, f"inserts ran {watch.high:.0f} rows ahead of the ratio (margin {MARGIN:g})"
                 assert watch.low >= -MARGIN, f"samples ran {-watch.low:.0f} rows ahead of the ratio (margin {MARGIN:g})"
-                for shard in stats["shards"]:
-                    assert -MARGIN <= shard["rate_limiter"]["ratio_offset"] <= MARGIN, shard["rate_limiter"]
+                wide = stats["total"]["buffer_rate_limiter"]
+                assert (wide["inserts"], wide["samples"]) == (total_rows, sampled_rows)
+                assert -MARGIN <= wide["ratio_offset"] <= MARGIN, wide
             latencies = np.array([t for r in results for t in r["latencies"]]) * 1000
             p50, p99 = np.percentile(latencies, [50, 99])
             ratio = "" if variant == "off" else (f" ratio offset seen [{watch.low:+.0f}, {watch.high:+.0f}] rows "

@@ -20,7 +20,7 @@ from ray.cluster_utils import Cluster
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tensordict import TensorDict
 from rlfleet.buffer import BufferClient, ReplayService
-from rlfleet.buffer.client import SHARD_SHIFT
+from rlfleet.buffer.indices import shard_of
 
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
 cluster.add_node(num_cpus=2)
@@ -46,11 +46,11 @@ try:
     ])
     seen = set()
     for _ in range(20):
-        seen.update((client.sample(50)["index"] >> SHARD_SHIFT).tolist())
+        seen.update(shard_of(client.sample(50)["index"].numpy()).tolist())
     print(json.dumps({
         "nodes": nodes,
         "shard_nodes": shard_nodes,
-        "writes": [[node, sorted({i >> SHARD_SHIFT for i in index})] for node, index in writes],
+        "writes": [[node, sorted({int(shard_of(i)) for i in index})] for node, index in writes],
         "sampled_shards": sorted(seen),
         "len": len(client),
     }))

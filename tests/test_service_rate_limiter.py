@@ -177,3 +177,39 @@ def test_settings_round_trip_through_a_mapping():
                                          "error_margin": 3, "timeout_s": 2.0})
     assert RateLimiterSpec.from_mapping(spec.to_mapping()) == spec
     assert RateLimiterSpec.from_mapping(None) == RateLimiterSpec()
+
+
+# -- the buffer-wide limiter's owner (shard 0), without Ray ------------------------------------
+
+
+def test_owner_credits_rows_a_shard_held_before_it_started_as_a_reopened_limiter_does():
+    from rlfleet.buffer.shared_limiter import LimiterOwner
+
+    spec = RateLimiterSpec(min_size_to_sample=100, samples_per_insert=2.0, error_margin=10.0)
+    owner = LimiterOwner(spec, num_shards=3, own_size=30)
+    owner.report_size(1, 200)
+    owner.report_size(2, 270)
+    owner.report_size(2, 100)  # a late report of an older size changes nothing
+    fresh = RateLimiter(spec, size=500)  # one limiter reopened over the same 500 rows
+    for key in ("size", "inserts", "samples", "ratio_offset"):
+        assert owner.limiter.state()[key] == fresh.state()[key], key
+    # rows it admitted are not credited again when their shard reports them
+    owner.acquire("insert", 4, None, 1, 200)
+    owner.report_size(1, 204)
+    fresh.acquire_insert(4)
+    assert owner.limiter.state()["ratio_offset"] == fresh.state()["ratio_offset"] == 8.0
+    assert owner.limiter.state()["size"] == 504
+
+
+def test_owner_counts_no_rows_when_a_full_shard_keeps_overwriting():
+    from rlfleet.buffer.shared_limiter import LimiterOwner
+
+    spec = RateLimiterSpec(min_size_to_sample=10, samples_per_insert=1.0, error_margin=1000.0)
+    owner = LimiterOwner(spec, num_shards=2, own_size=0)
+    for size in (0, 20, 20, 20, 20):  # shard 1 is full after the first 20 rows
+        owner.acquire("insert", 20, None, 1, size)
+        owner.report_size(1, 20)
+    state = owner.limiter.state()
+    assert (state["size"], state["inserts"], state["ratio_offset"]) == (20, 100, 90.0)
+    owner.cancel("insert", 20, 1)
+    assert owner.limiter.state()["inserts"] == 80

@@ -30,9 +30,7 @@ from rlfleet.buffer import (
     ShardUnavailable,
     StaleIndexError,
 )
-from rlfleet.buffer.client import SHARD_SHIFT
-
-LOCAL = (1 << SHARD_SHIFT) - 1
+from rlfleet.buffer.indices import counter_of, shard_of, with_shard
 
 
 def chi2_999(df: int) -> float:
@@ -106,10 +104,11 @@ def prioritized(ray_cluster, tmp_path_factory):
 
 def test_extend_routes_round_robin_and_sample_returns_the_exact_rows(uniform):
     svc, client, id_of_index, _ = uniform
-    shard_of = {i: idx >> SHARD_SHIFT for idx, i in id_of_index.items()}
-    # both shards are on this node: batches alternate 0, 1, 0
-    assert [shard_of[0], shard_of[40], shard_of[80]] == [0, 1, 0]
-    assert sorted(idx & LOCAL for idx, i in id_of_index.items() if shard_of[i] == 0) == list(range(80))
+    shard = {i: int(shard_of(idx)) for idx, i in id_of_index.items()}
+    # both shards are on this node; a 40-row batch goes whole to the one that has stored
+    # the fewest rows, ties in turn: 0, then 1, then 0
+    assert [shard[0], shard[40], shard[80]] == [0, 1, 0]
+    assert sorted(int(counter_of(idx)) for idx, i in id_of_index.items() if shard[i] == 0) == list(range(80))
     assert len(client) == 120 and svc.num_shards == 2
     batch = client.sample(64)
     assert batch.batch_size == torch.Size([64])
@@ -207,14 +206,14 @@ def test_priorities_for_another_buffers_indices_are_refused_and_change_nothing(p
     _, client, _ = prioritized
     _, other, _, _ = uniform
     before = [s["priority_mass"] for s in client.stats()["shards"]]
-    with pytest.raises(StaleIndexError, match=r"index\[0\]=576460752303423488 names shard 8, but "
+    eight = int(with_shard(np.int64(3), 8))
+    with pytest.raises(StaleIndexError, match=rf"index\[0\]={eight} names shard 8, but "
                        r"buffer 'svc-prio' has shards 0..1"):
-        client.update_priority([8 << SHARD_SHIFT, 0], [5.0, 5.0])
-    # the uniform buffer's rows 40..79 (shard 1, local 40..) are not live in svc-prio's shard 1
-    foreign = [i for i in other.sample(50)["index"].tolist() if i >> SHARD_SHIFT == 1
-               and (i & LOCAL) >= 10]
-    assert foreign
-    with pytest.raises(StaleIndexError, match=r"is not a live row \(live indices are \[0, 10\)\)"):
+        client.update_priority([eight, 0], [5.0, 5.0])
+    # the uniform buffer's indices carry its shards' tags, not svc-prio's
+    foreign = other.sample(50)["index"].tolist()
+    with pytest.raises(StaleIndexError, match=r"index\[0\]=\d+ belongs to an earlier buffer deleted "
+                       r"and created again under the name 'svc-prio', or to another buffer"):
         client.update_priority(foreign, [7.0] * len(foreign))
     with pytest.raises(ValueError, match=r"priority\[1\]=nan is not a finite number >= 0"):
         client.update_priority([0, 1], [1.0, float("nan")])
@@ -366,7 +365,7 @@ def test_sequence_sampler_assembles_slices_from_both_shards(ray_cluster, tmp_pat
         assert (ident[:, 1:] - ident[:, :-1] == 1).all()   # consecutive rows
         assert (got["episode_id"] == got["episode_id"][:, :1]).all()
         assert (got["step"][:, 1:] - got["step"][:, :-1] == 1).all()
-        shards = (got["index"] >> SHARD_SHIFT)
+        shards = torch.from_numpy(shard_of(got["index"].numpy()))
         assert (shards == shards[:, :1]).all() and set(shards[:, 0].tolist()) == {0, 1}
         assert ((ident < 50) == (shards == 0)).all()
     finally:

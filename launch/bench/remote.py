@@ -1,16 +1,27 @@
 """``rlfleet bench remote``: the sharded replay service through a client, against bare Ray.
 
 Runs on the driver, which is the client process. For two schemas (CartPole-sized rows,
-and Atari-sized rows of 4x84x84 uint8 frames) it fills a 2-shard service, then measures:
+and Atari-sized rows of 4x84x84 uint8 frames) it fills an S-shard service (``--shards``),
+then measures three operations. Each baseline makes the same Ray calls as the client,
+with the same payload per call and as many calls in flight, so the ratio compares the
+service (shard work, checks, assembly) with the transport alone, not one batching
+against another:
 
-- insert: ``client.extend`` of 1024-row batches, against the bare limit of an actor
-  method receiving an equal numpy payload (and answering a few bytes);
-- sample: ``client.sample(256)`` one batch at a time, and ``client.sampler(256,
-  prefetch=k)``, against the bare limit of S actors (one per shard) each returning its
-  share of an equal numpy payload, fetched in parallel, one batch at a time and with k
-  batches in flight.
+- insert: ``client.extend`` of one batch of B rows (``--insert-batch``). The client sends
+  it whole to one shard, or cut into C contiguous chunks, one per shard on this node,
+  sent together (C = ``write_plan.chunk_count``: batches of 32 MB and more; 1 for
+  CartPole rows, 2 for 1,024 Atari rows over 2 shards). Baseline: C actors, each
+  receiving its chunk as numpy arrays and answering a few bytes, the C calls in flight
+  together.
+- sample, prefetch 0: ``client.sample(n)``, one batch at a time: one call per shard for
+  its share of n rows, all shards at once. Baseline: S actors, each returning its share
+  of an n-row numpy payload, fetched in parallel, one batch at a time.
+- sample, prefetch k (``--prefetch``, unless 0): ``client.sampler(n, prefetch=k)``: one
+  call per shard for its share of k batches (k*n rows), two such groups (2k batches) in
+  flight, each group assembled into k batches. Baseline: S actors, each returning its
+  share of k*n rows per call, two groups of S calls in flight.
 
-Each line prints the client's rows/s and MB/s, the bare limit, and their ratio. Both
+Each line prints the client's rows/s and MB/s, the baseline's, and their ratio. Both
 sides run in the same process on the same cluster, in four alternating turns (the
 median of each side is printed), so the ratio survives a noisy machine better than
 either figure.
@@ -26,7 +37,7 @@ import statistics
 import tempfile
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -36,15 +47,17 @@ __all__ = ["add_arguments", "main"]
 SCHEMAS: dict[str, dict[tuple[str, ...], tuple[tuple[int, ...], str]]] = {
     "cartpole": {
         ("observation",): ((4,), "float32"), ("next", "observation"): ((4,), "float32"),
-        ("action",): ((), "int64"), ("reward",): ((), "float32"),
-        ("terminated",): ((), "bool"), ("truncated",): ((), "bool"), ("done",): ((), "bool"),
+        ("action",): ((), "int64"), ("next", "reward"): ((1,), "float32"),
+        ("next", "terminated"): ((1,), "bool"), ("next", "truncated"): ((1,), "bool"),
+        ("next", "done"): ((1,), "bool"),
         ("episode_id",): ((), "int64"), ("step",): ((), "int64"),
         ("collector_id",): ((), "int64"), ("policy_version",): ((), "int64"),
     },
     "atari": {
         ("observation",): ((4, 84, 84), "uint8"), ("next", "observation"): ((4, 84, 84), "uint8"),
-        ("action",): ((), "int64"), ("reward",): ((), "float32"),
-        ("terminated",): ((), "bool"), ("truncated",): ((), "bool"), ("done",): ((), "bool"),
+        ("action",): ((), "int64"), ("next", "reward"): ((1,), "float32"),
+        ("next", "terminated"): ((1,), "bool"), ("next", "truncated"): ((1,), "bool"),
+        ("next", "done"): ((1,), "bool"),
         ("episode_id",): ((), "int64"), ("step",): ((), "int64"),
         ("collector_id",): ((), "int64"), ("policy_version",): ((), "int64"),
     },
@@ -57,7 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shards", type=int, default=2, help="shards of the service (default 2)")
     parser.add_argument("--batch-size", type=int, default=256, help="rows per sample (default 256)")
     parser.add_argument("--insert-batch", type=int, default=1024, help="rows per extend (default 1024)")
-    parser.add_argument("--prefetch", type=int, default=2, help="batches in flight (default 2)")
+    parser.add_argument("--prefetch", type=int, default=2, help="batches per sampler call; 2x in flight (default 2)")
     parser.add_argument("--seconds", type=float, default=4.0, help="time per measurement (default 4)")
     parser.add_argument("--address", default=None,
                         help="join this Ray cluster (default: start a local one for the bench)")
@@ -131,6 +144,7 @@ def _bench_schema(kind: str, args: argparse.Namespace, root: str, out: list[dict
 
     from rlfleet.buffer import ReplayService
     from rlfleet.buffer.arrays import arrays_to_tensordict
+    from rlfleet.buffer.write_plan import chunk_count, cut_points
 
     rng = np.random.default_rng(0)
     schema = SCHEMAS[kind]
@@ -146,11 +160,19 @@ def _bench_schema(kind: str, args: argparse.Namespace, root: str, out: list[dict
         client = service.client(seed=0)
         td: TensorDict = arrays_to_tensordict(_payload(schema, insert_batch, rng), [insert_batch])
         echo_cls = ray.remote(num_cpus=0)(_Echo)
-        share = [batch // shards + (1 if k < batch % shards else 0) for k in range(shards)]
-        echoes = [echo_cls.remote(_payload(schema, share[k], rng)) for k in range(shards)]
-        ray.get([e.give.remote() for e in echoes])
-        sink = echo_cls.remote({})
-        insert_payload = {k: v.numpy() for k, v in td.items(include_nested=True, leaves_only=True)}
+        k = max(1, args.prefetch)
+        share = [batch // shards + (1 if j < batch % shards else 0) for j in range(shards)]
+        echoes = [echo_cls.remote(_payload(schema, share[j], rng)) for j in range(shards)]
+        # the sampler's calls carry k batches' share each
+        group_echoes = [echo_cls.remote(_payload(schema, k * share[j], rng)) for j in range(shards)]
+        ray.get([e.give.remote() for e in [*echoes, *group_echoes]])
+        # the insert baseline sends the batch as the client does (write_plan)
+        here = ray.get_runtime_context().get_node_id()
+        local = sum(1 for row in client.stats()["shards"] if row.get("node_id") == here) or shards
+        insert_payload = {key: v.numpy() for key, v in td.items(include_nested=True, leaves_only=True)}
+        cuts = cut_points(insert_batch, chunk_count(insert_batch, _nbytes(insert_payload), local))
+        chunks = [{key: a[lo:hi] for key, a in insert_payload.items()} for lo, hi in zip(cuts, cuts[1:])]
+        sinks = [echo_cls.remote({}) for _ in chunks]
         filled = 0
         while filled < fill_rows:
             client.extend(td)
@@ -161,24 +183,29 @@ def _bench_schema(kind: str, args: argparse.Namespace, root: str, out: list[dict
             return insert_batch
 
         def bare_insert() -> int:
-            return ray.get(sink.take.remote(insert_payload))
+            return sum(ray.get([sink.take.remote(chunk) for sink, chunk in zip(sinks, chunks)]))
 
         def client_sample() -> int:
             return client.sample(batch).batch_size[0]
 
-        def bare_submit() -> list:
-            return [e.give.remote() for e in echoes]
+        def bare_submit(actors: list) -> Callable[[], list]:
+            return lambda: [e.give.remote() for e in actors]
 
         def bare_collect(refs: list) -> int:
             return sum(len(next(iter(p.values()))) for p in ray.get(refs))
 
-        stream = client.sampler(batch, prefetch=args.prefetch)
+        def client_group(stream: Iterator) -> Callable[[], int]:
+            # one step takes a whole group of k batches, as one baseline step does
+            return lambda: sum(next(stream).batch_size[0] for _ in range(k))
+
+        stream = client.sampler(batch, prefetch=k)
         measures = [
             ("insert", insert_batch, 0, client_insert, bare_insert),
-            ("sample", batch, 0, client_sample, lambda: bare_collect(bare_submit())),
-            ("sample", batch, args.prefetch, lambda: next(stream).batch_size[0],
-             _pipelined(bare_submit, bare_collect, args.prefetch)),
+            ("sample", batch, 0, client_sample, lambda: bare_collect(bare_submit(echoes)())),
         ]
+        if args.prefetch > 0:
+            measures.append(("sample", batch, k, client_group(stream),
+                             _pipelined(bare_submit(group_echoes), bare_collect, 2)))
         for op, size, prefetch, mine, bare in measures:
             bare_rate, my_rate = _rates_interleaved(bare, mine, seconds, min_calls)
             out.append({
@@ -188,7 +215,7 @@ def _bench_schema(kind: str, args: argparse.Namespace, root: str, out: list[dict
                 "ratio": my_rate / bare_rate,
             })
         stream.close()
-        for e in [*echoes, sink]:
+        for e in [*echoes, *group_echoes, *sinks]:
             ray.kill(e)
     finally:
         ReplayService.shutdown(name, delete=True)

@@ -1,0 +1,213 @@
+"""The client's sample fan-out: split batches over the shards, ask them all, reassemble.
+
+Runs in the process of a ``BufferClient`` (``sample`` and ``sampler`` call it). A request
+is ``batches`` batches of ``n`` rows. ``submit`` splits each batch's rows over the shards
+by a multinomial draw weighted by each shard's size (uniform) or priority mass
+(prioritized), as if the shards were one buffer, and sends one call per shard for its
+rows of every batch at once. ``collect`` waits for the answers and assembles the
+batches: global indices (``indices.with_shard``), and importance weights normalised by
+each batch's max.
+
+Rows a shard cannot serve are drawn again from the others, within the same request:
+
+- with ``allow_partial``, the share of a shard that died or does not answer;
+- with the buffer-wide rate limiter, the share of a shard that holds no row yet (it
+  answers ``"short"``; the client's sizes were stale).
+
+Not thread-safe per request: a request is collected by the thread that submitted it.
+Several requests may be in flight from several threads (the RNG draw is locked).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from tensordict import TensorDict
+
+from rlfleet.buffer import shard_table
+from rlfleet.buffer.arrays import arrays_to_tensordict
+from rlfleet.buffer.errors import ShardUnavailable
+from rlfleet.buffer.indices import with_shard
+from rlfleet.buffer.shard_table import ShardTable, cause
+
+__all__ = ["SampleFanout", "SampleRequest"]
+
+# Which rows of one shard call go to which batch of a request: [(batch, rows), ...] in
+# the order the shard returns them.
+Segments = list[tuple[int, int]]
+
+
+@dataclass
+class SampleRequest:
+    """``batches`` sample batches of ``n`` rows in flight, as one call per shard (a shard
+    may appear more than once after a redraw); each call's segments say which batch its
+    rows belong to."""
+
+    n: int
+    batches: int
+    timeout_s: float | None
+    allow_partial: bool
+    deadline: float
+    budget_s: float
+    pending: dict[Any, tuple[int, Segments]] = field(default_factory=dict)  # ref -> (shard, segments)
+    short: set[int] = field(default_factory=set)  # shards that had no row for this request
+
+
+class SampleFanout:
+    """Submits and collects sample requests for one client.
+
+    Args:
+        name: the buffer's name (for messages).
+        table: returns the client's current ``ShardTable`` (connecting if needed).
+        on_gone: called with the error when a shard is gone for good.
+        rng: the generator of the split draws.
+    """
+
+    def __init__(self, name: str, table: Callable[[], ShardTable],
+                 on_gone: Callable[[Exception], None], rng: np.random.Generator) -> None:
+        self.name = name
+        self._table = table
+        self._on_gone = on_gone
+        self._rng = rng
+        self._rng_lock = threading.Lock()
+
+    def submit(self, n: int, batches: int, timeout_s: float | None, allow_partial: bool) -> SampleRequest:
+        """Send the calls of ``batches`` batches of ``n`` rows; returns the request."""
+        table = self._table()
+        wait = table.default_timeout_s if timeout_s is None else float(timeout_s)
+        grace = shard_table.GRACE_S  # read per call: tests shorten it
+        request = SampleRequest(n, batches, timeout_s, allow_partial,
+                                time.monotonic() + wait + grace, wait + grace)
+        self._dispatch(request, [(b, n) for b in range(batches)], table.live(allow_partial))
+        return request
+
+    def _dispatch(self, request: SampleRequest, segments: Segments, candidates: list[int]) -> None:
+        """Send one sample call per candidate shard for the rows of ``segments``: each
+        batch's rows are split over the shards by a multinomial draw on their size
+        (uniform) or priority mass (prioritized), as if the shards were one buffer."""
+        table = self._table()
+        prioritized = table.sampler_type == "prioritized"
+        weights = np.array([table[k].mass if prioritized else table[k].size for k in candidates],
+                           dtype=np.float64)
+        if not weights.sum() > 0:  # nothing known yet: even split, the limiters wait
+            weights = np.ones(len(candidates))
+        weights /= weights.sum()
+        per_shard: list[Segments] = [[] for _ in candidates]
+        with self._rng_lock:
+            for b, rows in segments:
+                for position, count in enumerate(self._rng.multinomial(rows, weights).tolist()):
+                    if count:
+                        per_shard[position].append((b, count))
+        if prioritized:
+            args: tuple = (float(sum(e.mass for e in table.entries)),
+                           int(sum(e.size for e in table.entries)), request.timeout_s)
+        else:
+            # Only the arguments that differ from the defaults: each one is serialised on
+            # both sides, which measured about 50 us per call and argument.
+            args = () if request.timeout_s is None else (None, None, request.timeout_s)
+        for k, mine in zip(candidates, per_shard):
+            method = table[k].handle.sample
+            if request.allow_partial:
+                method = method.options(max_task_retries=0)  # fail fast, draw elsewhere
+            # the count may be 0: the answer still refreshes the shard's size and mass
+            request.pending[method.remote(sum(rows for _, rows in mine), *args)] = (k, mine)
+
+    def _redraw(self, request: SampleRequest, segments: Segments) -> None:
+        """Draw ``segments`` again over the live shards that did not come up short."""
+        table = self._table()
+        candidates = [k for k in table.live(request.allow_partial) if k not in request.short]
+        if not candidates:
+            raise ShardUnavailable(
+                f"buffer {self.name!r}: sample: every shard answered that it holds no row "
+                f"although the rate limiter counted enough; a shard directory was replaced "
+                f"under the running service? Relaunch it"
+            )
+        self._dispatch(request, segments, candidates)
+
+    def collect(self, request: SampleRequest) -> list[TensorDict]:
+        """Wait for every call of ``request``; returns its batches in order.
+
+        Raises:
+            SampleTimeout: a shard's rate limiter held the call past its timeout.
+            ShardUnavailable: a shard is unreachable (with ``allow_partial``: all are).
+        """
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+        table = self._table()
+        parts: list[tuple[int, dict, Segments]] = []
+        while request.pending:
+            refs = list(request.pending)
+            left = max(0.0, request.deadline - time.monotonic())
+            try:
+                # one get for all shards: a failed call is ready too, so this never
+                # waits on a dead shard longer than Ray takes to notice
+                outs = ray.get(refs, timeout=left)
+            except GetTimeoutError:
+                ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+                missing = sorted({request.pending[r][0] for r in refs if r not in ready})
+                raise ShardUnavailable(
+                    f"buffer {self.name!r}: shard(s) {missing} did not answer a sample within "
+                    f"{request.budget_s:g}s; they may be restarting or overloaded (pass "
+                    f"allow_partial=True to sample from the others)"
+                ) from None
+            except (RayTaskError, RayActorError):
+                outs = None  # sort it out shard by shard below, once all have answered
+                left = max(0.0, request.deadline - time.monotonic())
+                ready, _ = ray.wait(refs, num_returns=len(refs), timeout=left)
+                refs = ready  # a late one stays pending for the next round
+            for position, ref in enumerate(refs):
+                k, segments = request.pending.pop(ref)
+                try:
+                    out = outs[position] if outs is not None else ray.get(ref)
+                except RayTaskError as e:
+                    raise cause(e) from e
+                except RayActorError as e:
+                    self._on_gone(e)
+                    if not request.allow_partial:
+                        raise ShardUnavailable(
+                            f"buffer {self.name!r}: shard {k} died during a sample and could "
+                            f"not be reached again: {type(e).__name__}"
+                        ) from e
+                    table.mark_down(k)
+                    if segments:  # its share is drawn from the live shards
+                        self._redraw(request, segments)
+                    continue
+                table.note_state(k, out["state"])
+                if out.get("short"):
+                    request.short.add(k)
+                    self._redraw(request, segments)
+                elif out["arrays"] is not None:
+                    parts.append((k, out["arrays"], segments))
+        # each call's rows, in order, belong to the batches its segments name
+        pieces: list[list[tuple[int, dict, int, int]]] = [[] for _ in range(request.batches)]
+        for k, arrays, segments in parts:
+            row = 0
+            for b, rows in segments:
+                pieces[b].append((k, arrays, row, rows))
+                row += rows
+        return [_assemble(request.n, p) for p in pieces]
+
+
+def _assemble(n: int, pieces: list[tuple[int, dict, int, int]]) -> TensorDict:
+    """One batch from ``(shard, arrays, first row, rows)`` pieces of shard answers."""
+    # concatenate also copies out of the read-only object-store buffers (one piece too)
+    out = {key: np.concatenate([a[key][r0:r0 + rows] for _, a, r0, rows in pieces])
+           for key in pieces[0][1]}
+    index, row = out[("index",)], 0
+    for k, _, _, rows in pieces:
+        if k:
+            index[row:row + rows] = with_shard(index[row:row + rows], k)
+        row += rows
+    if ("weight",) in out:
+        w = out[("weight",)]
+        out[("weight",)] = (w / w.max()).astype(np.float32)
+    batch_size = list(out[("index",)].shape)
+    if batch_size[0] != n:
+        raise RuntimeError(f"sample: assembled {batch_size[0]} rows, expected {n}")
+    return arrays_to_tensordict(out, batch_size)

@@ -1,0 +1,224 @@
+"""The client's table of a service's shards: handles, what each last reported, liveness.
+
+Runs in the process of a ``BufferClient``. One ``ShardTable`` per connection: it is built
+by ``BufferClient`` on connect and dropped when a shard turns out to be gone for good
+(the next call connects again). Each shard's entry keeps what the shard said at connect
+(``info``: node, tag, priority limit, settings) and what its latest answer said
+(``state``: size, priority mass, rows ever inserted). Every extend, sample and priority
+answer carries the shard's state, so the table stays current without extra calls; it is
+what the sample split weighs, what the writer choice balances and what a priority
+update is checked against.
+
+``gather`` turns a set of per-shard Ray calls into answers or one rlfleet error; after
+an error, ``answers`` and ``with_stored`` say which calls did go through.
+
+Thread-safe for the client's use: an entry's numbers are replaced whole by whichever
+answer arrives last (each is a recent true value), and liveness probes tolerate races.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from rlfleet.buffer.errors import ShardUnavailable
+
+__all__ = ["GRACE_S", "ShardEntry", "ShardTable", "answers", "cause", "gather", "with_stored"]
+
+log = logging.getLogger(__name__)
+
+# seconds a client waits beyond a shard's own timeout before declaring it unreachable:
+# covers the transfer of a large batch and a shard restart
+GRACE_S = 30.0
+
+# how long a shard that failed stays out of allow_partial draws before it is pinged again
+_DOWN_RETRY_S = 1.0
+
+
+@dataclass
+class ShardEntry:
+    """One shard as the client knows it."""
+
+    handle: Any
+    info: dict[str, Any]
+    size: int = 0
+    mass: float = 0.0
+    total_inserted: int = 0  # rows the shard had ever stored, as last reported
+    down_since: float | None = None
+    ping: Any = None  # an in-flight liveness probe while down
+    extend: Any = None  # the handle's extend method without task retries, made once
+
+    @property
+    def index_tag(self) -> int:
+        """The tag of every index this shard issues."""
+        return int(self.info["index_tag"])
+
+    @property
+    def priority_limit(self) -> float:
+        """The largest priority this shard accepts."""
+        return float(self.info["priority_limit"])
+
+
+class ShardTable:
+    """The shards of one service, in shard order, plus the settings they share.
+
+    Args:
+        name: the buffer's name (for messages).
+        entries: one per shard, ``entries[k]`` is shard ``k``.
+        node_id: the caller's Ray node: its shards take this process's writes.
+    """
+
+    def __init__(self, name: str, entries: list[ShardEntry], node_id: str | None) -> None:
+        self.name = name
+        self.entries = entries
+        first = entries[0].info
+        # writes go to the caller's own node's shards; with none there, to any
+        self.writers = [k for k, e in enumerate(entries) if e.info["node_id"] == node_id] \
+            or list(range(len(entries)))
+        self.sampler_type: str = first["sampler_type"]
+        self.default_timeout_s = float(first["rate_limiter"]["timeout_s"])
+        # whether a shard's limiter may hold an insert (samples_per_insert set)
+        self.inserts_wait = first["rate_limiter"].get("samples_per_insert") is not None
+        self.schema = next((e.info["schema"] for e in entries if e.info["schema"]), None)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, k: int) -> ShardEntry:
+        return self.entries[k]
+
+    def note_state(self, k: int, state: dict[str, Any]) -> None:
+        """Record shard ``k``'s latest state (any answer): it is up, and this big."""
+        entry = self.entries[k]
+        entry.size, entry.mass = int(state["size"]), float(state["mass"])
+        tag = state.get("index_tag", entry.info["index_tag"])
+        if tag != entry.info["index_tag"]:  # its directory was created anew under it
+            log.warning("buffer %r: shard %d now issues index tag %d (was %d): its directory "
+                        "was replaced", self.name, k, tag, entry.info["index_tag"])
+            entry.info = {**entry.info, "index_tag": tag}
+            entry.total_inserted = 0
+        if "total_inserted" in state:  # answers may arrive out of order: it only grows
+            entry.total_inserted = max(entry.total_inserted, int(state["total_inserted"]))
+        entry.down_since, entry.ping = None, None
+
+    # -- liveness (allow_partial sampling) -----------------------------------------------
+
+    def mark_down(self, k: int) -> None:
+        """Shard ``k`` failed a call: leave it out of draws until a ping comes back."""
+        entry = self.entries[k]
+        if entry.down_since is None:
+            log.warning("buffer %r: shard %d is down; sampling from the others", self.name, k)
+            entry.down_since = time.monotonic()
+        entry.ping = None
+
+    def live(self, allow_partial: bool) -> list[int]:
+        """The shards to draw from: all, or with ``allow_partial`` those not down.
+
+        Raises:
+            ShardUnavailable: with ``allow_partial``, every shard is down.
+        """
+        if not allow_partial:
+            return list(range(len(self.entries)))
+        live = [k for k, e in enumerate(self.entries) if e.down_since is None or self._probe(k)]
+        if not live:
+            raise ShardUnavailable(
+                f"buffer {self.name!r}: all {len(self.entries)} shard(s) are down; they "
+                f"restart on their own, retry in a moment"
+            )
+        return live
+
+    def _probe(self, k: int) -> bool:
+        """For a shard marked down: True once a liveness ping has come back."""
+        import ray
+
+        entry = self.entries[k]
+        if entry.ping is None:
+            if time.monotonic() - (entry.down_since or 0.0) < _DOWN_RETRY_S:
+                return False
+            entry.ping = entry.handle.ping.options(max_task_retries=0).remote()
+        ready, _ = ray.wait([entry.ping], timeout=0)
+        if not ready:
+            return False
+        try:
+            ray.get(entry.ping)
+        except Exception:
+            entry.down_since, entry.ping = time.monotonic(), None
+            return False
+        entry.down_since, entry.ping = None, None
+        return True
+
+
+def cause(e: Exception) -> BaseException:
+    """The exception a shard raised, without Ray's wrapper (same type, same message)."""
+    inner = getattr(e, "cause", None)
+    return inner if isinstance(inner, BaseException) else e
+
+
+def gather(name: str, refs: list[Any], shards: list[int], what: str, deadline: float,
+           on_gone: Callable[[Exception], None]) -> list[Any]:
+    """``ray.get`` of per-shard refs with a deadline, errors in rlfleet's words.
+
+    Waits for every call before raising, then raises the error of the first failed one
+    in ``shards`` order: a shard's own exception as itself, a dead shard as
+    ``ShardUnavailable`` (after ``on_gone(error)``), a late one as ``ShardUnavailable``.
+    """
+    import ray
+    from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+    try:
+        return ray.get(refs, timeout=max(0.0, deadline - time.monotonic()))
+    except GetTimeoutError:
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        missing = [k for k, r in zip(shards, refs) if r not in ready]
+        raise ShardUnavailable(
+            f"buffer {name!r}: {what}: shard(s) {missing} did not answer in time; "
+            f"they may be restarting or overloaded, retry later"
+        ) from None
+    except (RayTaskError, RayActorError):
+        # find the shard that failed, in order, once all have answered
+        ray.wait(refs, num_returns=len(refs), timeout=max(0.0, deadline - time.monotonic()))
+    out = []
+    for k, ref in zip(shards, refs):
+        try:
+            out.append(ray.get(ref, timeout=max(0.0, deadline - time.monotonic())))
+        except GetTimeoutError:
+            raise ShardUnavailable(
+                f"buffer {name!r}: {what}: shard {k} did not answer in time; it may "
+                f"be restarting or overloaded, retry later"
+            ) from None
+        except RayTaskError as e:
+            raise cause(e) from e
+        except RayActorError as e:
+            on_gone(e)
+            extra = (" The rows may or may not have been stored; a retry could store "
+                     "them twice.") if what == "extend" else ""
+            raise ShardUnavailable(
+                f"buffer {name!r}: {what}: shard {k} died during the call "
+                f"({type(e).__name__}).{extra}"
+            ) from e
+    return out
+
+
+def answers(refs: list[Any]) -> list[Any | None]:
+    """Each call's answer if it has come back without error, else None (never waits)."""
+    import ray
+
+    out = []
+    for ref in refs:
+        try:
+            out.append(ray.get(ref, timeout=0) if ray.wait([ref], timeout=0)[0] else None)
+        except Exception:  # that call's own failure
+            out.append(None)
+    return out
+
+
+def with_stored(error: BaseException, stored: list[str]) -> BaseException:
+    """``error`` again, same type, its message naming what was stored before it: a call
+    over several shards is not all or nothing once sent."""
+    try:
+        return type(error)(f"{error} [stored before the error: {'; '.join(stored)}]")
+    except Exception:  # a type that is not built from a message alone
+        return error
