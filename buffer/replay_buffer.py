@@ -49,6 +49,7 @@ from rlfleet.buffer.storage import (
     MemmapColumns,
     Schema,
     check_arrays,
+    human_bytes,
     schema_from_arrays,
     schema_from_json,
 )
@@ -78,6 +79,7 @@ class ReplayBuffer:
     Attributes:
         capacity: rows the ring holds. For a capacity given in bytes it is 0 until the
             first ``extend`` fixes the schema (then ``capacity_bytes // bytes per row``).
+        capacity_bytes: the byte capacity it was created with, or None for a row count.
         schema: ``{key path: (per-row shape, numpy dtype)}``, None before the first extend.
     """
 
@@ -196,6 +198,10 @@ class ReplayBuffer:
         return self._capacity
 
     @property
+    def capacity_bytes(self) -> int | None:
+        return self._meta.get("capacity_bytes")
+
+    @property
     def schema(self) -> Schema | None:
         return None if self._schema is None else dict(self._schema)
 
@@ -236,8 +242,11 @@ class ReplayBuffer:
         return end - start
 
     def __repr__(self) -> str:
+        capacity = str(self._capacity)
+        if not self._capacity and self.capacity_bytes:
+            capacity = f"0 (rows of {human_bytes(self.capacity_bytes)}, counted at the first extend)"
         return (
-            f"ReplayBuffer(path={str(self.path)!r}, size={len(self)}, capacity={self._capacity}, "
+            f"ReplayBuffer(path={str(self.path)!r}, size={len(self)}, capacity={capacity}, "
             f"sampler={self._sampler.type!r})"
         )
 
@@ -420,14 +429,15 @@ class ReplayBuffer:
     def stats(self) -> dict[str, float | int]:
         """Counters for monitoring. Thread-safe.
 
-        Keys: ``size``, ``capacity``, ``total_inserted``, ``inserts`` and ``samples`` (rows,
-        since open), ``bytes_on_disk``, ``priority_mass``, ``max_priority``,
+        Keys: ``size``, ``capacity``, ``capacity_bytes`` (as the properties), ``total_inserted``,
+        ``inserts`` and ``samples`` (rows, since open), ``bytes_on_disk``, ``priority_mass``, ``max_priority``,
         ``priority_updates`` (rows whose update was accepted, since open: stored by the
         prioritized sampler, checked and ignored by the others) and
         ``priority_updates_skipped`` (rows overwritten before their update, since open).
         """
         out = self._window.counts()
-        return {"size": out.pop("size"), "capacity": self._capacity, "total_inserted": out.pop("total_inserted"),
+        return {"size": out.pop("size"), "capacity": self._capacity, "capacity_bytes": self.capacity_bytes,
+                "total_inserted": out.pop("total_inserted"),
                 **out, "bytes_on_disk": self._columns.bytes_on_disk() if self._columns else 0}
 
     def flush(self) -> None:

@@ -223,6 +223,15 @@ def _status_once(args: argparse.Namespace) -> tuple[int, str]:
     return 0, "\n\n".join(parts)
 
 
+def _capacity(row: dict[str, Any]) -> str:
+    """Rows, or a byte capacity whose row count the first batch has not fixed yet."""
+    from rlfleet.buffer.storage import human_bytes
+
+    if not row.get("capacity") and row.get("capacity_bytes"):
+        return human_bytes(row["capacity_bytes"])
+    return str(row.get("capacity", "-"))
+
+
 def _table(stats: dict[str, Any]) -> str:
     from rlfleet.buffer.storage import human_bytes
 
@@ -235,7 +244,7 @@ def _table(stats: dict[str, Any]) -> str:
         limiter = row.get("rate_limiter", {})
         return [
             name, shard, str(row.get("node_id") or "-")[:8], str(row.get("size", "-")),
-            str(row.get("capacity", "-")), str(row.get("total_inserted", "-")),
+            _capacity(row), str(row.get("total_inserted", "-")),
             str(row.get("samples", "-")), f"{row.get('inserts_per_s', 0):.0f}",
             f"{row.get('samples_per_s', 0):.0f}", human_bytes(row.get("bytes_on_disk", 0)),
             f"{limiter.get('inserts_waiting', 0)}/{limiter.get('samples_waiting', 0)}",

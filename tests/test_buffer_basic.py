@@ -429,3 +429,13 @@ def test_sample_into_bad_out(tmp_path):
         with pytest.raises(ValueError, match=r"out\['observation'\] must be a contiguous CPU tensor"):
             rb.sample(8, out=bad)
         assert rb.stats()["samples"] == before  # refused before drawing anything
+
+
+def test_a_byte_capacity_says_so_until_the_first_batch_fixes_the_rows(tmp_path):
+    rb = ReplayBuffer.create(tmp_path / "b", capacity="1MB")
+    assert rb.capacity == 0 and rb.capacity_bytes == 1_000_000
+    assert rb.stats()["capacity_bytes"] == 1_000_000
+    assert "capacity=0 (rows of 1.00 MB, counted at the first extend)" in repr(rb)
+    rb.extend_arrays({("x",): np.zeros((4, 25), np.float32)})  # 100 bytes a row
+    assert rb.capacity == 10_000 and "capacity=10000," in repr(rb)
+    rb.close()
