@@ -30,7 +30,7 @@ from rlfleet.buffer.arrays import as_numpy
 from rlfleet.buffer.errors import StaleIndexError
 from rlfleet.buffer.indices import SHARD_BITS, SHARD_SHIFT, counter_of, shard_of, tag_of
 
-__all__ = ["high_bits", "parse_update", "priority_limit", "refuse_update", "split_update"]
+__all__ = ["check_finite", "check_non_negative", "high_bits", "parse_update", "priority_limit", "refuse_update", "split_update"]
 
 
 def high_bits(tag: int) -> int:
@@ -91,6 +91,27 @@ def split_update(index: np.ndarray, priority: np.ndarray, tag: int, start: int, 
     return counter, priority, 0
 
 
+def check_finite(priority: np.ndarray) -> None:
+    """Raise ``ValueError`` naming the first priority that is NaN, inf or negative."""
+    bad = ~np.isfinite(priority) | (priority < 0)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(
+            f"update_priority: priority[{i}]={float(priority[i])!r} is not a finite number >= 0; "
+            f"priorities must be finite and non-negative"
+        )
+
+
+def check_non_negative(index: np.ndarray) -> None:
+    """Raise ``StaleIndexError`` naming the first negative index."""
+    if (index < 0).any():
+        i = int(np.flatnonzero(index < 0)[0])
+        raise StaleIndexError(
+            f"update_priority: index[{i}]={int(index[i])} is negative; pass the int64 indices "
+            f"that this buffer's extend or sample returned, unchanged"
+        )
+
+
 def refuse_update(index: np.ndarray, priority: np.ndarray, *, tag: int, end: int, limit: float,
                   alpha: float, capacity: int, path: Path) -> NoReturn:
     """Raise the error for the first bad priority, else for the first bad index.
@@ -100,13 +121,7 @@ def refuse_update(index: np.ndarray, priority: np.ndarray, *, tag: int, end: int
         StaleIndexError: a negative index, one of another buffer (or of an earlier
             buffer created at ``path``), or one of a row never written.
     """
-    bad = ~np.isfinite(priority) | (priority < 0)
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        raise ValueError(
-            f"update_priority: priority[{i}]={float(priority[i])!r} is not a finite number >= 0; "
-            f"priorities must be finite and non-negative"
-        )
+    check_finite(priority)
     if priority.max() > limit:
         i = int(np.argmax(priority))
         raise ValueError(
@@ -120,10 +135,7 @@ def refuse_update(index: np.ndarray, priority: np.ndarray, *, tag: int, end: int
     i = int(np.flatnonzero(negative | foreign | unwritten)[0])
     value = int(index[i])
     if negative[i]:
-        raise StaleIndexError(
-            f"update_priority: index[{i}]={value} is negative; pass the int64 indices that "
-            f"this buffer's extend or sample returned, unchanged"
-        )
+        check_non_negative(index)
     if foreign[i]:
         other_tag, shard = int(tag_of(index[i])), int(shard_of(index[i]))
         hint = ""

@@ -46,6 +46,7 @@ import numpy as np
 
 from rlfleet.buffer.errors import StaleIndexError
 from rlfleet.buffer.indices import clear_shard, counter_of, shard_of, tag_of
+from rlfleet.buffer.priorities import check_finite, check_non_negative
 from rlfleet.buffer.shard_table import ShardTable
 
 __all__ = ["check_update"]
@@ -64,19 +65,8 @@ def check_update(table: ShardTable, idx: np.ndarray, prio: np.ndarray,
         ValueError, StaleIndexError: see the module docstring (nothing was sent).
     """
     name = table.name
-    bad = ~np.isfinite(prio) | (prio < 0)
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        raise ValueError(
-            f"update_priority: priority[{i}]={float(prio[i])!r} is not a finite number >= 0; "
-            f"priorities must be finite and non-negative"
-        )
-    if (idx < 0).any():
-        i = int(np.flatnonzero(idx < 0)[0])
-        raise StaleIndexError(
-            f"update_priority: index[{i}]={int(idx[i])} is negative; pass the int64 indices "
-            f"that this buffer's extend or sample returned, unchanged"
-        )
+    check_finite(prio)  # the same words as a local buffer's
+    check_non_negative(idx)
     shard = shard_of(idx)
     wrong = shard >= len(table)
     if wrong.any():
