@@ -1,6 +1,7 @@
 """``rlfleet.buffer``: memmap replay storage, samplers, and the sharded Ray service.
 
-Imports nothing else of rlfleet. The Ray actors are thin shells in ``remote.py``.
+Imports nothing else of rlfleet. The Ray actors are thin shells in ``remote.py``; names,
+namespaces and finding a running buffer are ``naming``'s.
 """
 
 from rlfleet.buffer.client import BufferClient
@@ -14,6 +15,14 @@ from rlfleet.buffer.errors import (
     ShardUnavailable,
     StaleIndexError,
 )
+from rlfleet.buffer.naming import (
+    DEFAULT_NAMESPACE,
+    actor_name,
+    check_name,
+    check_namespace,
+    parse_actor_name,
+    running_buffers,
+)
 from rlfleet.buffer.replay_buffer import ReplayBuffer
 from rlfleet.buffer.service import ReplayService
 
@@ -23,6 +32,7 @@ __all__ = [
     "BufferNotFound",
     "ClusterConnectError",
     "ClusterInfo",
+    "DEFAULT_NAMESPACE",
     "InsertTimeout",
     "ReplayBuffer",
     "ReplayService",
@@ -30,5 +40,10 @@ __all__ = [
     "SchemaMismatch",
     "ShardUnavailable",
     "StaleIndexError",
+    "actor_name",
+    "check_name",
+    "check_namespace",
     "init_ray",
+    "parse_actor_name",
+    "running_buffers",
 ]

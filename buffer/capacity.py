@@ -15,7 +15,7 @@ from pathlib import Path
 
 from rlfleet.buffer.indices import MAX_COUNTER
 
-__all__ = ["MAX_ROWS", "free_disk_bytes", "human_bytes", "parse_capacity"]
+__all__ = ["MAX_ROWS", "free_disk_bytes", "human_bytes", "parse_capacity", "split_capacity"]
 
 _UNITS = {
     "b": 1,
@@ -23,14 +23,14 @@ _UNITS = {
     "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "pib": 2**50,
 }
 MAX_ROWS = MAX_COUNTER  # 2**44: a capacity is below it, as is every row counter
-_SIZE_RE = re.compile(r"^\s*([0-9][0-9_]*(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+_SIZE_RE = re.compile(r"^\s*([0-9][0-9_]*(?:\.[0-9]+)?(?:[eE][0-9]+)?)\s*([a-zA-Z]*)\s*$")
 
 
 def parse_capacity(capacity: int | str) -> tuple[int | None, int | None]:
     """Split a capacity into ``(rows, bytes)``; exactly one of them is not None.
 
-    ``1_000_000`` or ``"1000000"`` are rows; ``"500GB"`` (10**9) or ``"2TiB"`` (2**40)
-    are bytes of row data.
+    ``1_000_000``, ``"1000000"`` or ``"1e6"`` are rows; ``"500GB"`` (10**9) or
+    ``"2TiB"`` (2**40) are bytes of row data.
     """
     if isinstance(capacity, bool) or not isinstance(capacity, (int, str)):
         raise ValueError(
@@ -52,15 +52,36 @@ def parse_capacity(capacity: int | str) -> tuple[int | None, int | None]:
             if nbytes < 1:
                 raise ValueError(f"capacity={capacity!r}: must be at least 1 byte")
             return None, nbytes
-        if "." in number:
+        whole = float(number).is_integer() if "e" in number.lower() else "." not in number
+        if not whole:
             raise ValueError(f"capacity={capacity!r}: a row count must be a whole number")
-        rows = int(number)
+        rows = int(float(number)) if "e" in number.lower() else int(number)
     if not 1 <= rows < MAX_ROWS:
         raise ValueError(
             f"capacity={capacity!r}: row count must be in [1, 2**44) (the row counter of an "
             f"index has 44 bits); use a smaller capacity"
         )
     return rows, None
+
+
+def split_capacity(capacity: int | str, num_shards: int) -> list[int | str]:
+    """A service's capacity split evenly over ``num_shards`` shards: rows, or byte sizes
+    (``"<n>B"``) for a byte capacity; the first shards take one more when it does not
+    divide.
+
+    Raises:
+        ValueError: a bad capacity, or one below ``num_shards`` (a shard needs a row).
+    """
+    rows, nbytes = parse_capacity(capacity)
+    total = rows if rows is not None else nbytes
+    if total < num_shards:
+        raise ValueError(
+            f"capacity={capacity!r} is smaller than num_shards={num_shards}: each shard needs "
+            f"at least one row; raise capacity or lower num_shards"
+        )
+    base, extra = divmod(total, num_shards)
+    parts = [base + (1 if k < extra else 0) for k in range(num_shards)]
+    return parts if rows is not None else [f"{p}B" for p in parts]
 
 
 def free_disk_bytes(directory: Path) -> int:

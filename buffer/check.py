@@ -1,8 +1,8 @@
 """``check_buffer(path)``: an integrity report of a buffer directory, read-only.
 
 Checks what a crash, a careless copy or a hand edit can break: ``meta.json`` (format,
-version, schema, and every field's type and range: ``check_meta``, which ``read_meta``
-applies on every open), the header (magic, version, the committed window), the data
+version, schema, and every field's type and range: ``meta_check.check_meta``, which
+``read_meta`` applies on every open), the header (magic, version, the committed window), the data
 files (present, full size, a tensordict memmap directory whose keys, shapes and dtypes
 match the schema), every live row readable, and live priorities finite and
 non-negative. It never writes, so it may run beside a live writer (then the counters it
@@ -44,11 +44,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tensordict import TensorDict
 
-from rlfleet.buffer.capacity import MAX_ROWS
 from rlfleet.buffer.errors import BufferFormatError
-from rlfleet.buffer.indices import MAX_COUNTER, MAX_TAG
-from rlfleet.buffer.samplers import parse_sampler_spec, slot_ranges
+from rlfleet.buffer.indices import MAX_COUNTER
+from rlfleet.buffer.samplers import slot_ranges
 from rlfleet.buffer.storage import (
     FORMAT_VERSION,
     H_END,
@@ -58,13 +58,12 @@ from rlfleet.buffer.storage import (
     H_VERSION,
     HEADER_MAGIC,
     HEADER_WORDS,
-    _safe_key_part,
     format_key,
     read_meta,
     schema_from_json,
 )
 
-__all__ = ["CheckReport", "check_buffer", "check_meta"]
+__all__ = ["CheckReport", "check_buffer"]
 
 READ_CHUNK_BYTES = 64 * 2**20
 
@@ -242,8 +241,6 @@ def _check_data(data: Path, schema, capacity: int, report: CheckReport) -> dict 
     if report.problems:
         return None
     try:
-        from tensordict import TensorDict
-
         td = TensorDict.load_memmap(data)
     except Exception as e:  # any failure here means plain tensordict cannot open it
         report.problems.append(f"TensorDict.load_memmap({data}) fails: {e!r}")
@@ -278,74 +275,3 @@ def _check_priorities(f: Path, capacity: int, start: int, end: int, max_priority
             return
     if not (np.isfinite(max_priority) and max_priority >= 0):
         report.problems.append(f"header max priority is {max_priority!r}")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def check_meta(path: Path, meta: dict[str, Any]) -> dict[str, Any]:
-    """Refuse a ``meta.json`` whose fields have wrong types or values; return it with
-    the sampler spec normalised.
-
-    ``read_meta`` calls it after the format and version checks, so everything that opens
-    a buffer (``ReplayBuffer.open``, a shard actor, ``check_buffer``) trusts no field of
-    a hand-edited or damaged file: capacity, sampler, durability and each schema entry
-    (key parts that can name a file, dims >= 0, bool/int/float dtypes). Runs anywhere;
-    thread-safe.
-
-    Raises:
-        BufferFormatError: naming ``path``, the field, its value and the rule.
-    """
-    def bad(field: str, why: str) -> BufferFormatError:
-        shown = "" if field == "schema" else f"={meta.get(field)!r}"  # a schema can be long
-        return BufferFormatError(
-            f"open: {path} field {field!r}{shown} {why}; the buffer directory is damaged or "
-            f"was edited by hand"
-        )
-
-    if meta["format_version"] < 1:
-        raise bad("format_version", "must be an integer >= 1")
-    tag = meta.get("index_tag", None if meta["format_version"] >= 2 else 0)
-    if not (_is_int(tag) and 0 <= tag < MAX_TAG):
-        raise bad("index_tag", f"must be an integer in [0, {MAX_TAG}) (format 2 and later)")
-    capacity, nbytes = meta["capacity"], meta["capacity_bytes"]
-    if capacity is not None and not (_is_int(capacity) and 1 <= capacity < MAX_ROWS):
-        raise bad("capacity", "must be null or an integer in [1, 2**44)")
-    if nbytes is not None and not (_is_int(nbytes) and nbytes >= 1):
-        raise bad("capacity_bytes", "must be null or an integer >= 1")
-    if capacity is None and (nbytes is None or meta["schema"] is not None):
-        raise bad("capacity", "may be null only for a byte capacity before the first batch")
-    if meta["durability"] not in ("process", "fsync"):
-        raise bad("durability", "must be 'process' or 'fsync'")
-    if not isinstance(meta.get("overcommit", False), bool):
-        raise bad("overcommit", "must be true or false")
-    if not isinstance(meta["sampler"], dict):
-        raise bad("sampler", "must be a mapping such as {\"type\": \"uniform\"}")
-    try:
-        sampler = parse_sampler_spec(meta["sampler"])
-    except (TypeError, ValueError) as e:
-        raise bad("sampler", f"is not a valid sampler ({e})") from None
-    schema = meta["schema"]
-    if schema is not None:
-        if not isinstance(schema, list) or not schema:
-            raise bad("schema", "must be null or a non-empty list of {key, shape, dtype}")
-        seen = set()
-        for entry in schema:
-            if not isinstance(entry, dict) or set(entry) != {"key", "shape", "dtype"}:
-                raise bad("schema", f"has the entry {entry!r}, not {{key, shape, dtype}}")
-            key, shape, dtype = entry["key"], entry["shape"], entry["dtype"]
-            if not (isinstance(key, list) and key and all(isinstance(k, str) and _safe_key_part(k) for k in key)) \
-                    or tuple(key) in seen:
-                raise bad("schema", f"has the key {key!r}: not a list of safe file names, or repeated")
-            seen.add(tuple(key))
-            if not (isinstance(shape, list) and len(shape) <= 32
-                    and all(_is_int(d) and 0 <= d < 2**31 for d in shape)):
-                raise bad("schema", f"has the shape {shape!r} for key {key!r}: not a list of dims >= 0")
-            try:
-                np_dtype = np.dtype(dtype) if isinstance(dtype, str) else None
-            except TypeError:
-                np_dtype = None
-            if np_dtype is None or np_dtype.kind not in "biuf":
-                raise bad("schema", f"has the dtype {dtype!r} for key {key!r}: not a bool, int or float type")
-    return dict(meta, sampler=sampler)

@@ -11,8 +11,8 @@ no coordinator in the path.
   (``write_plan`` says why).
 - ``sample`` splits ``n`` over the shards by a multinomial draw weighted by each
   shard's size (uniform) or priority mass (prioritized), asks all shards at once,
-  concatenates, and for prioritized sampling normalises the importance weights by the
-  batch max (``sample_fanout``). Each answer carries the shard's current state, which
+  concatenates, and for prioritized sampling weighs the batch as one buffer's, normalised
+  by the batch max (``sample_fanout``). Each answer carries the shard's current state, which
   weights the next draw, so the split costs no extra round trip.
 - Indices are global (``indices``): each carries the tag of the shard directory that
   issued it and the shard's number, so ``update_priority`` routes each index back to
@@ -22,13 +22,14 @@ no coordinator in the path.
   the ratio and ``min_size_to_sample`` hold for the buffer as a whole, whichever shards
   the writers and samplers use (``rate_limiter``, ``shared_limiter``).
 
-What the client knows of each shard lives in its ``ShardTable`` (``shard_table``). The
-module passes 400 lines because it is the one public class whose calls share that table
-and its lock; each idea the calls use (routing, fan-out, priority checks) has its own
-module.
+What the client knows of each shard lives in its ``ShardTable`` (``shard_table``), which
+also translates Ray's errors and sums the stats; finding the shards by name and
+namespace is ``naming``'s. The module passes 400 lines because it is the one public
+class whose calls share that table and its lock; each idea the calls use (routing,
+fan-out, priority checks) has its own module.
 
-A client pickles as its buffer name and reconnects on first use where it lands, so it
-can be passed to actors. Thread-safe: calls from several threads may overlap. Connecting
+A client pickles as its buffer name and namespace and reconnects on first use where it
+lands, so it can be passed to actors. Thread-safe: calls from several threads may overlap. Connecting
 tunes this process's allocator once (``tune_allocator``), as opening a buffer does, so
 multi-MB sample batches reuse freed memory.
 
@@ -49,19 +50,21 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+import ray
 import torch
+from ray.exceptions import ActorDiedError
 from tensordict import TensorDict, TensorDictBase
 
 from rlfleet.buffer import shard_table
 from rlfleet.buffer.arrays import tensordict_to_arrays, tune_allocator
-from rlfleet.buffer.cluster import DEFAULT_CONNECT_TIMEOUT_S, init_ray
-from rlfleet.buffer.errors import BufferNotFound, ShardUnavailable
+from rlfleet.buffer.cluster import init_ray
+from rlfleet.buffer.errors import ShardUnavailable
 from rlfleet.buffer.indices import with_shard
+from rlfleet.buffer.naming import DEFAULT_NAMESPACE, check_name, check_namespace, find_shards
 from rlfleet.buffer.priorities import parse_update
 from rlfleet.buffer.priority_routing import check_update
 from rlfleet.buffer.sample_fanout import SampleFanout
-from rlfleet.buffer.service import NAMESPACE, _not_found_message, running_buffers, validate_name
-from rlfleet.buffer.shard_table import ShardEntry, ShardTable, answers, gather, with_stored
+from rlfleet.buffer.shard_table import ShardEntry, ShardTable, answers, gather, totals, with_stored
 from rlfleet.buffer.storage import check_arrays
 from rlfleet.buffer.write_plan import plan_write
 
@@ -70,18 +73,21 @@ __all__ = ["BufferClient"]
 log = logging.getLogger(__name__)
 
 
-def _unpickle(name: str, timeout_s: float) -> "BufferClient":
-    return BufferClient(name, timeout_s=timeout_s)
+def _unpickle(name: str, timeout_s: float, namespace: str = DEFAULT_NAMESPACE) -> "BufferClient":
+    return BufferClient(name, timeout_s=timeout_s, namespace=namespace)
 
 
 class BufferClient:
     """A handle on the replay service ``name``; see the module docstring.
 
     Build it with ``BufferClient.connect(name)`` (or ``ReplayService.client()``).
+    ``name`` and ``namespace`` are the buffer's.
     """
 
-    def __init__(self, name: str, *, timeout_s: float = 30.0, seed: int | None = None) -> None:
-        self.name = validate_name(name)
+    def __init__(self, name: str, *, timeout_s: float = 30.0, seed: int | None = None,
+                 namespace: str = DEFAULT_NAMESPACE) -> None:
+        self.name = check_name(name, argument="buffer name")
+        self.namespace = check_namespace(namespace)
         self._timeout_s = float(timeout_s)
         # re-entrant: a connect that meets a dead shard forgets the shards under it
         self._lock = threading.RLock()
@@ -102,8 +108,9 @@ class BufferClient:
         address: str | None = None,
         timeout_s: float = 30.0,
         seed: int | None = None,
+        namespace: str = DEFAULT_NAMESPACE,
     ) -> "BufferClient":
-        """Connect to the running buffer ``name``.
+        """Connect to the running buffer ``name`` in Ray namespace ``namespace``.
 
         If Ray is not initialised in this process, joins the cluster at ``address``
         (default: ``RAY_ADDRESS``; ``"auto"``: the one ``ray start`` started on this
@@ -117,28 +124,29 @@ class BufferClient:
             timeout_s: how long to wait for the cluster to answer when joining it, and
                 for the shards to answer (a shard may be restarting).
             seed: seeds how batches are split over shards (None: from the OS).
+            namespace: the Ray namespace the service was launched in.
 
         Raises:
-            BufferNotFound: no buffer of that name runs; the message lists those that do.
+            BufferNotFound: no buffer of that name runs in ``namespace``; the message
+                lists those that do.
             ShardUnavailable: a shard did not answer within ``timeout_s``.
             ClusterConnectError: (a ``ConnectionError``) no address to join, or the
                 cluster at it does not answer within ``timeout_s``, refused this
                 process's auth token, or runs other Ray/Python versions; the message
                 names the address and the cause.
         """
-        _ensure_ray(address, timeout_s)
-        client = cls(name, timeout_s=timeout_s, seed=seed)
+        client = cls(name, timeout_s=timeout_s, seed=seed, namespace=namespace)
+        init_ray(address, namespace=client.namespace, timeout_s=timeout_s)
         client._connect()
         return client
 
-
-    def __reduce__(self) -> tuple[Any, tuple[str, float]]:
-        # pickles as its name: handles, caches and the RNG belong to this process
-        return _unpickle, (self.name, self._timeout_s)
+    def __reduce__(self) -> tuple[Any, tuple[str, float, str]]:
+        # pickles as its address: handles, caches and the RNG belong to this process
+        return _unpickle, (self.name, self._timeout_s, self.namespace)
 
     def __repr__(self) -> str:
         n = "?" if self._shards is None else len(self._shards)
-        return f"BufferClient({self.name!r}, shards={n})"
+        return f"BufferClient({self.name!r}, namespace={self.namespace!r}, shards={n})"
 
     @property
     def num_shards(self) -> int:
@@ -156,25 +164,13 @@ class BufferClient:
         if table is None:
             with self._lock:
                 if self._shards is None:
-                    _ensure_ray(None)
+                    init_ray(None, namespace=self.namespace)
                     self._connect()
                 table = self._shards
         return table  # type: ignore[return-value]  # _connect set it or raised
 
     def _connect(self) -> None:
-        import ray
-
-        running = running_buffers()
-        if self.name not in running:
-            raise BufferNotFound(_not_found_message(self.name, running))
-        from rlfleet.buffer.remote import shard_actor_name
-
-        handles = []
-        for k in running[self.name]:
-            try:
-                handles.append(ray.get_actor(shard_actor_name(self.name, k), namespace=NAMESPACE))
-            except ValueError as e:  # stopped between the listing and now
-                raise BufferNotFound(_not_found_message(self.name, running_buffers())) from e
+        _, handles = find_shards(self.name, self.namespace)
         order = list(range(len(handles)))
         infos = self._gather([h.info.remote() for h in handles], order, "connect")
         num_shards = infos[0]["num_shards"]
@@ -256,8 +252,6 @@ class BufferClient:
         return torch.from_numpy(np.concatenate(parts) if len(parts) > 1 else parts[0])
 
     def _refresh_schema(self) -> None:
-        import ray
-
         table = self._ensure()
         refs = [e.handle.info.remote() for e in table.entries]
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self._timeout_s)
@@ -338,8 +332,6 @@ class BufferClient:
         finally:
             # closed (or dropped): let the calls still in flight finish, within the
             # client's timeout, so a service shut down next does not kill them mid-call
-            import ray
-
             refs = [ref for request in queue for ref in request.pending]
             if refs:
                 ray.wait(refs, num_returns=len(refs), timeout=self._timeout_s)
@@ -412,8 +404,6 @@ class BufferClient:
         ``{"shard": k, "error": "..."}`` and is left out of the totals. With the
         buffer-wide limiter, ``total["buffer_rate_limiter"]`` is its state (shard 0's).
         """
-        import ray
-
         table = self._ensure()
         refs = [e.handle.stats.remote() for e in table.entries]
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self._timeout_s)
@@ -430,7 +420,7 @@ class BufferClient:
                                      "index_tag": row["index_tag"]})
             except Exception as e:
                 rows.append({"shard": k, "error": f"{type(e).__name__}: {e}".splitlines()[0]})
-        return {"total": _totals(self.name, rows), "shards": rows}
+        return {"total": totals(self.name, rows), "shards": rows}
 
     def __len__(self) -> int:
         table = self._ensure()
@@ -451,8 +441,6 @@ class BufferClient:
     def _forget_if_gone(self, error: Exception) -> None:
         """After a shard died for good (stopped, not restarting), look the buffer up by
         name again on the next call: it may have been relaunched with new actors."""
-        from ray.exceptions import ActorDiedError
-
         if isinstance(error, ActorDiedError):
             with self._lock:
                 self._shards = None
@@ -462,30 +450,3 @@ class BufferClient:
 def _check_n(n: object) -> None:
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n <= 0:
         raise ValueError(f"sample: n={n!r} must be a positive int")
-
-
-_SUMMED = ("size", "capacity", "total_inserted", "inserts", "samples", "bytes_on_disk",
-           "priority_mass", "inserts_per_s", "samples_per_s", "priority_updates",
-           "priority_updates_skipped")
-_LIMITER_SUMMED = ("inserts", "samples", "insert_waits", "sample_waits", "insert_wait_s",
-                   "sample_wait_s", "insert_timeouts", "sample_timeouts", "inserts_waiting",
-                   "samples_waiting")
-
-
-def _totals(name: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    up = [r for r in rows if "error" not in r]
-    total: dict[str, Any] = {"buffer": name, "num_shards": len(rows), "shards_up": len(up)}
-    for key in _SUMMED:
-        values = [r[key] for r in up if r.get(key) is not None]
-        total[key] = sum(values) if values else 0
-    total["rate_limiter"] = {key: sum(r["rate_limiter"][key] for r in up) for key in _LIMITER_SUMMED}
-    wide = next((r["buffer_rate_limiter"] for r in up if "buffer_rate_limiter" in r), None)
-    if wide is not None:
-        total["buffer_rate_limiter"] = wide
-    return total
-
-
-def _ensure_ray(address: str | None, timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S) -> None:
-    """Join the cluster when Ray is not initialised here: ``init_ray``'s rule and bound."""
-    init_ray(address, namespace=NAMESPACE, timeout_s=timeout_s)
-

@@ -37,6 +37,7 @@ that lacks it they are skipped, and ``ray.init``'s own errors are translated ins
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import platform
@@ -46,6 +47,8 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+import ray
 
 __all__ = ["ClusterConnectError", "ClusterInfo", "DEFAULT_CONNECT_TIMEOUT_S", "init_ray", "version_mismatch"]
 
@@ -120,8 +123,6 @@ def init_ray(
             Python versions. The message names the address and says what to do.
         ValueError: ``timeout_s`` is not positive, or a malformed address.
     """
-    import ray
-
     if not timeout_s > 0:
         raise ValueError(f"init_ray: timeout_s={timeout_s!r} must be > 0 seconds")
     if ray.is_initialized():
@@ -178,8 +179,6 @@ def version_mismatch(cluster_metadata: Mapping[str, Any]) -> str | None:
     ``python_version``). Python is compared to the patch level, as Ray does unless
     ``RAY_DEFAULT_PYTHON_VERSION_MATCH_LEVEL=minor``.
     """
-    import ray
-
     theirs_ray = str(cluster_metadata.get("ray_version", "?"))
     theirs_py = str(cluster_metadata.get("python_version", "?"))
     mine_py = platform.python_version()
@@ -199,8 +198,6 @@ def version_mismatch(cluster_metadata: Mapping[str, Any]) -> str | None:
 
 
 def _info(*, started: bool, embedded: bool, count_nodes: bool = True) -> ClusterInfo:
-    import ray
-
     context = ray.get_runtime_context()
     address = str(getattr(context, "gcs_address", "") or "?")
     num_nodes = None
@@ -300,8 +297,6 @@ def _probe_gcs(target: tuple[str, int], shown: str, deadline: float, timeout_s: 
         raise ClusterConnectError(f"could not join the Ray cluster at {shown}: {error}")
     metadata = outcome.get("metadata")
     if metadata:
-        import json
-
         mismatch = version_mismatch(json.loads(metadata))
         if mismatch:
             raise ClusterConnectError(f"could not join the Ray cluster at {shown}: {mismatch}")

@@ -19,7 +19,8 @@ from typing import Any
 
 from rlfleet.buffer.capacity import free_disk_bytes, human_bytes, parse_capacity
 from rlfleet.buffer.indices import MAX_TAG
-from rlfleet.buffer.samplers import Sampler, make_sampler, parse_sampler_spec
+from rlfleet.buffer.samplers import Sampler, make_sampler
+from rlfleet.buffer.sampling import check_sampler
 from rlfleet.buffer.storage import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -57,7 +58,7 @@ def create_directory(path: Path, capacity: int | str, sampler: str | Mapping[str
             f"to reopen a buffer, or choose a new path"
         )
     rows, nbytes = parse_capacity(capacity)
-    spec = parse_sampler_spec(sampler)
+    spec = check_sampler(sampler)
     if durability not in DURABILITIES:
         raise ValueError(f"durability={durability!r}: choose one of {', '.join(DURABILITIES)}")
     if nbytes is not None and not overcommit:
@@ -96,7 +97,7 @@ def open_directory(path: Path, sampler: str | Mapping[str, Any] | None) -> tuple
     read_only = meta["format_version"] < FORMAT_VERSION
     header = Header(path / "header.bin", read_only=read_only)
     if sampler is not None:
-        spec = parse_sampler_spec(sampler)
+        spec = check_sampler(sampler)
         if spec != meta["sampler"]:
             if read_only:
                 header.close()

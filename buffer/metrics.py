@@ -11,6 +11,8 @@ Thread-safe: ``ray.util.metrics`` objects may be updated from any actor thread.
 
 from __future__ import annotations
 
+from ray.util import metrics
+
 __all__ = ["ShardMetrics"]
 
 # seconds; rate-limiter waits run from milliseconds to the limiter's timeout
@@ -28,8 +30,6 @@ class ShardMetrics:
     """
 
     def __init__(self, buffer: str, shard: int) -> None:
-        from ray.util import metrics
-
         tags = {"buffer": buffer, "shard": str(shard)}
         keys = ("buffer", "shard")
         self.items = metrics.Gauge(

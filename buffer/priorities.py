@@ -30,7 +30,7 @@ from rlfleet.buffer.arrays import as_numpy
 from rlfleet.buffer.errors import StaleIndexError
 from rlfleet.buffer.indices import SHARD_BITS, SHARD_SHIFT, counter_of, shard_of, tag_of
 
-__all__ = ["check_finite", "check_non_negative", "high_bits", "parse_update", "priority_limit", "refuse_update", "split_update"]
+__all__ = ["apply_update", "check_finite", "check_non_negative", "high_bits", "parse_update", "priority_limit", "refuse_update", "split_update"]
 
 
 def high_bits(tag: int) -> int:
@@ -155,3 +155,19 @@ def refuse_update(index: np.ndarray, priority: np.ndarray, *, tag: int, end: int
         f"(this buffer has written {written}); pass only indices that its extend or sample "
         f"returned"
     )
+
+
+def apply_update(window: Any, index: np.ndarray, priority: np.ndarray, *, tag: int, alpha: float,
+                 capacity: int, path: Path) -> int:
+    """A buffer's ``update_priority`` on checked arrays (``parse_update``): one pass over
+    the batch through ``window.update`` (``window.Window``), which stores nothing when an
+    index or priority is bad; then the error for the first bad one. Returns the rows
+    skipped because they were overwritten."""
+    if len(index) == 0:
+        return 0
+    limit = priority_limit(alpha, capacity)
+    done, end = window.update(index, priority, tag, limit)
+    if done is None:
+        refuse_update(index, priority, tag=tag, end=end, limit=limit, alpha=alpha,
+                      capacity=capacity, path=path)
+    return done[1]

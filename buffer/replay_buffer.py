@@ -7,10 +7,9 @@ actor. One process at a time may have a directory open for writing.
 before they are overwritten and join it only once written), so no reader and no reopen
 ever sees a torn row. ``sample`` snapshots the window under the lock, copies rows
 without it, then re-reads the window start and redraws the rows evicted meanwhile
-(``sampling``). Every index handed out carries this buffer's tag (``indices``); a
-format 1 directory opens read-only (``upgrade``). Priority updates live in
-``priorities``, creating and opening the directory in ``directory``, the files in
-``storage``, conversions in ``arrays``, the samplers in ``samplers``.
+(``row_reader``). Every index carries this buffer's tag (``indices``); a format 1
+directory opens read-only (``upgrade``). Also see ``priorities``, ``directory`` (create,
+open), ``storage`` (the files), ``arrays`` and ``samplers``.
 
 The module passes 400 lines because it is the one public class, whose methods share
 one lock and the commit protocol; their docstrings are the buffer's API reference.
@@ -29,32 +28,19 @@ import numpy as np
 import torch
 from tensordict import TensorDict, TensorDictBase
 
-from rlfleet.buffer.arrays import (
-    OutBatches,
-    arrays_to_tensordict,
-    normalise_key,
-    positions,
-    tensordict_to_arrays,
-    tune_allocator,
-)
+from rlfleet.buffer.arrays import OutBatches, arrays_to_tensordict, normalise_key, positions, tensordict_to_arrays
+from rlfleet.buffer.arrays import tune_allocator
+from rlfleet.buffer.capacity import human_bytes
 from rlfleet.buffer.directory import create_directory, map_files, open_directory
 from rlfleet.buffer.errors import SchemaMismatch
-from rlfleet.buffer.indices import MAX_COUNTER, with_tag
-from rlfleet.buffer.priorities import parse_update, priority_limit, refuse_update
+from rlfleet.buffer.indices import with_tag
+from rlfleet.buffer.priorities import apply_update, parse_update, priority_limit
+from rlfleet.buffer.row_reader import RowReader
 from rlfleet.buffer.samplers import Sampler, make_sampler
-from rlfleet.buffer.sampling import RowReader
-from rlfleet.buffer.storage import (
-    FORMAT_VERSION,
-    Header,
-    MemmapColumns,
-    Schema,
-    check_arrays,
-    human_bytes,
-    schema_from_arrays,
-    schema_from_json,
-)
+from rlfleet.buffer.storage import FORMAT_VERSION, Header, MemmapColumns, Schema, check_arrays
+from rlfleet.buffer.storage import schema_from_arrays, schema_from_json
 from rlfleet.buffer.upgrade import format1_error
-from rlfleet.buffer.window import MAX_REDRAWS, Window
+from rlfleet.buffer.window import Window, settled_window
 
 __all__ = ["ReplayBuffer"]
 
@@ -99,11 +85,8 @@ class ReplayBuffer:
         self._reader: RowReader | None = None  # once the data files are mapped
         self._schema: Schema | None = None
         self._capacity = int(meta["capacity"] or 0)
-        start, end = header.start, header.end
-        repair = start > end or end - start > max(self._capacity, 0)
-        if repair:
-            # start > end: a crash between steps 3 and 4 of an oversized extend (module docstring)
-            start = end if start > end else end - self._capacity
+        start, end = settled_window(header.start, header.end, self._capacity)
+        repair = start != header.start
         self._window = Window(header, self._sampler, start, end, seed)
         self._outs = OutBatches()  # caller batches that sample(out=) fills
         self._closed = False
@@ -224,6 +207,11 @@ class ReplayBuffer:
         return self._sampler.type
 
     @property
+    def sampler(self) -> dict[str, Any]:
+        """The sampler's settings, as ``sampling.check_sampler`` gives them."""
+        return dict(self._sampler.spec)
+
+    @property
     def durability(self) -> str:
         return self._durability
 
@@ -283,27 +271,16 @@ class ReplayBuffer:
             if first_batch and not flat:
                 raise SchemaMismatch("extend: the first batch has no keys; it fixes the schema")
             schema = schema_from_arrays(flat) if first_batch else self._schema
-            n = check_arrays(schema, flat, "extend")
-            end = self._window.end
-            if end + n > MAX_COUNTER:
-                raise ValueError(
-                    f"extend: {n} rows would take the row counter to {end + n}, past "
-                    f"{MAX_COUNTER} (2**44, what an index can name); this buffer has inserted "
-                    f"{end} rows: create a new buffer to go on"
-                )
+            n = self._window.check_room(check_arrays(schema, flat, "extend"))
             if first_batch:
                 try:
                     self._sampler.check_schema(schema)
                 except ValueError as e:
                     raise SchemaMismatch(str(e)) from None
                 self._attach(schema, create=True)
-            return self._write(flat, n)
-
-    def _write(self, arrays: dict[tuple[str, ...], np.ndarray], n: int) -> np.ndarray:
-        """The caller holds the write lock: this call alone moves the window meanwhile."""
-        if n == 0:
-            return np.empty(0, dtype=np.int64)
-        first, last = self._window.append(self._columns, arrays, n, self._durability == "fsync")
+            if n == 0:
+                return np.empty(0, dtype=np.int64)
+            first, last = self._window.append(self._columns, flat, n, self._durability == "fsync")
         # with_tag(arange(first, last)) in one op: the tag's bits lie above every counter's
         return np.arange(first + self._tag_bits, last + self._tag_bits, dtype=np.int64)
 
@@ -314,7 +291,8 @@ class ReplayBuffer:
         Adds ``index`` (int64: this buffer's indices, ``indices.with_tag(row counter,
         index_tag)``; pass them to ``update_priority`` as they are) and, for the
         prioritized sampler, ``weight`` (float32 importance weights normalised by the
-        batch max). The result owns its memory: later writes never change it. Thread-safe.
+        batch max: ``row_reader.importance_weights``). The result owns its memory: later
+        writes never change it. Thread-safe.
 
         Args:
             n: rows to draw (a positive int).
@@ -331,28 +309,28 @@ class ReplayBuffer:
         n = self._check_sample_size(n)
         length = self._sampler.sequence_length
         lead = (n,) if length is None else (n, length)
-        if out is None:
-            return arrays_to_tensordict(self._reader.sample(n, normalised=True), lead)
         reader = self._reader
-        into = self._outs.views(out, lead, lambda: reader.out_layout(lead))
-        reader.sample(n, normalised=True, into=into)
+        if out is None:
+            return arrays_to_tensordict(reader.sample(n), lead)
+        reader.sample(n, into=self._outs.views(out, lead, lambda: reader.out_layout(lead)))
         return out
 
-    def sample_arrays(
-        self, n: int, *, total_mass: float | None = None, total_size: int | None = None
-    ) -> dict[tuple[str, ...], np.ndarray]:
-        """``sample`` as flat arrays (what crosses Ray), plus ``("index",)`` and, for the
-        prioritized sampler, ``("weight",)``: UNnormalised float64 weights
-        ``(total_size * P(i)) ** -beta`` with ``P(i) = p_i**alpha / total_mass``
-        (defaults: this buffer's own mass and size). Thread-safe.
+    def sample_arrays(self, n: int) -> dict[tuple[str, ...], np.ndarray]:
+        """``sample`` as flat arrays keyed by key-path tuples, the same ``index`` and
+        ``weight``. Thread-safe.
 
         Raises:
             ValueError: ``n`` is not a positive int, the buffer is empty, or the sampler
                 cannot serve ``n`` rows (without replacement above the rows left; no
                 episode segment of the sequence length).
         """
-        n = self._check_sample_size(n)
-        return self._reader.sample(n, normalised=False, total_mass=total_mass, total_size=total_size)
+        return self._reader.sample(self._check_sample_size(n))
+
+    def draw_arrays(self, n: int) -> tuple[dict[tuple[str, ...], np.ndarray], np.ndarray | None]:
+        """``sample_arrays`` without ``weight``, plus each row's sampling mass ``p**alpha``
+        (float64 ``[n]``; None unless prioritized): what a shard of a service returns,
+        so the client weighs rows drawn from several shards as one batch. Thread-safe."""
+        return self._reader.draw(self._check_sample_size(n))
 
     def _check_sample_size(self, n: int) -> int:
         if self._closed:
@@ -371,22 +349,10 @@ class ReplayBuffer:
         gives ``[k]``. Rows are copies. Thread-safe: waits for an ``extend`` in flight.
         """
         self._check_open()
-        for _ in range(MAX_REDRAWS):
-            # the write lock: positions count from a settled window, not one that an
-            # in-flight extend has shrunk while it overwrites the oldest rows
-            with self._write_lock:
-                start, end = self._window.bounds()
-            size = end - start
-            pos_array, scalar = positions(pos, size)
-            idx = pos_array + start
-            out = self._reader.gather(idx) if self._reader else {}
-            if self._window.bounds()[0] <= start:
-                break
-        else:
-            raise RuntimeError("getitem: rows were overwritten while being read, too many times")
-        if self._reader is None:
-            return TensorDict({}, batch_size=[] if scalar else [0])
-        td = arrays_to_tensordict(out, [len(idx)])
+        if self._reader is None:  # nothing was ever inserted
+            return TensorDict({}, batch_size=[] if positions(pos, 0)[1] else [0])
+        out, rows, scalar = self._reader.at_positions(pos, self._write_lock)
+        td = arrays_to_tensordict(out, [rows])
         return td[0] if scalar else td
 
     # ------------------------------------------------------------------ priorities
@@ -413,17 +379,9 @@ class ReplayBuffer:
         self._check_open()
         if self._read_only:
             raise format1_error("update_priority", self.path)
-        idx, prio = parse_update(index, priority)
-        if len(idx) == 0:
-            return 0
         alpha = float(getattr(self._sampler, "alpha", 0.0))
-        limit = priority_limit(alpha, self._capacity)
-        # one pass: None means a bad index or priority, and nothing was stored
-        done, end = self._window.update(idx, prio, self._tag, limit)
-        if done is None:
-            refuse_update(idx, prio, tag=self._tag, end=end, limit=limit, alpha=alpha,
-                          capacity=self._capacity, path=self.path)
-        return done[1]
+        return apply_update(self._window, *parse_update(index, priority), tag=self._tag,
+                            alpha=alpha, capacity=self._capacity, path=self.path)
 
     # ------------------------------------------------------------------ misc
     def stats(self) -> dict[str, float | int]:
@@ -483,18 +441,3 @@ class ReplayBuffer:
     def _check_open(self) -> None:
         if self._closed:
             raise ValueError(f"buffer {self.path} is closed; reopen it with ReplayBuffer.open")
-
-    def _set_counters_for_test(self, start: int, end: int) -> None:
-        """Move an EMPTY buffer's window to ``[start, start)`` (tests of large counters;
-        ``start`` at most ``indices.MAX_COUNTER``)."""
-        w = self._window
-        with self._write_lock, w.lock:
-            if w.end != w.start or start != end:
-                raise ValueError("_set_counters_for_test: only an empty window can be moved")
-            if not 0 <= start <= MAX_COUNTER:
-                raise ValueError(f"_set_counters_for_test: start={start} is not in [0, 2**44]")
-            self._header.start = self._header.end = start
-            w.start = w.end = start
-            if self._columns is not None:
-                self._columns.reserved = self._capacity
-

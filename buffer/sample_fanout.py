@@ -5,8 +5,13 @@ is ``batches`` batches of ``n`` rows. ``submit`` splits each batch's rows over t
 by a multinomial draw weighted by each shard's size (uniform) or priority mass
 (prioritized), as if the shards were one buffer, and sends one call per shard for its
 rows of every batch at once. ``collect`` waits for the answers and assembles the
-batches: global indices (``indices.with_shard``), and importance weights normalised by
-each batch's max.
+batches: global indices (``indices.with_shard``), and importance weights of each batch
+from its rows' sampling masses (``row_reader.importance_weights``, as a local buffer's).
+
+The decisions are pure functions that tests drive without Ray: ``split_weights`` (how
+much each shard weighs in the split), ``split_rows`` (the multinomial draw), ``by_batch``
+(which rows of which answer belong to which batch) and ``assemble`` (one batch from its
+pieces). ``SampleFanout`` sends the calls and gathers the answers around them.
 
 Rows a shard cannot serve are drawn again from the others, within the same request:
 
@@ -22,24 +27,82 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from tensordict import TensorDict
 
 from rlfleet.buffer import shard_table
 from rlfleet.buffer.arrays import arrays_to_tensordict
 from rlfleet.buffer.errors import ShardUnavailable
 from rlfleet.buffer.indices import with_shard
+from rlfleet.buffer.row_reader import importance_weights
 from rlfleet.buffer.shard_table import ShardTable, cause
 
-__all__ = ["SampleFanout", "SampleRequest"]
+__all__ = ["Piece", "SampleFanout", "SampleRequest", "assemble", "by_batch", "split_rows", "split_weights"]
 
 # Which rows of one shard call go to which batch of a request: [(batch, rows), ...] in
 # the order the shard returns them.
 Segments = list[tuple[int, int]]
+# One shard answer's rows for one batch: (shard, arrays, masses or None, first row, rows).
+Piece = tuple[int, dict, Any, int, int]
+
+
+def split_weights(sizes: Sequence[int], masses: Sequence[float], prioritized: bool) -> np.ndarray:
+    """Each candidate shard's share of a draw: its size (uniform) or priority mass
+    (prioritized) over the total, as if the shards were one buffer; an even split while
+    nothing is known (the limiters then wait for rows)."""
+    weights = np.array(masses if prioritized else sizes, dtype=np.float64)
+    if not weights.sum() > 0:
+        weights = np.ones(len(weights))
+    return weights / weights.sum()
+
+
+def split_rows(rng: np.random.Generator, segments: Segments, weights: np.ndarray) -> list[Segments]:
+    """Split each batch's rows (``segments``: ``[(batch, rows), ...]``) over the shards by
+    one multinomial draw per batch; returns each shard's segments (zero counts left out)."""
+    per_shard: list[Segments] = [[] for _ in weights]
+    for b, rows in segments:
+        for position, count in enumerate(rng.multinomial(rows, weights).tolist()):
+            if count:
+                per_shard[position].append((b, count))
+    return per_shard
+
+
+def by_batch(parts: list[tuple[int, dict, Any, Segments]], batches: int) -> list[list[Piece]]:
+    """Which rows of each answer ``(shard, arrays, masses, segments)`` belong to which
+    batch: the answer's rows, in order, go to the batches its segments name."""
+    pieces: list[list[Piece]] = [[] for _ in range(batches)]
+    for k, arrays, mass, segments in parts:
+        row = 0
+        for b, rows in segments:
+            pieces[b].append((k, arrays, mass, row, rows))
+            row += rows
+    return pieces
+
+
+def assemble(n: int, pieces: list[Piece], beta: float | None) -> TensorDict:
+    """One batch of ``n`` rows from its pieces: rows concatenated (which also copies
+    them out of the read-only object-store buffers), global indices, and, for the
+    prioritized sampler (``beta`` not None), the weights of the batch as a whole."""
+    out = {key: np.concatenate([a[key][r0:r0 + rows] for _, a, _, r0, rows in pieces])
+           for key in pieces[0][1]}
+    index, row = out[("index",)], 0
+    for k, _, _, _, rows in pieces:
+        if k:
+            index[row:row + rows] = with_shard(index[row:row + rows], k)
+        row += rows
+    if beta is not None:
+        mass = np.concatenate([m[r0:r0 + rows] for _, _, m, r0, rows in pieces])
+        out[("weight",)] = importance_weights(mass, beta)
+    batch_size = list(out[("index",)].shape)
+    if batch_size[0] != n:
+        raise RuntimeError(f"sample: assembled {batch_size[0]} rows, expected {n}")
+    return arrays_to_tensordict(out, batch_size)
 
 
 @dataclass
@@ -91,25 +154,13 @@ class SampleFanout:
         batch's rows are split over the shards by a multinomial draw on their size
         (uniform) or priority mass (prioritized), as if the shards were one buffer."""
         table = self._table()
-        prioritized = table.sampler_type == "prioritized"
-        weights = np.array([table[k].mass if prioritized else table[k].size for k in candidates],
-                           dtype=np.float64)
-        if not weights.sum() > 0:  # nothing known yet: even split, the limiters wait
-            weights = np.ones(len(candidates))
-        weights /= weights.sum()
-        per_shard: list[Segments] = [[] for _ in candidates]
+        weights = split_weights([table[k].size for k in candidates], [table[k].mass for k in candidates],
+                                table.sampler_type == "prioritized")
         with self._rng_lock:
-            for b, rows in segments:
-                for position, count in enumerate(self._rng.multinomial(rows, weights).tolist()):
-                    if count:
-                        per_shard[position].append((b, count))
-        if prioritized:
-            args: tuple = (float(sum(e.mass for e in table.entries)),
-                           int(sum(e.size for e in table.entries)), request.timeout_s)
-        else:
-            # Only the arguments that differ from the defaults: each one is serialised on
-            # both sides, which measured about 50 us per call and argument.
-            args = () if request.timeout_s is None else (None, None, request.timeout_s)
+            per_shard = split_rows(self._rng, segments, weights)
+        # Only the arguments that differ from the defaults: each one is serialised on
+        # both sides, which measured about 50 us per call and argument.
+        args = () if request.timeout_s is None else (request.timeout_s,)
         for k, mine in zip(candidates, per_shard):
             method = table[k].handle.sample
             if request.allow_partial:
@@ -136,11 +187,8 @@ class SampleFanout:
             SampleTimeout: a shard's rate limiter held the call past its timeout.
             ShardUnavailable: a shard is unreachable (with ``allow_partial``: all are).
         """
-        import ray
-        from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
-
         table = self._table()
-        parts: list[tuple[int, dict, Segments]] = []
+        parts: list[tuple[int, dict, Any, Segments]] = []
         while request.pending:
             refs = list(request.pending)
             left = max(0.0, request.deadline - time.monotonic())
@@ -183,31 +231,5 @@ class SampleFanout:
                     request.short.add(k)
                     self._redraw(request, segments)
                 elif out["arrays"] is not None:
-                    parts.append((k, out["arrays"], segments))
-        # each call's rows, in order, belong to the batches its segments name
-        pieces: list[list[tuple[int, dict, int, int]]] = [[] for _ in range(request.batches)]
-        for k, arrays, segments in parts:
-            row = 0
-            for b, rows in segments:
-                pieces[b].append((k, arrays, row, rows))
-                row += rows
-        return [_assemble(request.n, p) for p in pieces]
-
-
-def _assemble(n: int, pieces: list[tuple[int, dict, int, int]]) -> TensorDict:
-    """One batch from ``(shard, arrays, first row, rows)`` pieces of shard answers."""
-    # concatenate also copies out of the read-only object-store buffers (one piece too)
-    out = {key: np.concatenate([a[key][r0:r0 + rows] for _, a, r0, rows in pieces])
-           for key in pieces[0][1]}
-    index, row = out[("index",)], 0
-    for k, _, _, rows in pieces:
-        if k:
-            index[row:row + rows] = with_shard(index[row:row + rows], k)
-        row += rows
-    if ("weight",) in out:
-        w = out[("weight",)]
-        out[("weight",)] = (w / w.max()).astype(np.float32)
-    batch_size = list(out[("index",)].shape)
-    if batch_size[0] != n:
-        raise RuntimeError(f"sample: assembled {batch_size[0]} rows, expected {n}")
-    return arrays_to_tensordict(out, batch_size)
+                    parts.append((k, out["arrays"], out.get("mass"), segments))
+        return [assemble(request.n, pieces, table.beta) for pieces in by_batch(parts, request.batches)]

@@ -5,7 +5,7 @@ buffer turns counters into tagged indices on the way out and back, ``indices``) 
 sees the window ``[start, end)`` the buffer hands it. The buffer calls every method
 under its lock except ``keep``, which runs after the lock is released and may read
 row data (the sequence sampler checks episode boundaries there). The loop that calls
-them, in ``window.Window`` and ``sampling.RowReader.sample``::
+them, in ``window.Window`` and ``row_reader.RowReader.draw``::
 
     with lock:   idx, extra = sampler.draw(n, start, end, rng)
     idx = sampler.keep(idx, n, columns)       # no lock: reads rows
@@ -15,24 +15,21 @@ them, in ``window.Window`` and ``sampling.RowReader.sample``::
 ``evict`` and ``commit`` keep per-row state (priorities, epochs) in step with writes;
 ``update`` stores priorities (``priorities`` says what it accepts and skips).
 
-Runs wherever the buffer lives; not thread-safe by themselves (the buffer's lock). The
-module passes 400 lines because it holds the four samplers and the spec they are parsed
-from, each short, behind one interface.
+Their options are checked in ``sampling`` (``check_sampler``). Runs wherever the buffer
+lives; not thread-safe by themselves (the buffer's lock).
 """
 
 from __future__ import annotations
 
-import functools
 import logging
-import math
 from collections.abc import Mapping
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
 
 from rlfleet.buffer.priorities import split_update
+from rlfleet.buffer.sequence_kernels import pick_slices
 from rlfleet.buffer.sumtree import SumTree
 
 __all__ = [
@@ -42,61 +39,12 @@ __all__ = [
     "UniformSampler",
     "WithoutReplacementSampler",
     "make_sampler",
-    "parse_sampler_spec",
 ]
 
 logger = logging.getLogger(__name__)
 
 EPISODE_KEY = ("episode_id",)
 STEP_KEY = ("step",)
-
-_DEFAULTS: dict[str, dict[str, Any]] = {
-    "uniform": {},
-    "without_replacement": {},
-    "prioritized": {"alpha": 0.6, "beta": 0.4},
-    "sequence": {"length": 8},
-}
-
-
-def parse_sampler_spec(sampler: str | Mapping[str, Any]) -> dict[str, Any]:
-    """Normalise ``"uniform"`` or ``{"type": "prioritized", "alpha": 0.7}`` to a full dict.
-
-    Raises:
-        ValueError: unknown type, unknown parameter, or a parameter out of range.
-    """
-    if isinstance(sampler, str):
-        spec: dict[str, Any] = {"type": sampler}
-    elif isinstance(sampler, Mapping):
-        spec = dict(sampler)
-    else:
-        raise ValueError(
-            f"sampler={sampler!r}: expected a name ({', '.join(_DEFAULTS)}) or a mapping "
-            f"such as {{'type': 'prioritized', 'alpha': 0.6, 'beta': 0.4}}"
-        )
-    kind = spec.pop("type", None)
-    if kind not in _DEFAULTS:
-        raise ValueError(f"sampler type {kind!r} is unknown; choose one of {', '.join(_DEFAULTS)}")
-    unknown = sorted(set(spec) - set(_DEFAULTS[kind]))
-    if unknown:
-        raise ValueError(
-            f"sampler {kind!r} has no parameter {unknown[0]!r}; it takes "
-            f"{sorted(_DEFAULTS[kind]) or 'no parameters'}"
-        )
-    out = {"type": kind, **_DEFAULTS[kind], **spec}
-    for name in ("alpha", "beta"):
-        if name in out:
-            value = out[name]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-                math.isfinite(value) and value >= 0
-            ):
-                raise ValueError(f"sampler {name}={value!r}: must be a finite number >= 0")
-            out[name] = float(value)
-    if kind == "sequence":
-        length = out["length"]
-        if isinstance(length, bool) or not isinstance(length, int) or length < 1:
-            raise ValueError(f"sampler length={length!r}: must be an integer >= 1")
-    return out
-
 
 class Sampler:
     """Base: uniform over the window with replacement. Subclasses override what differs."""
@@ -272,7 +220,7 @@ class PrioritizedSampler(Sampler):
                 f"give some rows a positive priority with update_priority"
             )
         idx, leaf, empty = tree.draw_rows(rng.random(n), end, self.capacity)
-        for _ in range(8):  # rounding can land on an empty leaf (numpy tree): redraw those few
+        for _ in range(8):  # rounding may land on an empty leaf: redraw those few
             if not empty:
                 return idx, leaf
             redo = leaf <= 0
@@ -308,8 +256,8 @@ class SequenceSampler(Sampler):
     ``step`` rises by exactly 1 along it. Starts are drawn uniformly from the window
     (so the cost does not depend on the buffer's size) and rejected ones redrawn; a slice
     never reaches past ``end`` (the write cursor) or before ``start`` (overwritten rows).
-    With numba the check runs compiled and prefetches every row the sample will copy
-    (``sequence_kernels``); without it, as numpy gathers (``accept``).
+    The check runs compiled and prefetches every row the sample will copy
+    (``sequence_kernels``).
     """
 
     type = "sequence"
@@ -318,18 +266,14 @@ class SequenceSampler(Sampler):
     def __init__(self, spec: dict[str, Any]) -> None:
         super().__init__(spec)
         self.sequence_length = int(spec["length"])
-        self._picker: tuple | None = None  # the compiled path's arguments, once columns exist
+        self._picker: tuple | None = None  # pick_slices' arguments, once the columns exist
 
     def bind_columns(self, views: Mapping[tuple[str, ...], np.ndarray]) -> None:
-        kernels = _sequence_kernels()
-        if kernels is None:
-            self._picker = None
-            return
         keys = list(views)
         # every column as flat bytes, for the prefetch; the two the check reads as int64
         flat = tuple(v.reshape(len(v), -1).view(np.uint8).reshape(-1) for v in views.values())
         row_bytes = np.array([v.strides[0] for v in views.values()], dtype=np.int64)
-        self._picker = (kernels.pick_slices, views[EPISODE_KEY], views[STEP_KEY], flat, row_bytes,
+        self._picker = (views[EPISODE_KEY], views[STEP_KEY], flat, row_bytes,
                         keys.index(EPISODE_KEY), keys.index(STEP_KEY))
 
     def check_schema(self, schema: Mapping[tuple[str, ...], Any]) -> None:
@@ -352,36 +296,15 @@ class SequenceSampler(Sampler):
         return starts[:, None] + np.arange(length, dtype=np.int64), None
 
     def keep(self, idx: np.ndarray, want: int, read: Any) -> np.ndarray:
-        if self._picker is None:
-            return idx[self.accept(idx, read)]
-        pick, episode, step, flat, row_bytes, episode_col, step_col = self._picker
+        episode, step, flat, row_bytes, episode_col, step_col = self._picker
         starts = np.ascontiguousarray(idx[:, 0])
         out = np.empty(min(want, len(starts)), dtype=np.int64)
-        got = pick(episode, step, flat, row_bytes, episode_col, step_col, starts,
-                   self.sequence_length, self.capacity, out)
+        got = pick_slices(episode, step, flat, row_bytes, episode_col, step_col, starts,
+                          self.sequence_length, self.capacity, out)
         return out[:got, None] + np.arange(self.sequence_length, dtype=np.int64)
 
     def close(self) -> None:
         self._picker = None
-
-    def accept(self, idx: np.ndarray, read: Any) -> np.ndarray:
-        """Bool ``[n]``: which slices ``idx`` (``[n, L]``) pass the check (numpy path)."""
-        episode = read(EPISODE_KEY, idx)
-        step = read(STEP_KEY, idx)
-        same = (episode == episode[:, :1]).all(axis=1)
-        rising = (np.diff(step, axis=1) == 1).all(axis=1)
-        return same & rising
-
-
-@functools.cache
-def _sequence_kernels() -> ModuleType | None:
-    """The compiled slice picker, or None (warned about once per process) without numba."""
-    try:
-        from rlfleet.buffer import sequence_kernels
-    except ImportError as exc:  # numba missing or broken on this platform
-        logger.warning("numba unavailable (%s); the sequence sampler uses the slower numpy check", exc)
-        return None
-    return sequence_kernels
 
 
 def uniform_indices(rng: np.random.Generator, n: int, lo: int, hi: int) -> np.ndarray:

@@ -1,124 +1,78 @@
-"""Copying sampled rows out of a buffer's column maps, and redrawing the torn ones.
+"""Sampler options: the one place a sampler setting is checked and given its defaults.
 
-A sample draws row counters from the window under its lock (``Window.draw_accepted``),
-copies the rows without the lock (an ``extend`` may run meanwhile), then re-reads the
-window start: rows it passed were being overwritten while they were copied, so their
-copy may be torn, and they are drawn and copied again. Finally the counters become the
-buffer's indices (its tag ORed in, one vectorised op) and, for the prioritized sampler,
-importance weights are computed from the rows' sampling mass.
+``check_sampler`` turns ``"uniform"`` or ``{"type": "prioritized", "alpha": 0.7}`` into
+the full mapping the buffer stores in ``meta.json`` (every parameter present). Everything
+that takes a sampler calls it: ``ReplayBuffer.create`` and ``open``, the checks of a
+stored ``meta.json``, and the YAML layer of ``rlfleet`` (``buffer.sampler``).
 
-Runs wherever the buffer lives. ``RowReader`` is thread-safe: it holds only read-only
-references to the maps, and every window access goes through the window's lock.
+Runs anywhere; pure functions, thread-safe.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
+from typing import Any
 
-import numpy as np
+__all__ = ["SAMPLER_DEFAULTS", "check_sampler"]
 
-from rlfleet.buffer.indices import with_tag
-from rlfleet.buffer.window import MAX_REDRAWS, Window
+# every sampler type and its parameters with their defaults
+SAMPLER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "uniform": {},
+    "without_replacement": {},
+    "prioritized": {"alpha": 0.6, "beta": 0.4},
+    "sequence": {"length": 8},
+}
 
-__all__ = ["RowReader"]
 
-Arrays = dict[tuple[str, ...], np.ndarray]
+def check_sampler(spec: str | Mapping[str, Any]) -> dict[str, Any]:
+    """Normalise a sampler name or mapping to the full mapping (type plus every parameter).
 
+    Example::
 
-class RowReader:
-    """Gathers rows by counter from the column views ``[capacity, *shape]`` of one buffer.
+        check_sampler("prioritized")  # {"type": "prioritized", "alpha": 0.6, "beta": 0.4}
 
-    Args:
-        window: the buffer's window (draws, the current start, the sample count).
-        views: ``{key path: column view}`` of the mapped data files.
-        capacity: rows the ring holds (row ``i`` lives in slot ``i % capacity``).
-        tag: the buffer's index tag (``indices``).
-        beta: the prioritized sampler's importance exponent; None for other samplers.
+    Raises:
+        ValueError: an unknown type or parameter, or a parameter out of its range
+            (``alpha``, ``beta``: finite, >= 0; ``length``: an integer >= 1); the
+            message names the key, the value, the range and a value that works.
     """
-
-    def __init__(self, window: Window, views: Mapping[tuple[str, ...], np.ndarray], capacity: int,
-                 tag: int, *, beta: float | None = None) -> None:
-        self.window = window
-        self.beta = beta
-        self.views = dict(views)
-        self.capacity = capacity
-        self._tag_bits = with_tag(np.int64(0), tag)
-        self._layout = [(key, v, v.shape[1:], v.dtype) for key, v in self.views.items()]
-
-    def out_layout(self, lead: tuple[int, ...]) -> dict[tuple[str, ...], tuple[tuple[int, ...], np.dtype]]:
-        """What a sample with batch dims ``lead`` holds: ``{key: (shape, dtype)}``."""
-        layout = {key: ((*lead, *row_shape), dtype) for key, _, row_shape, dtype in self._layout}
-        layout[("index",)] = (lead, np.dtype(np.int64))
-        if self.beta is not None:
-            layout[("weight",)] = (lead, np.dtype(np.float32))
-        return layout
-
-    def read_column(self, key: tuple[str, ...], idx: np.ndarray) -> np.ndarray:
-        return np.take(self.views[key], idx % self.capacity, axis=0)
-
-    def gather(self, idx: np.ndarray, into: Arrays | None = None) -> Arrays:
-        """The rows of counters ``idx`` (any shape): fresh arrays, or written into ``into``."""
-        slots = idx % self.capacity
-        lead = slots.shape
-        out = {} if into is None else into
-        for key, src, row_shape, dtype in self._layout:
-            dst = np.empty(lead + row_shape, dtype=dtype) if into is None else into[key]
-            src.take(slots, 0, dst, "clip")  # 'clip': unbuffered into out (positional: cheaper)
-            if into is None:
-                out[key] = dst
-        return out
-
-    def sample(self, n: int, *, normalised: bool, total_mass: float | None = None,
-               total_size: int | None = None, into: Arrays | None = None) -> Arrays:
-        """``n`` rows plus ``("index",)`` and, for the prioritized sampler, ``("weight",)``: float32 normalised by the batch max, or float64 unnormalised
-        ``(total_size * P(i)) ** -beta`` (defaults: the window's own mass and size).
-        Fresh arrays, or written into ``into`` (views of a caller's batch)."""
-        window = self.window
-        if window.sampler.rejects:
-            idx, mass, size, total, drawn_start = window.draw_accepted(n, self.read_column)
-        else:  # the common case, a call less
-            idx, mass, size, total, drawn_start = window.draw(n)
-        out = self.gather(idx, into)
-        first_col = idx if idx.ndim == 1 else idx[:, 0]
-        lock = window.lock
-        for _ in range(MAX_REDRAWS):
-            with lock:  # inline, not bounds(): a call less on the hot path
-                start_now = window.start
-            # rows drawn from [start, end) are intact unless the window start passed them
-            # (the common case, a window that did not move, needs no scan of the draw)
-            if start_now == drawn_start or first_col.min() >= start_now:
-                break
-            stale = first_col < start_now
-            # rows overwritten while we copied them: their copy may be torn, redraw
-            k = int(stale.sum())
-            new_idx, new_mass, _, _, _ = window.draw_accepted(k, self.read_column)
-            fresh = self.gather(new_idx)
-            for key in out:
-                out[key][stale] = fresh[key]
-            idx[stale] = new_idx
-            first_col = idx if idx.ndim == 1 else idx[:, 0]
-            if mass is not None:
-                mass[stale] = new_mass
-        else:
-            raise RuntimeError(
-                f"sample: rows were overwritten faster than they could be copied "
-                f"{MAX_REDRAWS} times; the buffer (capacity {self.capacity}) is too small "
-                f"for its insert rate"
+    if isinstance(spec, str):
+        out: dict[str, Any] = {"type": spec}
+    elif isinstance(spec, Mapping):
+        out = dict(spec)
+    else:
+        raise ValueError(
+            f"sampler={spec!r}: expected a name ({', '.join(SAMPLER_DEFAULTS)}) or a mapping "
+            f"such as {{'type': 'prioritized', 'alpha': 0.6, 'beta': 0.4}}"
+        )
+    kind = out.pop("type", None)
+    if kind not in SAMPLER_DEFAULTS:
+        raise ValueError(f"sampler type {kind!r} is unknown; choose one of {', '.join(SAMPLER_DEFAULTS)}")
+    defaults = SAMPLER_DEFAULTS[kind]
+    unknown = sorted(set(out) - set(defaults), key=str)
+    if unknown:
+        raise ValueError(
+            f"sampler {kind!r} has no parameter {unknown[0]!r}; it takes "
+            f"{sorted(defaults) or 'no parameters'}"
+        )
+    out = {"type": kind, **defaults, **out}
+    for name in ("alpha", "beta"):
+        if name in out:
+            value = out[name]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                math.isfinite(value) and value >= 0
+            ):
+                raise ValueError(
+                    f"sampler {name}={value!r}: must be a finite number >= 0 (default "
+                    f"{defaults[name]})"
+                )
+            out[name] = float(value)
+    if kind == "sequence":
+        length = out["length"]
+        if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+            raise ValueError(
+                f"sampler length={length!r}: must be an integer >= 1 (rows per slice; "
+                f"default {defaults['length']})"
             )
-        # the counters become the buffer's indices in place: one vectorised OR (idx is ours)
-        np.bitwise_or(idx, self._tag_bits, out=idx)
-        if into is None:
-            out[("index",)] = idx
-        else:
-            into[("index",)][...] = idx
-        if mass is not None and normalised:
-            # (size * P(i)) ** -beta over its batch max is (mass_i / min mass) ** -beta
-            weight = None if into is None else into[("weight",)]
-            out[("weight",)] = np.power(mass.min() / mass, self.beta, dtype=np.float32, out=weight)
-        elif mass is not None:
-            tm = total if total_mass is None else float(total_mass)
-            ts = size if total_size is None else int(total_size)
-            out[("weight",)] = np.power(ts * (mass / tm), -self.beta)
-        with lock:
-            window.samples += n
-        return out
+    return out

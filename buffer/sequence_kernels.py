@@ -2,15 +2,14 @@
 
 A sequence sample reads a few hundred random cache lines (32 slices of 8 rows in each
 column). In a buffer far larger than the CPU caches each is a trip to memory, and the
-numpy path takes them almost one at a time: its gathers do enough bookkeeping per row
+numpy gathers would take them almost one at a time: they do enough bookkeeping per row
 that the CPU never has many loads in flight. ``pick_slices`` first asks for every line
 the call will read (``llvm.prefetch``: a hint that never faults and returns nothing),
 the check's ``episode_id`` and ``step`` lines first, and only then checks the slices, so
 the misses overlap and the numpy gather that follows finds its rows in cache. That is
 what keeps the cost of a sample nearly independent of the buffer's size.
 
-Imported by ``samplers`` only when a sequence buffer maps its columns, so other buffers
-never load numba. ``cache=True`` keeps the machine code next to this file.
+``cache=True`` keeps the machine code next to this file.
 """
 
 from __future__ import annotations

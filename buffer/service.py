@@ -1,8 +1,9 @@
 """``ReplayService``: start, find and stop the shard actors of a named replay buffer.
 
 Runs on the driver (or any process attached to the cluster). A service is nothing but
-its shard actors, ``rlfleet:<name>:shard-<k>`` in namespace ``rlfleet``: there is no
-coordinator actor to lose, and any process finds a buffer by listing named actors.
+its shard actors, ``rlfleet:<name>:shard-<k>`` in a Ray namespace (``"rlfleet"`` unless
+the caller picks another; ``naming``): there is no coordinator actor to lose, and any
+process finds a buffer by listing named actors.
 Each shard owns ``<path>/shard-<k>`` on the local disk of the node it runs on.
 
 Placement: ``"spread"`` deals shards over the alive nodes round-robin (the launching
@@ -25,77 +26,37 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from rlfleet.buffer.capacity import split_capacity
+from rlfleet.buffer.client import BufferClient
 from rlfleet.buffer.cluster import DEFAULT_CONNECT_TIMEOUT_S, init_ray
-from rlfleet.buffer.errors import BufferNotFound
+from rlfleet.buffer.errors import ShardUnavailable
 from rlfleet.buffer.indices import MAX_SHARDS
+from rlfleet.buffer.naming import (
+    DEFAULT_NAMESPACE,
+    check_name,
+    check_namespace,
+    find_shards,
+    running_buffers,
+    running_shards,
+    shard_actor_name,
+)
 from rlfleet.buffer.rate_limiter import RateLimiterSpec
-from rlfleet.buffer.remote import DEFAULT_CONCURRENCY, NAMESPACE, shard_actor_class, shard_actor_name
-from rlfleet.buffer.storage import parse_capacity
+from rlfleet.buffer.remote import DEFAULT_CONCURRENCY, shard_actor_class
 
-if TYPE_CHECKING:
-    from rlfleet.buffer.client import BufferClient
-
-__all__ = ["MAX_SHARDS", "NAMESPACE", "ReplayService", "running_buffers", "validate_name"]
+__all__ = ["MAX_SHARDS", "ReplayService"]
 
 log = logging.getLogger(__name__)
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_SHARD_RE = re.compile(r"^rlfleet:(?P<buffer>.+):shard-(?P<shard>\d+)$")
-
-
-def validate_name(name: object) -> str:
-    """Return ``name`` if it is a valid buffer name, else raise ``ValueError``.
-
-    A name becomes part of actor names and may become a directory name: letters,
-    digits, ``_ . -``, at most 64 characters, no path separator, no ``..``.
-    """
-    if not isinstance(name, str) or not _NAME_RE.match(name) or ".." in name:
-        raise ValueError(
-            f"buffer name {name!r} is not allowed: use 1-64 letters, digits, '_', '.' or '-', "
-            f"starting with a letter or digit, without '/', ':' or '..' (e.g. 'cartpole')"
-        )
-    return name
-
-
-def running_buffers() -> dict[str, list[int]]:
-    """Buffers with shard actors on the cluster: ``{name: sorted shard numbers}``.
-
-    Needs Ray initialised in this process.
-    """
-    import ray
-
-    found: dict[str, list[int]] = {}
-    for entry in ray.util.list_named_actors(all_namespaces=True):
-        if entry.get("namespace") != NAMESPACE:
-            continue
-        m = _SHARD_RE.match(entry.get("name", ""))
-        if m:
-            found.setdefault(m["buffer"], []).append(int(m["shard"]))
-    return {k: sorted(v) for k, v in sorted(found.items())}
-
-
-def _split_capacity(capacity: int | str, num_shards: int) -> list[int | str]:
-    rows, nbytes = parse_capacity(capacity)
-    total = rows if rows is not None else nbytes
-    if total < num_shards:
-        raise ValueError(
-            f"capacity={capacity!r} is smaller than num_shards={num_shards}: each shard needs "
-            f"at least one row; raise capacity or lower num_shards"
-        )
-    base, extra = divmod(total, num_shards)
-    parts = [base + (1 if k < extra else 0) for k in range(num_shards)]
-    return parts if rows is not None else [f"{p}B" for p in parts]
-
 
 def _nodes_for(placement: str, num_shards: int) -> list[str]:
-    import ray
-
     here = ray.get_runtime_context().get_node_id()
     if placement == "pack":
         return [here] * num_shards
@@ -119,8 +80,10 @@ class ReplayService:
         ReplayService.shutdown("cartpole")   # data stays in /data/cartpole/shard-*
     """
 
-    def __init__(self, name: str, num_shards: int, handles: list[Any]) -> None:
+    def __init__(self, name: str, num_shards: int, handles: list[Any],
+                 namespace: str = DEFAULT_NAMESPACE) -> None:
         self.name = name
+        self.namespace = namespace
         self.num_shards = num_shards
         self._handles = handles
 
@@ -141,6 +104,7 @@ class ReplayService:
         overcommit: bool = False,
         seed: int | None = None,
         timeout_s: float = 120.0,
+        namespace: str = DEFAULT_NAMESPACE,
     ) -> "ReplayService":
         """Start the shards of buffer ``name``, or reattach to them if they run.
 
@@ -151,7 +115,7 @@ class ReplayService:
         holds a shard is reopened with its data (relaunching after ``shutdown`` resumes).
 
         Args:
-            name: the buffer's name (see ``validate_name``).
+            name: the buffer's name (``naming.check_name``'s rule).
             path: the buffer's directory; shard ``k`` uses ``<path>/shard-<k>`` on the
                 disk of the node it runs on. Made absolute here.
             capacity: total rows, or a size string ("500GB"), split evenly over shards.
@@ -173,14 +137,15 @@ class ReplayService:
             overcommit: allow capacity beyond the free disk (sparse files).
             seed: sampler seed; shard ``k`` uses ``seed + k`` (None: from the OS).
             timeout_s: how long to wait for every shard to open its directory.
+            namespace: the Ray namespace of the shard actors; clients and ``shutdown``
+                name the same one.
 
         Raises:
             ValueError: a bad argument, or running shards that differ from the request.
             ShardUnavailable: a shard did not start within ``timeout_s``.
         """
-        import ray
-
-        validate_name(name)
+        check_name(name, argument="buffer name")
+        check_namespace(namespace)
         if isinstance(num_shards, bool) or not isinstance(num_shards, int) \
                 or not 1 <= num_shards <= MAX_SHARDS:
             raise ValueError(
@@ -198,24 +163,21 @@ class ReplayService:
         if durability not in ("process", "fsync"):
             raise ValueError(f"durability={durability!r}: must be 'process' or 'fsync'")
         limiter = RateLimiterSpec.from_mapping(rate_limiter).to_mapping()
-        capacities = _split_capacity(capacity, num_shards)
+        capacities = split_capacity(capacity, num_shards)
         # Ray not initialised: join RAY_ADDRESS's cluster, bounded, as BufferClient.connect
         # does; with no RAY_ADDRESS this raises, naming ray.init(address=...) as the fix.
-        init_ray(None, namespace=NAMESPACE, timeout_s=min(timeout_s, DEFAULT_CONNECT_TIMEOUT_S))
+        init_ray(None, namespace=namespace, timeout_s=min(timeout_s, DEFAULT_CONNECT_TIMEOUT_S))
         root = Path(path).expanduser().absolute()
 
-        running = running_buffers().get(name)
-        if running:
-            return cls._reattach(name, num_shards, running, timeout_s)
-
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+        if name in running_shards(namespace):
+            return cls._reattach(name, num_shards, namespace, timeout_s)
 
         actor_class = shard_actor_class()
         handles = []
         for k, node in enumerate(nodes if nodes is not None else _nodes_for(placement, num_shards)):
             options: dict[str, Any] = dict(
                 name=shard_actor_name(name, k),
-                namespace=NAMESPACE,
+                namespace=namespace,
                 max_restarts=-1,
                 max_task_retries=-1,
                 max_concurrency=DEFAULT_CONCURRENCY,  # the default group; see remote.py
@@ -228,19 +190,19 @@ class ReplayService:
             handles.append(actor_class.options(**options).remote(
                 name, k, num_shards, str(root / f"shard-{k}"), capacities[k], sampler,
                 limiter, durability, overcommit, None if seed is None else seed + k,
+                namespace=namespace,
             ))
-        service = cls(name, num_shards, handles)
+        service = cls(name, num_shards, handles, namespace)
         service._wait_ready(timeout_s)
-        log.info("replay service %r: %d shard(s) under %s", name, num_shards, root)
+        log.info("replay service %r (namespace %r): %d shard(s) under %s", name, namespace,
+                 num_shards, root)
         return service
 
     @classmethod
-    def _reattach(cls, name: str, num_shards: int, running: list[int],
+    def _reattach(cls, name: str, num_shards: int, namespace: str,
                   timeout_s: float) -> "ReplayService":
-        import ray
-
-        handles = [ray.get_actor(shard_actor_name(name, k), namespace=NAMESPACE) for k in running]
-        service = cls(name, len(handles), handles)
+        running, handles = find_shards(name, namespace)
+        service = cls(name, len(handles), handles, namespace)
         infos = service._wait_ready(timeout_s)
         have = infos[0]["num_shards"]
         if have != num_shards or running != list(range(have)):
@@ -253,10 +215,6 @@ class ReplayService:
         return service
 
     def _wait_ready(self, timeout_s: float) -> list[dict[str, Any]]:
-        import ray
-
-        from rlfleet.buffer.errors import ShardUnavailable
-
         refs = [h.info.remote() for h in self._handles]
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
         if len(ready) < len(refs):
@@ -269,19 +227,18 @@ class ReplayService:
         # a constructor error (bad directory, full disk) surfaces here as its own type
         return ray.get(refs)
 
-    def client(self, *, seed: int | None = None) -> "BufferClient":
-        """A ``BufferClient`` for this process (same as ``BufferClient.connect(name)``)."""
-        from rlfleet.buffer.client import BufferClient
-
-        return BufferClient.connect(self.name, seed=seed)
+    def client(self, *, seed: int | None = None) -> BufferClient:
+        """A ``BufferClient`` for this process (``BufferClient.connect(name, namespace=...)``)."""
+        return BufferClient.connect(self.name, namespace=self.namespace, seed=seed)
 
     @staticmethod
-    def running() -> list[str]:
-        """Names of the buffers whose shards run on the cluster."""
-        return list(running_buffers())
+    def running(namespace: str = DEFAULT_NAMESPACE) -> list[str]:
+        """Names of the buffers whose shards run in ``namespace`` on the cluster."""
+        return running_buffers(check_namespace(namespace))
 
     @staticmethod
-    def shutdown(name: str, *, delete: bool = False, timeout_s: float = 30.0) -> None:
+    def shutdown(name: str, *, namespace: str = DEFAULT_NAMESPACE, delete: bool = False,
+                 timeout_s: float = 30.0) -> None:
         """Stop the shards of buffer ``name``; delete their directories if ``delete``.
 
         Each shard flushes and closes its buffer first (or, with ``delete``, removes its
@@ -289,19 +246,15 @@ class ReplayService:
         attached to the cluster.
 
         Raises:
-            BufferNotFound: no buffer of that name runs (the message lists those that do).
+            BufferNotFound: no buffer of that name runs in ``namespace`` (the message
+                lists those that do).
         """
-        import ray
-
-        validate_name(name)
-        running = running_buffers()
-        if name not in running:
-            raise BufferNotFound(_not_found_message(name, running))
-        handles = [ray.get_actor(shard_actor_name(name, k), namespace=NAMESPACE)
-                   for k in running[name]]
+        check_name(name, argument="buffer name")
+        check_namespace(namespace)
+        shards, handles = find_shards(name, namespace)
         refs = [(h.destroy if delete else h.close).remote() for h in handles]
         deadline = time.monotonic() + timeout_s
-        for k, ref in zip(running[name], refs):
+        for k, ref in zip(shards, refs):
             try:
                 ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
             except Exception as e:  # a dead or stuck shard is killed all the same
@@ -311,17 +264,8 @@ class ReplayService:
         # ray.kill returns before the cluster releases the names; wait for that, so a
         # relaunch under the same name (or `running()`) right after sees the buffer gone
         release_by = max(deadline, time.monotonic() + 10.0)
-        while name in running_buffers() and time.monotonic() < release_by:
+        while name in running_shards(namespace) and time.monotonic() < release_by:
             time.sleep(0.05)
-        if name in running_buffers():
+        if name in running_shards(namespace):
             log.warning("buffer %r: shard names still taken %.0fs after the kill", name, timeout_s)
         log.info("replay service %r stopped%s", name, " and deleted" if delete else "")
-
-
-def _not_found_message(name: str, running: Mapping[str, list[int]]) -> str:
-    have = ", ".join(repr(n) for n in running) or "none"
-    return (
-        f"no replay buffer named {name!r} runs on this Ray cluster (namespace "
-        f"{NAMESPACE!r}); running buffers: {have}. Start one with ReplayService.launch or "
-        f"`rlfleet serve CONFIG`"
-    )

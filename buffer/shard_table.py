@@ -10,7 +10,8 @@ what the sample split weighs, what the writer choice balances and what a priorit
 update is checked against.
 
 ``gather`` turns a set of per-shard Ray calls into answers or one rlfleet error; after
-an error, ``answers`` and ``with_stored`` say which calls did go through.
+an error, ``answers`` and ``with_stored`` say which calls did go through. ``totals``
+sums the shards' stats rows into the buffer's.
 
 Thread-safe for the client's use: an entry's numbers are replaced whole by whichever
 answer arrives last (each is a recent true value), and liveness probes tolerate races.
@@ -24,9 +25,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
 from rlfleet.buffer.errors import ShardUnavailable
 
-__all__ = ["GRACE_S", "ShardEntry", "ShardTable", "answers", "cause", "gather", "with_stored"]
+__all__ = ["GRACE_S", "ShardEntry", "ShardTable", "answers", "cause", "gather", "totals", "with_stored"]
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +83,8 @@ class ShardTable:
         self.writers = [k for k, e in enumerate(entries) if e.info["node_id"] == node_id] \
             or list(range(len(entries)))
         self.sampler_type: str = first["sampler_type"]
+        # the importance exponent of the batch weights (prioritized), else None
+        self.beta: float | None = float(first["sampler"]["beta"]) if self.sampler_type == "prioritized" else None
         self.default_timeout_s = float(first["rate_limiter"]["timeout_s"])
         # whether a shard's limiter may hold an insert (samples_per_insert set)
         self.inserts_wait = first["rate_limiter"].get("samples_per_insert") is not None
@@ -132,8 +138,6 @@ class ShardTable:
 
     def _probe(self, k: int) -> bool:
         """For a shard marked down: True once a liveness ping has come back."""
-        import ray
-
         entry = self.entries[k]
         if entry.ping is None:
             if time.monotonic() - (entry.down_since or 0.0) < _DOWN_RETRY_S:
@@ -165,9 +169,6 @@ def gather(name: str, refs: list[Any], shards: list[int], what: str, deadline: f
     in ``shards`` order: a shard's own exception as itself, a dead shard as
     ``ShardUnavailable`` (after ``on_gone(error)``), a late one as ``ShardUnavailable``.
     """
-    import ray
-    from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
-
     try:
         return ray.get(refs, timeout=max(0.0, deadline - time.monotonic()))
     except GetTimeoutError:
@@ -204,8 +205,6 @@ def gather(name: str, refs: list[Any], shards: list[int], what: str, deadline: f
 
 def answers(refs: list[Any]) -> list[Any | None]:
     """Each call's answer if it has come back without error, else None (never waits)."""
-    import ray
-
     out = []
     for ref in refs:
         try:
@@ -222,3 +221,26 @@ def with_stored(error: BaseException, stored: list[str]) -> BaseException:
         return type(error)(f"{error} [stored before the error: {'; '.join(stored)}]")
     except Exception:  # a type that is not built from a message alone
         return error
+
+
+_SUMMED = ("size", "capacity", "total_inserted", "inserts", "samples", "bytes_on_disk",
+           "priority_mass", "inserts_per_s", "samples_per_s", "priority_updates",
+           "priority_updates_skipped")
+_LIMITER_SUMMED = ("inserts", "samples", "insert_waits", "sample_waits", "insert_wait_s",
+                   "sample_wait_s", "insert_timeouts", "sample_timeouts", "inserts_waiting",
+                   "samples_waiting")
+
+
+def totals(name: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The buffer's numbers from its shards' ``stats`` rows (those with an ``"error"``
+    left out): counts summed, the buffer-wide limiter's state as shard 0 reports it."""
+    up = [r for r in rows if "error" not in r]
+    total: dict[str, Any] = {"buffer": name, "num_shards": len(rows), "shards_up": len(up)}
+    for key in _SUMMED:
+        values = [r[key] for r in up if r.get(key) is not None]
+        total[key] = sum(values) if values else 0
+    total["rate_limiter"] = {key: sum(r["rate_limiter"][key] for r in up) for key in _LIMITER_SUMMED}
+    wide = next((r["buffer_rate_limiter"] for r in up if "buffer_rate_limiter" in r), None)
+    if wide is not None:
+        total["buffer_rate_limiter"] = wide
+    return total

@@ -42,6 +42,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
 from rlfleet.buffer.errors import InsertTimeout, SampleTimeout, ShardUnavailable
 from rlfleet.buffer.rate_limiter import RateLimiter, RateLimiterSpec
 
@@ -259,9 +262,6 @@ class SharedLimiter:
 
     def _forward(self, side: str, count: int, timeout_s: float | None, size: int) -> float:
         """One blocking call to shard 0's limiter; errors in rlfleet's words."""
-        import ray
-        from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
-
         handle = self._owner()
         method = handle.forwarded_acquire_insert if side == "insert" else handle.forwarded_acquire_sample
         ref = method.remote(self.shard, count, timeout_s, size)

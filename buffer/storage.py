@@ -36,9 +36,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from tensordict import TensorDict
 
-from rlfleet.buffer.capacity import MAX_ROWS, human_bytes, parse_capacity  # re-exported
+from rlfleet.buffer.capacity import MAX_ROWS, human_bytes
 from rlfleet.buffer.errors import BufferFormatError, SchemaMismatch
+from rlfleet.buffer.meta_check import UNSAFE_KEY_CHARS, check_meta, safe_key_part
 
 __all__ = [
     "FORMAT_VERSION",
@@ -47,8 +49,6 @@ __all__ = [
     "Schema",
     "check_arrays",
     "format_key",
-    "human_bytes",
-    "parse_capacity",
     "read_meta",
     "row_bytes",
     "rows_for_bytes",
@@ -97,28 +97,15 @@ def schema_from_arrays(arrays: dict[tuple[str, ...], np.ndarray]) -> Schema:
                 f"extend: key '{format_key(key)}' is reserved for sample output; "
                 f"rename it in the batch"
             )
-        bad = next((part for part in key if not _safe_key_part(part)), None)
+        bad = next((part for part in key if not safe_key_part(part)), None)
         if bad is not None:
             raise SchemaMismatch(
                 f"extend: key {format_key(key)!r} has the part {bad!r}, which cannot name a "
                 f"data file; key parts must be 1-200 bytes, not '.' or '..', and hold no space, "
-                f"control character or any of {_UNSAFE_KEY_CHARS}: rename it in the batch"
+                f"control character or any of {UNSAFE_KEY_CHARS}: rename it in the batch"
             )
         schema[key] = (tuple(int(s) for s in arr.shape[1:]), np.dtype(arr.dtype))
     return schema
-
-
-# each key part names a file or directory under data/: refuse what would escape it or
-# what tensordict would escape into another file name than the one we open
-_UNSAFE_KEY_CHARS = '/ \\ < > : " | ? * %'
-
-
-def _safe_key_part(part: str) -> bool:
-    return (
-        part not in ("", ".", "..")
-        and len(part.encode("utf-8", "replace")) <= 200  # a file name holds 255 bytes
-        and not any(c in '/\\<>:"|?*% \x7f' or ord(c) < 32 for c in part)
-    )
 
 
 def check_arrays(schema: Schema, arrays: dict[tuple[str, ...], np.ndarray], where: str) -> int:
@@ -224,8 +211,6 @@ def read_meta(directory: Path) -> dict[str, Any]:
     missing = [k for k in ("capacity", "capacity_bytes", "sampler", "durability", "schema") if k not in meta]
     if missing:
         raise BufferFormatError(f"open: {path} lacks {missing[0]!r}; the buffer directory is damaged")
-    from rlfleet.buffer.check import check_meta  # check.py imports this module at load
-
     return check_meta(path, meta)
 
 
@@ -316,8 +301,6 @@ def write_memmap_layout(directory: Path, schema: Schema, capacity: int) -> None:
     """Create a tensordict memmap directory for ``schema`` at ``capacity`` rows: sparse
     ``<key>.memmap`` files plus the metadata files tensordict writes beside them (what
     ``TensorDict.load_memmap`` reads). No row data is written."""
-    from tensordict import TensorDict
-
     nested: dict[str, Any] = {}
     for key, (shape, dtype) in schema.items():
         node = nested

@@ -11,58 +11,24 @@ arithmetic. A binary tree walks 20 levels, each a random read per row that misse
 cache below the top dozen levels; with 16 children (two cache lines of float64) the same
 tree has five levels, and the top three stay in cache.
 
-Two backends, one layout. With numba installed (a dependency of rlfleet) ``find`` and
-``set`` are one compiled loop each (``sumtree_kernels``): a batch of 256 draws plus 256
-updates at a million slots costs about 25 us, where the numpy walk below, a dozen
-calls per level, costs about 150. The numpy walk stays as the fallback for platforms
-without numba and is tested against the same cases. Notes on it: numpy's ``cumsum`` and
-``sum`` along a short last axis run a slow strided loop (about 20 us for a ``[256, 16]``
-block here), so prefix sums within each block are a product with an upper-triangular
-matrix of ones, and "how many running sums are <= u" counts the set bytes of each row's
-16 booleans viewed as two uint64 words.
+``find`` and ``set`` are one compiled loop each (``sumtree_kernels``, numba): a batch of
+256 draws plus 256 updates at a million slots costs about 25 us, where a numpy walk, a
+dozen calls per level, cost about 150.
 
 Runs wherever the buffer lives. Not thread-safe: the buffer calls it under its lock.
 """
 
 from __future__ import annotations
 
-import functools
-import logging
-from types import ModuleType
-
 import numpy as np
 
-from rlfleet.buffer.priorities import high_bits, split_update
+from rlfleet.buffer import sumtree_kernels as kernels
+from rlfleet.buffer.priorities import high_bits
 
 __all__ = ["SumTree"]
 
-logger = logging.getLogger(__name__)
-
 FANOUT = 16
 SHIFT = 4  # log2(FANOUT)
-BACKENDS = ("numba", "numpy")
-_INCLUSIVE = np.triu(np.ones((FANOUT, FANOUT)))  # block @ _INCLUSIVE: running sums per row
-_ONES = np.ones(FANOUT)
-_bitwise_count = getattr(np, "bitwise_count", None)  # numpy >= 2.0
-
-
-@functools.cache
-def _kernels() -> ModuleType | None:
-    """The numba kernels, or None (warned about once per process) when numba is missing."""
-    try:
-        from rlfleet.buffer import sumtree_kernels
-    except ImportError as exc:  # numba missing or broken on this platform
-        logger.warning("numba unavailable (%s); the prioritized sampler uses the slower numpy sum-tree", exc)
-        return None
-    return sumtree_kernels
-
-
-def _count_true(below: np.ndarray) -> np.ndarray:
-    """Per row of a C-contiguous bool ``[n, 16]``: how many are True (int64 ``[n]``)."""
-    if _bitwise_count is None:
-        return below.sum(axis=1)
-    words = _bitwise_count(below.view(np.uint64))  # each True byte is one set bit
-    return words[:, 0].astype(np.int64) + words[:, 1]
 
 
 class SumTree:
@@ -74,7 +40,6 @@ class SumTree:
 
     Args:
         size: number of slots (at least 1).
-        backend: ``"numba"``, ``"numpy"`` or None (numba when it imports).
 
     Example::
 
@@ -83,11 +48,9 @@ class SumTree:
         tree.find(np.array([0.5, 2.0]))   # -> array([0, 3])
     """
 
-    def __init__(self, size: int, backend: str | None = None) -> None:
+    def __init__(self, size: int) -> None:
         if size < 1:
             raise ValueError(f"SumTree: size={size} must be at least 1")
-        if backend not in (None, *BACKENDS):
-            raise ValueError(f"SumTree: backend={backend!r} is not one of {', '.join(BACKENDS)} (or None)")
         self.size = size
         lengths = []
         n = size
@@ -100,12 +63,6 @@ class SumTree:
         self._offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         self._flat = np.zeros(int(self._offsets[-1]), dtype=np.float64)
         self.levels = [self._flat[lo:hi] for lo, hi in zip(self._offsets[:-1], self._offsets[1:])]
-        # the same arrays as rows of 16 children: row i of blocks[k] is node i's children
-        self._blocks = [level.reshape(-1, FANOUT) for level in self.levels]
-        self._kernels = _kernels() if backend != "numpy" else None
-        if backend == "numba" and self._kernels is None:
-            raise ImportError("SumTree: backend='numba' needs numba; pip install numba")
-        self.backend = "numba" if self._kernels is not None else "numpy"
         self._total: float | None = 0.0  # cached sum of the root row; None when stale
 
     @property
@@ -125,14 +82,8 @@ class SumTree:
             return
         self._total = None
         node = np.asarray(slots, dtype=np.int64)
-        if self._kernels is not None:
-            values = np.broadcast_to(np.asarray(values, dtype=np.float64), node.shape)
-            self._kernels.set_points(self._flat, self._offsets, node, np.ascontiguousarray(values))
-            return
-        self.levels[0][node] = values
-        for blocks, parent in zip(self._blocks, self.levels[1:]):
-            node = node >> SHIFT
-            parent[node] = blocks.take(node, axis=0) @ _ONES
+        values = np.broadcast_to(np.asarray(values, dtype=np.float64), node.shape)
+        kernels.set_points(self._flat, self._offsets, node, np.ascontiguousarray(values))
 
     def set_range(self, first: int, values: np.ndarray | float, count: int | None = None) -> None:
         """Set leaves ``first .. first + count - 1`` (contiguous, no wrap)."""
@@ -153,25 +104,17 @@ class SumTree:
         self._refresh(0, self.size)
 
     def _refresh(self, lo: int, hi: int) -> None:
-        if self._kernels is not None:
-            self._kernels.refresh_range(self._flat, self._offsets, lo, hi)
-            return
-        for blocks, parent in zip(self._blocks, self.levels[1:]):
-            lo, hi = lo >> SHIFT, ((hi - 1) >> SHIFT) + 1
-            parent[lo:hi] = blocks[lo:hi].sum(axis=1)
+        kernels.refresh_range(self._flat, self._offsets, lo, hi)
 
     def draw_rows(self, uniform: np.ndarray, end: int, capacity: int) -> tuple[np.ndarray, np.ndarray, int]:
         """The sampler's draw: ``draw(uniform * total)`` with each slot mapped to the live
         global row index that occupies it (``end`` is the window's end). Returns the
         indices, the leaf values and how many leaves are empty (only rounding makes one)."""
-        if self._kernels is not None:
-            index = np.empty(len(uniform), dtype=np.int64)
-            leaf = np.empty(len(uniform), dtype=np.float64)
-            empty = self._kernels.draw_rows(self._flat, self._offsets, self.size, uniform, self.total,
-                                            end, capacity, index, leaf)
-            return index, leaf, empty
-        slots, leaf = self.draw(uniform * self.total)
-        return (end - 1) - ((end - 1 - slots) % capacity), leaf, int(np.count_nonzero(leaf <= 0))
+        index = np.empty(len(uniform), dtype=np.int64)
+        leaf = np.empty(len(uniform), dtype=np.float64)
+        empty = kernels.draw_rows(self._flat, self._offsets, self.size, uniform, self.total,
+                                  end, capacity, index, leaf)
+        return index, leaf, empty
 
     def update_rows(self, priorities: np.ndarray, index: np.ndarray, priority: np.ndarray,
                     alpha: float, tag: int, start: int, end: int, limit: float) -> tuple[float, int] | None:
@@ -181,24 +124,13 @@ class SumTree:
         they were sampled (counter below ``start``) are skipped. Returns the largest
         stored priority (0.0 when none) and how many were skipped, or None with nothing
         changed when the update must be refused whole (``priorities.split_update``)."""
-        if self._kernels is not None:
-            ok, top, total, skipped = self._kernels.update_rows(
-                self._flat, self._offsets, priorities, index, priority, len(priorities), alpha,
-                high_bits(tag), start, end, limit)
-            if not ok:
-                return None
-            self._total = total
-            return top, skipped
-        split = split_update(index, priority, tag, start, end, limit)
-        if split is None:
+        ok, top, total, skipped = kernels.update_rows(
+            self._flat, self._offsets, priorities, index, priority, len(priorities), alpha,
+            high_bits(tag), start, end, limit)
+        if not ok:
             return None
-        counter, priority, skipped = split
-        if len(counter) == 0:
-            return 0.0, skipped
-        slots = counter % len(priorities)
-        priorities[slots] = priority
-        self.set(slots, priority if alpha == 1.0 else np.power(priority, alpha))
-        return float(priority.max()), skipped
+        self._total = total
+        return top, skipped
 
     def find(self, mass: np.ndarray) -> np.ndarray:
         """Slots whose prefix-sum interval holds each value of ``mass`` (float64 ``[n]``)."""
@@ -207,26 +139,11 @@ class SumTree:
     def draw(self, mass: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``find`` plus the leaf value of each slot found (two ``[n]`` arrays).
 
-        Values at or past the total land on the last positive leaf (numba) or the last
-        slot of a block (numpy); callers should check the returned leaves are non-zero.
+        Values at or past the total land on the last positive leaf; callers should check
+        the returned leaves are non-zero.
         """
         u = np.array(mass, dtype=np.float64)
-        if self._kernels is not None:
-            slots = np.empty(len(u), dtype=np.int64)
-            leaf = np.empty(len(u), dtype=np.float64)
-            self._kernels.find(self._flat, self._offsets, self.size, u, slots, leaf)
-            return slots, leaf
-        node = np.zeros(len(u), dtype=np.int64)
-        # flat position of (row, child) in an [n, 16] block
-        row_base = np.arange(0, len(u) * FANOUT, FANOUT, dtype=np.int64)
-        for blocks in reversed(self._blocks):
-            block = blocks.take(node, axis=0)
-            inclusive = block @ _INCLUSIVE
-            # the first child whose running sum passes u: zero children are never chosen
-            child = _count_true(inclusive <= u[:, None])
-            np.minimum(child, FANOUT - 1, out=child)
-            flat = row_base + child
-            u -= inclusive.take(flat) - block.take(flat)
-            node = (node << SHIFT) + child
-        np.minimum(node, self.size - 1, out=node)
-        return node, self.levels[0].take(node)
+        slots = np.empty(len(u), dtype=np.int64)
+        leaf = np.empty(len(u), dtype=np.float64)
+        kernels.find(self._flat, self._offsets, self.size, u, slots, leaf)
+        return slots, leaf

@@ -1,7 +1,6 @@
 """Compiled loops for the sum-tree (numba): one call per batch instead of ~10 numpy calls per level.
 
-Imported by ``sumtree`` only when a tree is built, never at package import, so uniform
-buffers never load numba. Every kernel works on the tree's one flat float64 array:
+Every kernel works on the tree's one flat float64 array:
 level ``k`` occupies ``flat[offsets[k] : offsets[k + 1]]`` (leaves first, the root row of
 at most 16 nodes last), and node ``i`` of level ``k + 1`` is the sum of nodes
 ``16 * i .. 16 * i + 15`` of level ``k``. ``cache=True`` keeps the machine code next to

@@ -37,6 +37,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tensordict import TensorDict
+
 from rlfleet.buffer.errors import BufferFormatError
 from rlfleet.buffer.indices import MAX_TAG
 from rlfleet.buffer.storage import (
@@ -196,8 +198,6 @@ def _leftovers(path: Path, schema: Schema | None) -> list[Path]:
         if (name,) not in schema and ("next", name) in schema and old.exists() and new.exists() \
                 and old.samefile(new):
             out.append(old)
-    from tensordict import TensorDict
-
     listed = {(k,) if isinstance(k, str) else tuple(k)
               for k in TensorDict.load_memmap(data).keys(include_nested=True, leaves_only=True)}
     if listed != set(schema):

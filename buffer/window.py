@@ -26,7 +26,7 @@ generator goes through a ``Window`` method, under its one lock.
 Runs wherever the buffer lives. Thread-safe: every method takes the lock, except that
 ``append`` copies rows without it (one writer at a time: the caller serialises them);
 ``start``, ``end`` and the counters are plain attributes that only that writer changes
-(and ``sampling.RowReader``, under the lock); readers call ``bounds``.
+(and ``row_reader.RowReader``, under the lock); readers call ``bounds``.
 """
 
 from __future__ import annotations
@@ -36,14 +36,26 @@ from collections.abc import Callable
 
 import numpy as np
 
+from rlfleet.buffer.indices import MAX_COUNTER
 from rlfleet.buffer.samplers import Sampler, slot_ranges
 from rlfleet.buffer.storage import Header, MemmapColumns
 
-__all__ = ["MAX_REDRAWS", "Window"]
+__all__ = ["MAX_REDRAWS", "Window", "settled_window"]
 
 MAX_REDRAWS = 100
 
 Draw = tuple[np.ndarray, np.ndarray | None, int, float, int]
+
+
+def settled_window(start: int, end: int, capacity: int) -> tuple[int, int]:
+    """The committed window a buffer opens with, from the header's words: as stored,
+    unless a crash left ``start > end`` (between steps 3 and 4 of an extend of more rows
+    than the capacity: the window is then empty) or a window wider than the capacity."""
+    if start > end:
+        return end, end
+    if end - start > max(capacity, 0):
+        return end - capacity, end
+    return start, end
 
 
 class Window:
@@ -70,6 +82,16 @@ class Window:
         self.inserts = 0  # rows inserted since open
         self.priority_updates = 0  # rows whose priority update was accepted
         self.priority_skipped = 0  # rows overwritten between their sample and their update
+
+    def check_room(self, n: int) -> int:
+        """Return ``n`` if ``n`` more rows keep the row counter within ``MAX_COUNTER``."""
+        if self.end + n > MAX_COUNTER:
+            raise ValueError(
+                f"extend: {n} rows would take the row counter to {self.end + n}, past "
+                f"{MAX_COUNTER} (2**44, what an index can name); this buffer has inserted "
+                f"{self.end} rows: create a new buffer to go on"
+            )
+        return n
 
     def bounds(self) -> tuple[int, int]:
         with self.lock:

@@ -2,26 +2,28 @@
 
 The loop that drives it (``rlfleet run`` does this)::
 
-    fleet = CollectorFleet(config, buffer="cartpole")   # checks everything, starts nothing
+    fleet = CollectorFleet("cartpole-run", "cartpole", env=env, collector=collector,
+                           policy=policy)                # checks everything, starts the registry
     fleet.start()                                        # M actors collect from now on
     while training:
-        fleet.set_weights(learner.policy_state_dict(), version)
+        fleet.set_weights(learner.policy_state_dict(), version)   # or a learner rank's publisher
         fleet.health_check()                             # restarts dead actors
         print(fleet.stats()["frames"])
     fleet.stop()
 
-Construction checks the config on the driver before any actor exists: the env is built
-once (an unknown id lists close matches), the policy is built from its spaces (an
+Construction checks the config on the driver before any collector exists: the env is
+built once (an unknown id lists close matches), the policy is built from its spaces (an
 observation space it cannot handle is refused), the exploration must fit the action
-space, and a cuda device needs GPUs in the cluster and a ``num_gpus`` share.
+space, and a cuda device needs GPUs in the cluster and a ``num_gpus`` share. Then it
+starts the fleet's registry actor (``registry.py``), where weight publishers find it.
 
-Actors (``rlfleet:<name>:collector-<i>``, namespace ``rlfleet``) take one CPU each (and
-``collector.num_gpus``), are spread over the nodes (or run in the bundles of a
-placement group passed in), and restart up to ``MAX_RESTARTS``
-times by Ray; a restarted actor resumes collecting by itself (see ``remote.py``), and
-``health_check`` re-creates an actor that Ray gave up on. Every call to an actor has a
-timeout and tolerates dead actors, so a run never hangs on one. Statistics come from the
-fleet's registry actor, not from the collectors.
+Actors (``rlfleet:<name>:collector-<i>`` and the registry ``rlfleet:<name>:collectors``,
+all in the fleet's ``namespace``). Collectors take one CPU each (and
+``collector.num_gpus``), are spread over the nodes (or run in the bundles of a placement
+group passed in), and restart up to ``MAX_RESTARTS`` times by Ray; a restarted one
+resumes collecting by itself (see ``worker.py``), and ``health_check`` re-creates one
+that Ray gave up on. Every call to an actor has a timeout and tolerates dead actors, so
+a run never hangs on one. Statistics come from the registry, not from the collectors.
 
 Not thread-safe: drive a fleet from one thread.
 """
@@ -30,20 +32,24 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from collections.abc import Mapping
 from typing import Any
 
+import ray
 import torch
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from rlfleet.buffer import DEFAULT_NAMESPACE, BufferClient, check_name, check_namespace
 from rlfleet.collector.collector import INCARNATION_BITS
 from rlfleet.collector.config import CollectorConfig, EnvConfig, PolicyConfig
 from rlfleet.collector.envs import make_env
 from rlfleet.collector.errors import CollectorError
 from rlfleet.collector.exploration import Explorer
 from rlfleet.collector.policies import build_policy, check_state_dict
-from rlfleet.collector.remote import CollectorWorker, FleetRegistry, worker_name
-from rlfleet.collector.weights import KINDS, NAMESPACE, publish_weights, registry_name
+from rlfleet.collector.registry import collector_name, registry_name
+from rlfleet.collector.remote import CollectorActor, RegistryActor
+from rlfleet.collector.weights import check_kind
+from rlfleet.collector.weights_object_store import ObjectStorePublisher
 
 __all__ = ["CollectorFleet"]
 
@@ -53,17 +59,20 @@ MAX_RESTARTS = 3
 START_TIMEOUT_S = 180.0
 CALL_TIMEOUT_S = 60.0
 RECENT_EPISODES = 100
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 class CollectorFleet:
     """M collector actors feeding a replay service; see the module docstring.
 
     Args:
-        config: Any object with ``name: str``, ``seed: int``, ``env: EnvConfig``,
-            ``collector: CollectorConfig`` and ``policy: PolicyConfig`` (launch's
-            ``RunConfig`` is one).
-        buffer: The replay service's ``BufferClient`` or its name.
+        name: The fleet's name: its actors are ``rlfleet:<name>:...``.
+        buffer: The replay service's ``BufferClient``, or its name (looked up in
+            ``namespace``).
+        env: The env each collector runs (``num_envs`` copies).
+        collector: The collectors' config (``num_workers`` is M).
+        policy: The policy each collector acts with.
+        seed: The run's seed; collectors derive their own from it.
+        namespace: The Ray namespace of every actor of the fleet.
         first_incarnation: Where collector incarnations (episode id bits) start.
         max_frames: The fleet's frame budget: its collectors collect only batches the
             fleet's registry granted, and it grants whole batches until they cover this
@@ -82,25 +91,20 @@ class CollectorFleet:
     """
 
     def __init__(
-        self, config: Any, buffer: Any, *, first_incarnation: int = 0, placement_group: Any | None = None,
-        max_frames: int | None = None,
+        self, name: str, buffer: BufferClient | str, *, env: EnvConfig, collector: CollectorConfig,
+        policy: PolicyConfig, seed: int = 0, namespace: str = DEFAULT_NAMESPACE, first_incarnation: int = 0,
+        placement_group: Any | None = None, max_frames: int | None = None,
     ) -> None:
-        import ray
-
         if not ray.is_initialized():
             raise RuntimeError("CollectorFleet needs Ray: call ray.init() first (rlfleet run does)")
-        name, seed = getattr(config, "name", None), getattr(config, "seed", None)
-        env, collector, policy = (getattr(config, k, None) for k in ("env", "collector", "policy"))
-        if not isinstance(name, str) or not _NAME_RE.match(name):
-            raise ValueError(
-                f"config.name = {name!r}: use 1-64 letters, digits, '_', '.' or '-' (it names actors)"
-            )
+        check_name(name, argument="name")
+        check_namespace(namespace)
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"config.seed = {seed!r}: must be an integer >= 0")
+            raise ValueError(f"seed = {seed!r}: must be an integer >= 0")
         for field, value, cls in (("env", env, EnvConfig), ("collector", collector, CollectorConfig),
                                   ("policy", policy, PolicyConfig)):
             if not isinstance(value, cls):
-                raise ValueError(f"config.{field} must be a {cls.__name__}, got {type(value).__name__}")
+                raise ValueError(f"{field} must be of type {cls.__name__}, got {type(value).__name__}")
         if isinstance(first_incarnation, bool) or not isinstance(first_incarnation, int) or not (
             0 <= first_incarnation < 2**INCARNATION_BITS
         ):
@@ -110,20 +114,16 @@ class CollectorFleet:
             )
         if max_frames is not None and (isinstance(max_frames, bool) or not isinstance(max_frames, int)
                                        or max_frames < 1):
-            raise ValueError(
-                f"max_frames = {max_frames!r}: must be an int >= 1 (frames the whole fleet may "
-                "collect), or None for no budget"
-            )
+            raise ValueError(f"max_frames = {max_frames!r}: must be an int >= 1 (frames the whole fleet may "
+                             "collect), or None for no budget")
         if placement_group is not None and placement_group.bundle_count != collector.num_workers:
-            raise ValueError(
-                f"placement_group has {placement_group.bundle_count} bundle(s) but "
-                f"collector.num_workers = {collector.num_workers}; give one bundle per collector"
-            )
+            raise ValueError(f"placement_group has {placement_group.bundle_count} bundle(s) but "
+                             f"collector.num_workers = {collector.num_workers}; give one bundle per collector")
         self._placement_group = placement_group
         buffer_name = buffer if isinstance(buffer, str) else getattr(buffer, "name", None)
         if not isinstance(buffer_name, str):
             raise ValueError(f"buffer = {buffer!r}: pass a BufferClient or a buffer name")
-        self.name, self.seed = name, seed
+        self.name, self.namespace, self.seed = name, namespace, seed
         self.env, self.collector, self.policy = env, collector, policy
         self.num_workers = collector.num_workers
         self._buffer = buffer
@@ -138,24 +138,31 @@ class CollectorFleet:
                  init_random_frames=collector.init_random_frames, seed=0)
         self._check_device()
         try:
-            ray.get_actor(registry_name(name), namespace=NAMESPACE)
+            ray.get_actor(registry_name(name), namespace=namespace)
         except ValueError:
             pass
         else:
-            raise ValueError(f"a collector fleet named {name!r} is running; stop it or pick another config.name")
-        self._registry = ray.remote(FleetRegistry).options(
-            name=registry_name(name), namespace=NAMESPACE, num_cpus=0, max_concurrency=1,
+            raise ValueError(f"name = {name!r}: a collector fleet of that name is running in namespace "
+                             f"{namespace!r}; stop it or pick another name")
+        self._registry = ray.remote(RegistryActor).options(
+            name=registry_name(name), namespace=namespace, num_cpus=0, max_concurrency=1,
         ).remote(name, self.num_workers, first_incarnation, max_frames)
+        self._actors: list[Any] = []
+        self._stopped = False
+        try:
+            # Up before this returns: publishers (a learner rank) find it by name.
+            ray.get(self._registry.ping.remote(), timeout=START_TIMEOUT_S)
+            self._publisher = ObjectStorePublisher(fleet=name, namespace=namespace,
+                                                   num_collectors=self.num_workers, timeout_s=CALL_TIMEOUT_S)
+        except Exception:
+            self._teardown()
+            raise
         self.first_incarnation = first_incarnation
         self.max_frames = max_frames
-        self._actors: list[Any] = []
         self._restarts_seen = 0
-        self._stopped = False
         self._final_snapshot: dict[str, Any] | None = None
 
     def _check_device(self) -> None:
-        import ray
-
         c = self.collector
         if c.device == "cpu":
             return
@@ -180,19 +187,16 @@ class CollectorFleet:
     # -- lifecycle ---------------------------------------------------------------------
 
     def _spawn(self, index: int) -> Any:
-        import ray
-
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
         c = self.collector
         strategy: Any = "SPREAD"
         if self._placement_group is not None:
             strategy = PlacementGroupSchedulingStrategy(self._placement_group, placement_group_bundle_index=index)
-        return ray.remote(CollectorWorker).options(
-            name=worker_name(self.name, index), namespace=NAMESPACE, num_cpus=1,
+        return ray.remote(CollectorActor).options(
+            name=collector_name(self.name, index), namespace=self.namespace, num_cpus=1,
             num_gpus=c.num_gpus, max_restarts=MAX_RESTARTS, max_concurrency=4,
             scheduling_strategy=strategy,
-        ).remote(self.name, index, self.num_workers, self.seed, self.env, c, self.policy, self._buffer)
+        ).remote(self.name, self.namespace, index, self.num_workers, self.seed, self.env, c, self.policy,
+                 self._buffer)
 
     def start(self, *, paused: bool = False) -> None:
         """Start the M actors and wait until each is collecting (or resume a paused fleet).
@@ -204,14 +208,11 @@ class CollectorFleet:
             CollectorError: An actor failed to construct (its error is in the message) or
                 was not scheduled in time; every actor of the fleet is stopped first.
         """
-        import ray
-
         if self._stopped:
             raise CollectorError(f"collector fleet {self.name!r} was stopped; build a new one")
         if self._actors:
             self.resume()
             return
-        # The first call also waits for the registry actor to come up.
         # Actors read the state as they start: paused ones collect nothing until resumed.
         ray.get(self._registry.set_state.remote("paused" if paused else "running"), timeout=START_TIMEOUT_S)
         self._actors = [self._spawn(i) for i in range(self.num_workers)]
@@ -231,15 +232,11 @@ class CollectorFleet:
             lines = [line.strip() for line in str(e).splitlines() if line.strip()]
             cause = lines[-1] if lines else repr(e)
             log.error("collector fleet %r: an actor failed to start:\n%s", self.name, e)
-            raise CollectorError(
-                f"collector fleet {self.name!r}: an actor failed to start: {cause}"
-            ) from e
+            raise CollectorError(f"collector fleet {self.name!r}: an actor failed to start: {cause}") from e
         log.info("collector fleet %r: %d actors collecting into %r", self.name, self.num_workers, self._buffer)
 
     def _call_all(self, method: str, *args: Any, timeout_s: float = CALL_TIMEOUT_S) -> list[Any]:
         """Call ``method`` on every actor; an actor that fails or times out gives its exception."""
-        import ray
-
         refs = [getattr(a, method).remote(*args) for a in self._actors]
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
         ready_set = set(ready)
@@ -256,23 +253,17 @@ class CollectorFleet:
 
     def pause(self, timeout_s: float = 60.0) -> None:
         """Return once no actor has a batch in flight (dead actors are skipped)."""
-        import ray
-
         ray.get(self._registry.set_state.remote("paused"), timeout=CALL_TIMEOUT_S)
         for i, result in enumerate(self._call_all("pause", timeout_s, timeout_s=timeout_s + 5)):
             if result is not True:
                 log.warning("collector fleet %r: collector %d did not pause: %s", self.name, i, result)
 
     def resume(self) -> None:
-        import ray
-
         ray.get(self._registry.set_state.remote("running"), timeout=CALL_TIMEOUT_S)
         self._call_all("resume")
 
     def stop(self, timeout_s: float = 60.0) -> None:
         """Stop collecting, close the envs and end every actor. Idempotent."""
-        import ray
-
         if self._stopped:
             return
         self._stopped = True
@@ -290,8 +281,6 @@ class CollectorFleet:
         self._teardown()
 
     def _teardown(self) -> None:
-        import ray
-
         for a in [*self._actors, self._registry]:
             try:
                 ray.kill(a, no_restart=True)
@@ -302,28 +291,39 @@ class CollectorFleet:
 
     # -- weights -----------------------------------------------------------------------
 
-    def set_weights(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
+    def set_weights(self, state_dict: Mapping[str, torch.Tensor], version: int) -> bool:
         """Make ``state_dict`` the newest weights (object store); collectors apply them
         between batches and stamp ``version`` on the rows they then produce.
+
+        Returns:
+            False, and nothing moved, if ``version`` is not newer than the last set.
 
         Raises:
             ValueError: Keys or shapes differ from the policy (nothing is published).
         """
         check_state_dict(self._template, state_dict)
-        publish_weights(self._registry, state_dict, version, timeout_s=CALL_TIMEOUT_S)
+        return self._publisher.publish(state_dict, version)
 
     def attach_weight_receiver(self, kind: str, **kwargs: Any) -> None:
         """Make every actor, and every restarted one, receive weights through ``kind``.
 
-        Each builds ``make_receiver(kind, collector_index=i, num_collectors=M, **kwargs)``
-        in the background and switches to it once built; this call does not wait for that.
-        """
-        import ray
+        Each builds ``make_receiver(kind, fleet=name, namespace=namespace,
+        collector_index=i, num_collectors=M, **kwargs)`` in the background and switches to
+        it once built; this call does not wait for that. ``kwargs`` are a publisher's
+        ``receiver_kwargs()``.
 
-        if kind not in KINDS:
-            raise ValueError(f"weight receiver kind {kind!r}: must be one of {list(KINDS)}")
-        if kind == "object_store":
-            kwargs.setdefault("fleet", self.name)
+        Raises:
+            ValueError: An unknown kind, or ``fleet``/``namespace`` in ``kwargs`` naming
+                another fleet.
+        """
+        check_kind(kind)
+        for key, mine in (("fleet", self.name), ("namespace", self.namespace)):
+            theirs = kwargs.pop(key, mine)
+            if theirs != mine:
+                raise ValueError(
+                    f"attach_weight_receiver: {key} = {theirs!r}, but this fleet's {key} is {mine!r}; "
+                    f"leave {key} out (the fleet passes its own)"
+                )
         ray.get(self._registry.set_receiver.remote(kind, kwargs), timeout=CALL_TIMEOUT_S)
         if self._actors:
             for i, result in enumerate(self._call_all("attach_receiver", kind, kwargs)):
@@ -343,8 +343,6 @@ class CollectorFleet:
             CollectorError: An actor's loop raised (a bug or bad data, not a crash):
                 restarting would repeat it, so the error is passed on.
         """
-        import ray
-
         for i, result in enumerate(self._call_all("status", timeout_s=10.0)):
             if isinstance(result, ray.exceptions.ActorUnavailableError):
                 continue  # restarting; it comes back by itself
@@ -378,8 +376,6 @@ class CollectorFleet:
             ``restarts``, ``max_frames`` (the budget, or None), and ``collectors`` (each
             actor's latest report, or None).
         """
-        import ray
-
         if self._stopped and self._final_snapshot is not None:
             snap = self._final_snapshot
         else:

@@ -5,7 +5,7 @@ flags and ``<name>(args) -> int`` runs it and returns the exit code. Only the mo
 the subcommand being run is imported, so ``rlfleet --help``, ``--version`` and a typo stay
 fast (torch and Ray take seconds to import). ``rlfleet run``'s two functions are here:
 they load the config, drive the progress display and print the summary; the job itself
-is :func:`rlfleet.launch.run.run`.
+is :func:`rlfleet.launch.job.run`.
 
 Not thread-safe: one ``main`` per process.
 """
@@ -98,7 +98,7 @@ def run_command(args: argparse.Namespace) -> int:
     """``rlfleet run CONFIG [key=value ...]`` / ``rlfleet run --resume RUN_DIR [key=value ...]``."""
     from rlfleet.launch.config import ConfigError, load_config
     from rlfleet.launch.progress import Progress
-    from rlfleet.launch.run import run
+    from rlfleet.launch import run
     from rlfleet.launch.rundir import RunDir
 
     overrides = list(args.overrides)

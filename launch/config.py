@@ -23,16 +23,19 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
+from rlfleet.buffer import DEFAULT_NAMESPACE, check_name, check_namespace
 from rlfleet.buffer.capacity import parse_capacity
+from rlfleet.buffer.rate_limiter import RateLimiterSpec
+from rlfleet.buffer.sampling import check_sampler
 from rlfleet.collector.config import CollectorConfig, EnvConfig, ExplorationConfig, PolicyConfig
-from rlfleet.launch.config_loader import ConfigError, apply_overrides, build, parse_yaml
+from rlfleet.launch.config_loader import ConfigError, apply_overrides, build, check_choices, parse_yaml
 
 __all__ = [
     "BufferConfig",
@@ -55,10 +58,24 @@ __all__ = [
 ]
 
 
-def _one_of(section_field: str, value: Any, choices: Sequence[Any]) -> None:
-    if value not in choices:
-        allowed = ", ".join(repr(c) for c in choices)
-        raise ConfigError(f"{section_field}: {value!r} is not one of {allowed}")
+def _checked_by(check: Callable[..., Any], *args: Any, words: tuple[str, str] = ("", "")) -> Any:
+    """``check(*args)``, an option's own check (the buffer's), its ``ValueError`` turned
+    into a ``ConfigError``.
+
+    The message keeps the option, the value and the fix. ``words``: how the check names
+    the option at the start of its message and how this section names it, since the
+    loader puts the section's path in front (``rate_limiter.timeout_s=0`` becomes
+    ``buffer.rate_limiter.timeout_s=0``).
+    """
+    try:
+        return check(*args)
+    except ConfigError:
+        raise
+    except ValueError as e:
+        message, (theirs, ours) = str(e), words
+        if theirs and message.startswith(theirs):
+            message = ours + message[len(theirs):]
+        raise ConfigError(message) from None
 
 
 def _positive(section_field: str, value: float, *, allow_zero: bool = False) -> None:
@@ -78,7 +95,8 @@ class RayConfig:
         address: None starts an embedded local Ray of the run's own, always (even when
             ``RAY_ADDRESS`` is set or a cluster runs on the machine); ``"auto"`` joins the
             cluster ``ray start`` started on this machine; ``"HOST:PORT"`` joins that one.
-        namespace: Ray namespace of the run's named actors.
+        namespace: Ray namespace of the run's named actors: the replay service, the
+            collectors and the learners (``rlfleet status --namespace`` lists them).
         num_cpus: logical CPUs of an embedded local Ray (None: the machine's count).
         include_dashboard: start the dashboard of an embedded Ray (None: when the
             dashboard package imports). It binds to 127.0.0.1.
@@ -89,13 +107,14 @@ class RayConfig:
     """
 
     address: str | None = None
-    namespace: str = "rlfleet"
+    namespace: str = DEFAULT_NAMESPACE
     num_cpus: int | None = None
     include_dashboard: bool | None = None
     placement_timeout_s: float = 60.0
     connect_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
+        _checked_by(check_namespace, self.namespace)
         if self.num_cpus is not None:
             _positive("num_cpus", self.num_cpus)
         _positive("placement_timeout_s", self.placement_timeout_s)
@@ -108,6 +127,8 @@ class RayConfig:
 class SamplerConfig:
     """How learners draw rows. Written ``{type: prioritized, alpha: 0.6}`` or just ``uniform``.
 
+    The values are checked by the buffer's own ``rlfleet.buffer.sampling.check_sampler``.
+
     Attributes:
         type: uniform | without_replacement | prioritized | sequence.
         alpha: priority exponent (prioritized only).
@@ -115,16 +136,17 @@ class SamplerConfig:
         length: rows per slice (sequence only).
     """
 
-    type: str = "uniform"
+    type: Literal["uniform", "without_replacement", "prioritized", "sequence"] = "uniform"
     alpha: float = 0.6
     beta: float = 0.4
     length: int = 8
 
     def __post_init__(self) -> None:
-        _one_of("type", self.type, ("uniform", "without_replacement", "prioritized", "sequence"))
-        _positive("alpha", self.alpha, allow_zero=True)
-        _positive("beta", self.beta, allow_zero=True)
-        _positive("length", self.length)
+        check_choices(self)
+        # every value is checked, also those the chosen type ignores, under the type owning it
+        for owner in ({"type": "prioritized", "alpha": self.alpha, "beta": self.beta},
+                      {"type": "sequence", "length": self.length}):
+            _checked_by(check_sampler, owner, words=("sampler ", ""))
 
     def to_mapping(self) -> dict[str, Any]:
         """The sampler as ``ReplayService.launch``/``ReplayBuffer.create`` take it.
@@ -139,31 +161,22 @@ class SamplerConfig:
 
 
 @dataclass(frozen=True)
-class RateLimiterConfig:
-    """Reverb-style rate limiter of each shard.
+class RateLimiterConfig(RateLimiterSpec):
+    """Reverb-style rate limiter: the buffer's own ``RateLimiterSpec``, which checks its
+    values, with the run's default ``min_size_to_sample``.
 
     Attributes:
-        min_size_to_sample: rows a shard holds before sampling is allowed.
+        min_size_to_sample: rows held before sampling is allowed (the buffer's total
+            when the limiter is buffer-wide, else each shard's).
         samples_per_insert: target ratio of sampled to inserted rows (None: no ratio).
         error_margin: tolerance around the ratio, in rows.
         timeout_s: longest a blocked insert or sample waits before raising.
     """
 
     min_size_to_sample: int = 5000
-    samples_per_insert: float | None = None
-    error_margin: float = 0.0
-    timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
-        _positive("min_size_to_sample", self.min_size_to_sample, allow_zero=True)
-        if self.samples_per_insert is not None:
-            _positive("samples_per_insert", self.samples_per_insert)
-        _positive("error_margin", self.error_margin, allow_zero=True)
-        _positive("timeout_s", self.timeout_s)
-
-    def to_mapping(self) -> dict[str, Any]:
-        """The limiter as ``ReplayService.launch(rate_limiter=...)`` takes it."""
-        return dataclasses.asdict(self)
+        _checked_by(self.validate, words=("rate_limiter.", ""))  # the spec's own check
 
 
 @dataclass(frozen=True)
@@ -189,26 +202,24 @@ class BufferConfig:
     num_shards: int = 1
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     rate_limiter: RateLimiterConfig = field(default_factory=RateLimiterConfig)
-    durability: str = "process"
-    placement: str = "spread"
+    durability: Literal["process", "fsync"] = "process"
+    placement: Literal["spread", "pack"] = "spread"
     node_resource: str | None = None
     overcommit: bool = False
 
     def __post_init__(self) -> None:
-        try:  # one grammar for YAML, overrides and the Python API: the buffer's
-            parse_capacity(self.capacity)
-        except ValueError as e:
-            raise ConfigError(str(e).replace("capacity=", "capacity: ", 1)) from None
+        # one grammar for YAML, overrides and the Python API: the buffer's
+        _checked_by(parse_capacity, self.capacity, words=("capacity=", "capacity: "))
         _positive("num_shards", self.num_shards)
-        _one_of("durability", self.durability, ("process", "fsync"))
-        _one_of("placement", self.placement, ("spread", "pack"))
+        check_choices(self)
         if self.node_resource is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", self.node_resource):
             raise ConfigError(
                 f"node_resource: {self.node_resource!r} is not a Ray resource name (e.g. 'rlfleet_buffer')"
             )
 
     def service_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``ReplayService.launch`` besides ``name`` and ``path``."""
+        """Keyword arguments for ``ReplayService.launch`` besides ``name``, ``path`` and
+        where the shards run (``nodes``, ``detached``, ``seed``, ``namespace``)."""
         return {
             "capacity": self.capacity,
             "num_shards": self.num_shards,
@@ -245,14 +256,14 @@ class LearnerConfig:
         checkpoint_every: learner steps between checkpoints.
     """
 
-    algorithm: str = "dqn"
+    algorithm: Literal["dqn", "sac"] = "dqn"
     num_learners: int = 1
     device: str = "cpu"
     batch_size: int = 256
     lr: float = 5e-4
     gamma: float = 0.99
     publish_every: int = 50
-    weight_transport: str = "distributed"
+    weight_transport: Literal["distributed", "object_store"] = "distributed"
     target_update_every: int = 500
     tau: float = 0.005
     double_dqn: bool = True
@@ -264,8 +275,7 @@ class LearnerConfig:
     checkpoint_every: int = 1000
 
     def __post_init__(self) -> None:
-        _one_of("algorithm", self.algorithm, ("dqn", "sac"))
-        _one_of("weight_transport", self.weight_transport, ("distributed", "object_store"))
+        check_choices(self)
         if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"device: {self.device!r} is not one of 'cpu', 'cuda', 'cuda:N'")
         for name in ("num_learners", "batch_size", "lr", "publish_every", "n_step", "checkpoint_every"):
@@ -317,7 +327,8 @@ class RunConfig:
     """One run: the whole YAML file.
 
     Attributes:
-        name: run name; names the replay service, the actors and the run directory.
+        name: the config's name; a run's directory is ``<run.dir>/<name>-<time>``, and
+            that directory's name names the run's replay service and actors.
         seed: seed of collectors (per actor and env, derived), learners and buffer.
     """
 
@@ -332,11 +343,7 @@ class RunConfig:
     run: RunSection = field(default_factory=RunSection)
 
     def __post_init__(self) -> None:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", self.name) or ".." in self.name:
-            raise ConfigError(
-                f"name: {self.name!r} must be 1-64 letters, digits, '_', '-' or '.', "
-                "start with a letter or digit, and hold no '..' (it names actors and directories)"
-            )
+        _checked_by(lambda: check_name(self.name, argument="name"))
         n_step = self.learner.n_step
         sampler = self.buffer.sampler
         if n_step > 1 and (sampler.type != "sequence" or sampler.length != n_step):

@@ -1,7 +1,7 @@
 """Checks ``rlfleet run`` makes before it starts actors, and the resume adjustments.
 
 Runs on the driver; pure functions of the config (and, for resume, of the buffer's
-schema on disk), so they are tested without Ray. Split from ``run.py`` so that the
+schema on disk), so they are tested without Ray. Split from ``job.py`` so that the
 run's main loop reads on its own.
 """
 

@@ -2,7 +2,7 @@
 
 On a terminal the display is one line rewritten in place; anywhere else (a log file, CI)
 it prints one plain line per update, so logs stay readable. Library code never calls
-this: :func:`rlfleet.launch.run.run` takes a ``progress`` callback and the command line
+this: :func:`rlfleet.launch.job.run` takes a ``progress`` callback and the command line
 passes :meth:`Progress.update`. Log records and the live line share the terminal: inside
 :meth:`Progress.keep_logs_apart` every log record first clears the live line, then the
 line is drawn again below the record, so neither lands on the end of the other.

@@ -21,18 +21,17 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from rlfleet.buffer import check_name
 from rlfleet.launch.config import RunConfig, dump_config, load_config
 
 __all__ = ["RunDir"]
 
 CONFIG_FILE = "config.yaml"
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 def _json_safe(value: Any) -> Any:
@@ -68,12 +67,7 @@ class RunDir:
             ValueError: ``name`` could escape ``root`` (the config's ``name`` rule applies).
             OSError: ``root`` cannot be created or written, naming it.
         """
-        if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or ".." in name:
-            raise ValueError(
-                f"run name {name!r} is not allowed: use 1-64 letters, digits, '_', '-' or '.', "
-                f"starting with a letter or digit, without '/' or '..' (it names a directory "
-                f"under run.dir)"
-            )
+        check_name(name, argument="run name")
         root = Path(root)
         try:
             root.mkdir(parents=True, exist_ok=True)

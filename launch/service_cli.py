@@ -7,8 +7,10 @@ machine; with none of them the command stops and says so, rather than attach to
 whichever Ray happens to run here. A detached service has to outlive the command that
 started it, so there is no embedded Ray. Joining goes through ``rlfleet.buffer.init_ray``
 and gives up after ``--connect-timeout`` seconds, naming the address and the cause (nothing
-listening, a refused token, other Ray/Python versions). Each command prints the cluster
-it joined on stderr and returns an exit code; errors print one line on stderr.
+listening, a refused token, other Ray/Python versions). Buffers and actors are looked up
+in one Ray namespace: ``--namespace`` (``serve``: the config's ``ray.namespace``), by
+default ``rlfleet``. Each command prints the cluster it joined on stderr and returns an
+exit code; errors print one line on stderr.
 """
 
 from __future__ import annotations
@@ -26,7 +28,12 @@ __all__ = [
 ]
 
 
-def _address_argument(parser: argparse.ArgumentParser) -> None:
+def _address_argument(parser: argparse.ArgumentParser, *, namespace: bool = True) -> None:
+    if namespace:
+        parser.add_argument(
+            "--namespace", default=None, metavar="NAME",
+            help="Ray namespace of the buffers and actors (a run's ray.namespace; default rlfleet)",
+        )
     parser.add_argument(
         "--address", default=None,
         help="Ray cluster to join: HOST:PORT, or 'auto' for the one `ray start` started on "
@@ -38,7 +45,17 @@ def _address_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _attach(address: str | None, timeout_s: float | None) -> None:
+def _namespace(args: argparse.Namespace) -> str:
+    """``--namespace``, checked by the name rule; exits with one line on stderr if bad."""
+    from rlfleet.buffer import DEFAULT_NAMESPACE, check_namespace
+
+    try:
+        return check_namespace(args.namespace or DEFAULT_NAMESPACE, argument="--namespace")
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from e
+
+
+def _attach(address: str | None, timeout_s: float | None, namespace: str) -> None:
     """Join the cluster (see the module docstring) and say which one on stderr.
 
     Exits with one line on stderr when there is no address or the join fails."""
@@ -46,7 +63,7 @@ def _attach(address: str | None, timeout_s: float | None) -> None:
     from rlfleet.buffer.cluster import DEFAULT_CONNECT_TIMEOUT_S
 
     try:
-        info = init_ray(address, namespace="rlfleet",
+        info = init_ray(address, namespace=namespace,
                         timeout_s=DEFAULT_CONNECT_TIMEOUT_S if timeout_s is None else timeout_s)
     except (ConnectionError, ValueError) as e:
         raise SystemExit(f"error: {e}") from e
@@ -64,15 +81,13 @@ def _fail(message: str) -> int:
 def serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="run config YAML (its name and buffer sections are used)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. buffer.num_shards=2")
-    _address_argument(parser)
+    _address_argument(parser, namespace=False)  # the config's ray.namespace
 
 
 def serve(args: argparse.Namespace) -> int:
     """Start (or reattach to) the config's replay service, detached, and print how to connect."""
-    from rlfleet.buffer import ReplayService
+    from rlfleet.buffer import DEFAULT_NAMESPACE, ReplayService, running_buffers
     from rlfleet.launch.config import load_config
-
-    from rlfleet.buffer.service import running_buffers
 
     overrides = list(args.overrides)
     if args.connect_timeout is not None:
@@ -83,13 +98,14 @@ def serve(args: argparse.Namespace) -> int:
         return _fail(str(e))
     buf = config.buffer
     path = (Path(buf.path) if buf.path else Path(config.run.dir) / config.name / "buffer").absolute()
-    _attach(args.address or config.ray.address, config.ray.connect_timeout_s)
+    namespace = config.ray.namespace
+    _attach(args.address or config.ray.address, config.ray.connect_timeout_s, namespace)
     import ray
 
-    if config.name in running_buffers():
+    if config.name in running_buffers(namespace):
         # A running service keeps its directory: reattaching with another buffer.path
         # would report a path the data is not in.
-        where = _running_path(config.name)
+        where = _running_path(config.name, namespace)
         if where is not None and where != path:
             return _fail(
                 f"buffer {config.name!r} already runs with its data under {where}, not under "
@@ -108,31 +124,31 @@ def serve(args: argparse.Namespace) -> int:
         nodes = list(plan.shard_nodes)
     try:
         service = ReplayService.launch(
-            config.name, path.absolute(), buf.capacity, buf.num_shards,
-            sampler=buf.sampler.to_mapping(), rate_limiter=buf.rate_limiter.to_mapping(),
-            durability=buf.durability, placement=buf.placement, nodes=nodes, detached=True,
-            overcommit=buf.overcommit, seed=config.seed,
+            config.name, path.absolute(), nodes=nodes, detached=True, seed=config.seed,
+            namespace=namespace, **buf.service_kwargs(),
         )
     except (ValueError, OSError) as e:
         return _fail(str(e))
     stats = service.client().stats()
-    where = _running_path(config.name) or path
+    where = _running_path(config.name, namespace) or path
     print(f"replay service {config.name!r}: {service.num_shards} shard(s) under {where}")
     print(_table(stats))
     address = ray.get_runtime_context().gcs_address
     print("connect from Python on the cluster:")
+    elsewhere = namespace != DEFAULT_NAMESPACE
+    connect = f"'{config.name}', namespace='{namespace}'" if elsewhere else f"'{config.name}'"
     print(f"    RAY_ADDRESS={address} RAY_AUTH_MODE=token python -c \"from rlfleet.buffer import "
-          f"BufferClient; c = BufferClient.connect('{config.name}'); print(len(c))\"")
-    print(f"stop it with: rlfleet stop {config.name}")
+          f"BufferClient; c = BufferClient.connect({connect}); print(len(c))\"")
+    print(f"stop it with: rlfleet stop {config.name}" + (f" --namespace {namespace}" if elsewhere else ""))
     return 0
 
 
-def _running_path(name: str) -> Path | None:
+def _running_path(name: str, namespace: str) -> Path | None:
     """The directory the running buffer ``name`` keeps its shards in (shard 0's parent)."""
     from rlfleet.buffer import BufferClient, BufferNotFound, ShardUnavailable
 
     try:
-        rows = BufferClient.connect(name).stats()["shards"]
+        rows = BufferClient.connect(name, namespace=namespace).stats()["shards"]
     except (BufferNotFound, ShardUnavailable):
         return None
     paths = [row["path"] for row in rows if row.get("path")]
@@ -160,7 +176,7 @@ def status(args: argparse.Namespace) -> int:
         return _fail(f"--watch {args.watch:g}: must be > 0 seconds")
     if args.iterations is not None and args.iterations < 1:
         return _fail(f"--iterations {args.iterations}: must be at least 1")
-    _attach(args.address, args.connect_timeout)
+    _attach(args.address, args.connect_timeout, _namespace(args))
     if args.watch is None:
         code, text = _status_once(args)
         if code:
@@ -188,21 +204,22 @@ def status(args: argparse.Namespace) -> int:
 
 def _status_once(args: argparse.Namespace) -> tuple[int, str]:
     """(0, the status text) or (1, an error message)."""
-    from rlfleet.buffer import BufferClient, BufferNotFound, ShardUnavailable
-    from rlfleet.buffer.service import running_buffers
+    from rlfleet.buffer import BufferClient, BufferNotFound, ShardUnavailable, running_buffers
     from rlfleet.launch.status import components_table, list_components, list_nodes, nodes_table
 
-    names = list(running_buffers())
-    components = list_components(args.name)
+    namespace = _namespace(args)
+    names = list(running_buffers(namespace))
+    components = list_components(args.name, namespace=namespace)
     if args.name is not None:
         if args.name not in names and not components:
-            return 1, f"no replay buffer named {args.name!r}; running: {', '.join(names) or 'none'}"
+            return 1, (f"no replay buffer named {args.name!r}; running: {', '.join(names) or 'none'} "
+                       f"(namespace {namespace!r}; another: --namespace)")
         names = [args.name] if args.name in names else []
     everything: dict[str, Any] = {}
     problems: dict[str, str] = {}
     for name in names:
         try:
-            everything[name] = BufferClient.connect(name, timeout_s=args.timeout_s).stats()
+            everything[name] = BufferClient.connect(name, namespace=namespace, timeout_s=args.timeout_s).stats()
         except BufferNotFound as e:  # stopped while we listed
             return 1, str(e)
         except ShardUnavailable as e:  # a shard is down: the components below say which
@@ -225,7 +242,7 @@ def _status_once(args: argparse.Namespace) -> tuple[int, str]:
 
 def _capacity(row: dict[str, Any]) -> str:
     """Rows, or a byte capacity whose row count the first batch has not fixed yet."""
-    from rlfleet.buffer.storage import human_bytes
+    from rlfleet.buffer.capacity import human_bytes
 
     if not row.get("capacity") and row.get("capacity_bytes"):
         return human_bytes(row["capacity_bytes"])
@@ -233,7 +250,7 @@ def _capacity(row: dict[str, Any]) -> str:
 
 
 def _table(stats: dict[str, Any]) -> str:
-    from rlfleet.buffer.storage import human_bytes
+    from rlfleet.buffer.capacity import human_bytes
 
     header = ["buffer", "shard", "node", "size", "capacity", "inserted", "sampled",
               "ins/s", "smp/s", "disk", "waiting i/s"]
@@ -278,9 +295,10 @@ def sample(args: argparse.Namespace) -> int:
 
     if args.n < 1:
         return _fail(f"-n {args.n}: must be at least 1")
-    _attach(args.address, args.connect_timeout)
+    namespace = _namespace(args)
+    _attach(args.address, args.connect_timeout, namespace)
     try:
-        batch = BufferClient.connect(args.name).sample(
+        batch = BufferClient.connect(args.name, namespace=namespace).sample(
             args.n, timeout_s=args.timeout_s, allow_partial=True)
     except (BufferNotFound, SampleTimeout, ShardUnavailable) as e:
         return _fail(str(e))
@@ -317,9 +335,10 @@ def stop(args: argparse.Namespace) -> int:
     """Stop a running buffer's shards; the data stays on disk unless --delete."""
     from rlfleet.buffer import BufferNotFound, ReplayService
 
-    _attach(args.address, args.connect_timeout)
+    namespace = _namespace(args)
+    _attach(args.address, args.connect_timeout, namespace)
     try:
-        ReplayService.shutdown(args.name, delete=args.delete)
+        ReplayService.shutdown(args.name, namespace=namespace, delete=args.delete)
     except (BufferNotFound, ValueError) as e:
         return _fail(str(e))
     print(f"stopped {args.name!r}" + (" and deleted its data" if args.delete else

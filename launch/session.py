@@ -1,4 +1,5 @@
-"""One session of ``rlfleet run``: the paced driver loop, its metrics, and its shutdown.
+"""One session of ``rlfleet run``: the paced driver loop, its stop rules, its metrics, and
+its shutdown (checkpoint, policy export, plot, summary).
 
 Runs on the driver, inside :func:`rlfleet.launch.run.run`, which starts the parts and
 hands them to a :class:`Session`; the session then holds everything that must be stopped
@@ -8,7 +9,7 @@ final checkpoint and policy, stops the learners and the service, and writes
 ``summary.json`` and ``returns.png``. Not thread-safe: one driver thread drives a session
 (``stop_event`` may be set from any thread).
 
-Split from ``run.py``: start-up (what to start, in which order) reads on its own there,
+Split from ``job.py``: start-up (what to start, in which order) reads on its own there,
 and the loop and shutdown share this one object.
 """
 
@@ -286,7 +287,10 @@ class Session:
                 )
             attempt("stopping the learners", self.group.shutdown)
         if self.service is not None:
-            attempt("stopping the replay service", lambda: ReplayService.shutdown(self.service_name))
+            attempt(
+                "stopping the replay service",
+                lambda: ReplayService.shutdown(self.service_name, namespace=config.ray.namespace),
+            )
         if self.placement is not None:
             attempt("removing the placement groups", self.placement.remove)
 

@@ -2,9 +2,10 @@
 buffer figures.
 
 Runs in any process attached to the cluster (the ``rlfleet status`` command, a notebook).
-rlfleet's actors carry readable names, ``rlfleet:<group>:<component>`` in namespace
-``rlfleet``, where the group is a run (or a buffer started by ``rlfleet serve``) and the
-component is ``shard-<k>``, ``collector-<i>``, ``collectors`` (the fleet's registry) or
+rlfleet's actors carry readable names, ``rlfleet:<group>:<component>``
+(``rlfleet.buffer.actor_name``) in one Ray namespace (``ray.namespace`` of a run,
+``rlfleet`` unless set), where the group is a run (or a buffer started by ``rlfleet
+serve``) and the component is ``shard-<k>``, ``collector-<i>``, ``collectors`` (the fleet's registry) or
 ``learner-<r>``. Ray's actor states map to four words::
 
     DEPENDENCIES_UNREADY, PENDING_CREATION -> starting
@@ -26,6 +27,8 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from rlfleet.buffer import DEFAULT_NAMESPACE, parse_actor_name
+
 __all__ = [
     "STATES",
     "Component",
@@ -36,7 +39,6 @@ __all__ = [
     "nodes_table",
 ]
 
-NAMESPACE = "rlfleet"
 STATES = {
     "DEPENDENCIES_UNREADY": "starting",
     "PENDING_CREATION": "starting",
@@ -44,7 +46,6 @@ STATES = {
     "RESTARTING": "restarting",
     "DEAD": "stopped",
 }
-_NAME_RE = re.compile(r"^rlfleet:(?P<group>[^:]+):(?P<component>[^:]+)$")
 _NIL_NODE = re.compile(r"^(0+|f+)?$", re.IGNORECASE)
 
 
@@ -99,32 +100,35 @@ def _actor_table() -> list[dict[str, Any]]:
     return list(state.actors().values())
 
 
-def _live_names() -> set[str]:
+def _live_names(namespace: str) -> set[str]:
     import ray
 
     return {
         entry["name"] for entry in ray.util.list_named_actors(all_namespaces=True)
-        if entry.get("namespace") == NAMESPACE
+        if entry.get("namespace") == namespace
     }
 
 
-def list_components(group: str | None = None) -> list[Component]:
+def list_components(group: str | None = None, *, namespace: str = DEFAULT_NAMESPACE) -> list[Component]:
     """rlfleet's actors on the cluster, sorted by group then component.
 
     Args:
         group: only this run or buffer (None: all).
+        namespace: the Ray namespace the actors were named in (``ray.namespace``).
 
-    Needs Ray initialised in this process.
+    Needs Ray initialised in this process. A stopped actor is listed by name only
+    (Ray's table of dead actors keeps no namespace), in groups that still have a live
+    actor in ``namespace``.
     """
     import ray
 
     ips = {n["NodeID"]: n.get("NodeManagerAddress") for n in ray.nodes()}
-    live = _live_names()
+    live = _live_names(namespace)
     latest: dict[str, dict[str, Any]] = {}
     for entry in _actor_table():
         name = entry.get("Name") or ""
-        match = _NAME_RE.match(name)
-        if not match or (group is not None and match["group"] != group):
+        parsed = parse_actor_name(name)
+        if parsed is None or (group is not None and parsed[0] != group):
             continue
         if entry.get("State") != "DEAD" and name not in live:
             continue  # same name in another namespace
@@ -133,17 +137,17 @@ def list_components(group: str | None = None) -> list[Component]:
         held = latest.get(name)
         if held is None or _rank(entry) > _rank(held):
             latest[name] = entry
-    live_groups = {_NAME_RE.match(n)["group"] for n, e in latest.items() if e.get("State") != "DEAD"}
+    live_groups = {parse_actor_name(n)[0] for n, e in latest.items() if e.get("State") != "DEAD"}
     out = []
     for name, entry in latest.items():
-        match = _NAME_RE.match(name)
-        if match["group"] not in live_groups:
+        group_name, component = parse_actor_name(name)
+        if group_name not in live_groups:
             continue
         node = (entry.get("Address") or {}).get("NodeID") or ""
         node_id = None if _NIL_NODE.match(node) else node
         running = entry.get("State") == "ALIVE"
         out.append(Component(
-            group=match["group"], component=match["component"], actor_name=name,
+            group=group_name, component=component, actor_name=name,
             state=STATES.get(entry.get("State", ""), "unknown"), ray_state=entry.get("State", "?"),
             node_id=node_id, node_ip=ips.get(node_id) if node_id else None,
             restarts=int(entry.get("NumRestarts") or 0),

@@ -16,7 +16,23 @@ from tensordict import TensorDict
 
 from rlfleet.buffer import BufferFormatError, ReplayBuffer, SchemaMismatch
 from rlfleet.buffer.indices import MAX_COUNTER, counter_of, tag_of, with_tag
-from rlfleet.buffer.storage import parse_capacity
+from rlfleet.buffer.capacity import parse_capacity
+
+
+def set_counters(rb: ReplayBuffer, start: int, end: int) -> None:
+    """Move an EMPTY buffer's window to ``[start, start)`` (tests of large counters;
+    ``start`` at most ``indices.MAX_COUNTER``): the header words and the window, as a
+    buffer that had inserted ``start`` rows and lost them all would hold them."""
+    w = rb._window
+    with rb._write_lock, w.lock:
+        if w.end != w.start or start != end:
+            raise ValueError("set_counters: only an empty window can be moved")
+        if not 0 <= start <= MAX_COUNTER:
+            raise ValueError(f"set_counters: start={start} is not in [0, 2**44]")
+        rb._header.start = rb._header.end = start
+        w.start = w.end = start
+        if rb._columns is not None:
+            rb._columns.reserved = rb.capacity
 
 
 def counters(index) -> np.ndarray:
@@ -142,7 +158,7 @@ def test_counters_pass_2_to_the_31_and_reach_2_to_the_44(tmp_path):
     path2 = tmp_path / "b2"
     with ReplayBuffer.create(path2, capacity=7, sampler="prioritized") as rb:
         rb.extend(rows(0, 0))
-        rb._set_counters_for_test(start, start)
+        set_counters(rb, start, start)
         idx = rb.extend(rows(start, 10))
         assert counters(idx).tolist() == list(range(start, start + 10))
         assert rb.total_inserted == 2**31 + 5 and len(rb) == 7
@@ -162,7 +178,7 @@ def test_counters_pass_2_to_the_31_and_reach_2_to_the_44(tmp_path):
     path3 = tmp_path / "b3"
     with ReplayBuffer.create(path3, capacity=4, sampler="prioritized") as rb:
         rb.extend(rows(0, 0))
-        rb._set_counters_for_test(MAX_COUNTER - 6, MAX_COUNTER - 6)
+        set_counters(rb, MAX_COUNTER - 6, MAX_COUNTER - 6)
         idx = rb.extend(rows(0, 6))
         assert counters(idx).tolist() == list(range(MAX_COUNTER - 6, MAX_COUNTER))
         assert (tag_of(idx.numpy()) == rb.index_tag).all()  # the counter never reaches the tag
@@ -179,7 +195,7 @@ def test_counters_pass_2_to_the_31_and_reach_2_to_the_44(tmp_path):
         assert drawn.min() >= MAX_COUNTER - 4 and drawn.max() <= MAX_COUNTER - 1
     with pytest.raises(ValueError, match=r"start=17592186044417 is not in \[0, 2\*\*44\]"):
         with ReplayBuffer.create(tmp_path / "b4", capacity=4) as rb:
-            rb._set_counters_for_test(MAX_COUNTER + 1, MAX_COUNTER + 1)
+            set_counters(rb, MAX_COUNTER + 1, MAX_COUNTER + 1)
 
 
 @pytest.mark.parametrize(
@@ -190,6 +206,10 @@ def test_counters_pass_2_to_the_31_and_reach_2_to_the_44(tmp_path):
         ("500GB", (None, 500 * 10**9)),
         ("2TiB", (None, 2 * 2**40)),
         ("1.5 MB", (None, 1_500_000)),
+        ("1e6", (1_000_000, None)),
+        ("2.5E3", (2500, None)),
+        ("1e3GB", (None, 10**12)),
+        ("1_000GB", (None, 10**12)),
     ],
 )
 def test_parse_capacity(capacity, expected):
@@ -205,6 +225,8 @@ def test_parse_capacity(capacity, expected):
         ("12 parsecs", r"not a row count or a size"),
         (True, r"expected a row count"),
         (1.5, r"expected a row count"),
+        ("1.5e0", r"capacity='1.5e0': a row count must be a whole number"),
+        ("2.5", r"capacity='2.5': a row count must be a whole number"),
     ],
 )
 def test_bad_capacity(tmp_path, capacity, message):

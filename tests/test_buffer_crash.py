@@ -141,11 +141,20 @@ def run_trials(path: Path, trials: int, *, sampler: str, durability: str, capaci
     proc = subprocess.Popen(
         [sys.executable, str(WRITER), str(path), str(capacity), sampler, durability],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
+        start_new_session=True,  # its own process group: the watchdog kills its child too
     )
     rng = random.Random(seed)
     figures = Figures()
-    # a writer that stops answering (a deadlock) is killed, so readline ends, not hangs
-    watchdog = threading.Timer(60.0 + 3.0 * trials, proc.kill)
+
+    def kill_all() -> None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    # a writer that stops answering (a deadlock) is killed with its forked child (which
+    # holds the pipe open too), so readline ends, not hangs
+    watchdog = threading.Timer(60.0 + 3.0 * trials, kill_all)
     watchdog.start()
 
     def command(text: str) -> None:
@@ -207,7 +216,7 @@ def run_trials(path: Path, trials: int, *, sampler: str, durability: str, capaci
     finally:
         watchdog.cancel()
         if proc.poll() is None:
-            proc.kill()
+            kill_all()
             proc.wait()
     return figures
 

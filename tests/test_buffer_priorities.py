@@ -1,6 +1,6 @@
 """Priority updates on real buffers: live rows stored, overwritten rows skipped and
 counted, bad input refused whole; indices of another buffer or of an earlier buffer at
-the same path refused; the numba kernel and the numpy fallback agree."""
+the same path refused; the compiled update follows ``priorities.split_update``'s rules."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import torch
 
 from rlfleet.buffer import ReplayBuffer, StaleIndexError
 from rlfleet.buffer.indices import MAX_COUNTER, counter_of, with_shard, with_tag
+from rlfleet.buffer.priorities import split_update
 from rlfleet.buffer.sumtree import SumTree
 
 ALPHA = 0.6
@@ -30,18 +31,12 @@ def stored_priorities(rb: ReplayBuffer) -> np.ndarray:
     return prio
 
 
-@pytest.mark.parametrize("backend", ["numba", "numpy"])
-def test_full_ring_updates_store_every_live_row_and_skip_the_overwritten(tmp_path, backend):
+def test_full_ring_updates_store_every_live_row_and_skip_the_overwritten(tmp_path):
     capacity, rounds = 10_000, 40
     rng = np.random.default_rng(0)
     sampler = {"type": "prioritized", "alpha": ALPHA, "beta": 0.4}
     with ReplayBuffer.create(tmp_path / "b", capacity=capacity, sampler=sampler, seed=1) as rb:
         rb.extend_arrays(rows(0, 2048))
-        if backend == "numpy":  # the path a machine without numba takes, on the same leaves
-            tree = SumTree(capacity, backend="numpy")
-            tree.rebuild(rb._sampler.tree.levels[0][:capacity].copy())
-            rb._sampler.tree = tree
-        assert rb._sampler.tree.backend == backend
         stored = skipped_total = 0
         for r in range(rounds):
             index = rb.sample_arrays(128)[("index",)]
@@ -190,13 +185,14 @@ def test_an_index_of_an_earlier_buffer_at_the_same_path_is_refused(tmp_path, sam
         assert rb.update_priority(rb.sample(8)["index"], torch.ones(8)) == 0
 
 
-def test_numba_kernel_and_numpy_fallback_agree(tmp_path):
-    """The same updates (live, overwritten, duplicates, refusals) on both backends leave
-    the same priorities and leaves and return the same results."""
+def test_the_update_kernel_follows_split_update_rules(tmp_path):
+    """The same updates (live, overwritten, duplicates, refusals) through the compiled
+    kernel and through the rule written out with ``priorities.split_update`` leave the
+    same priorities and leaves and return the same results."""
     capacity, tag = 97, 1234
     rng = np.random.default_rng(3)
-    trees = {b: SumTree(capacity, backend=b) for b in ("numba", "numpy")}
-    prios = {b: np.zeros(capacity) for b in trees}
+    tree = SumTree(capacity)
+    prios, expected = np.zeros(capacity), np.zeros(capacity)
     start, end = 0, 0
     for step in range(300):
         end += int(rng.integers(1, 60))
@@ -208,15 +204,19 @@ def test_numba_kernel_and_numpy_fallback_agree(tmp_path):
             priority[rng.integers(len(priority))] = np.nan
         if step % 13 == 0:
             index[0] = with_shard(index[:1], 1)[0]
-        results = {b: trees[b].update_rows(prios[b], index, priority, ALPHA, tag, start, end, np.inf)
-                   for b in trees}
-        assert results["numba"] == results["numpy"], step
-        if results["numba"] is not None:
-            live = counter_of(index) >= start
-            assert results["numba"][1] == int(np.count_nonzero(~live))
-        assert np.array_equal(prios["numba"], prios["numpy"])
-        np.testing.assert_allclose(trees["numba"].levels[0], trees["numpy"].levels[0], rtol=1e-15)
-        assert trees["numba"].total == pytest.approx(trees["numpy"].total, rel=1e-12)
+        result = tree.update_rows(prios, index, priority, ALPHA, tag, start, end, np.inf)
+        split = split_update(index, priority, tag, start, end, np.inf)
+        if split is None:
+            assert result is None, step
+        else:
+            live_counters, live_priority, skipped = split
+            expected[live_counters % capacity] = live_priority  # the last one listed wins
+            top = float(live_priority.max()) if len(live_priority) else 0.0
+            assert result == (top, skipped), step
+            assert skipped == int(np.count_nonzero(counter_of(index) < start))
+        assert np.array_equal(prios, expected)
+        np.testing.assert_allclose(tree.levels[0][:capacity], expected ** ALPHA, rtol=1e-15)
+        assert tree.total == pytest.approx((expected ** ALPHA).sum(), rel=1e-12)
 
 
 def test_a_td_error_shaped_n_by_1_is_taken_as_one_priority_per_row(tmp_path):

@@ -9,7 +9,8 @@ from tensordict import TensorDict
 
 from rlfleet.buffer import ReplayBuffer, SchemaMismatch, StaleIndexError
 from rlfleet.buffer.indices import counter_of, with_tag
-from rlfleet.buffer.samplers import parse_sampler_spec, uniform_indices
+from rlfleet.buffer.samplers import uniform_indices
+from rlfleet.buffer.sampling import check_sampler
 from rlfleet.buffer.sumtree import SumTree
 
 
@@ -56,14 +57,16 @@ def test_prioritized_frequencies_match_priorities(tmp_path):
         probs = prio[live] ** alpha / (prio[live] ** alpha).sum()
         assert chi_square(counts[live], probs) < CHI2_999[4]
         assert np.array_equal(batch[("x",)], ctr(batch[("index",)]))
-        # unnormalised weights: (N * P(i)) ** -beta with N = 6 live rows
+        # weights: (N * P(i)) ** -beta over the batch max, N = 6 live rows
         p_i = prio ** alpha / (prio ** alpha).sum()
-        expected = (6 * p_i[ctr(batch[("index",)])]) ** -0.5
-        np.testing.assert_allclose(batch[("weight",)], expected, rtol=1e-12)
+        raw = (6 * p_i[ctr(batch[("index",)])]) ** -0.5
+        np.testing.assert_allclose(batch[("weight",)], raw / raw.max(), rtol=1e-6)
+        assert batch[("weight",)].dtype == np.float32
         assert rb.priority_mass == pytest.approx((prio ** alpha).sum(), rel=1e-12)
-        # caller-supplied totals (a sharded buffer passes the whole service's)
-        out = rb.sample_arrays(10, total_mass=100.0, total_size=1000)
-        np.testing.assert_allclose(out[("weight",)], (1000 * prio[ctr(out[("index",)])] ** alpha / 100.0) ** -0.5)
+        # what a shard returns: the rows' sampling masses p**alpha, no weights
+        out, mass = rb.draw_arrays(10)
+        assert ("weight",) not in out
+        np.testing.assert_allclose(mass, prio[ctr(out[("index",)])] ** alpha, rtol=1e-12)
         td = rb.sample(64)
         assert td["weight"].dtype == torch.float32 and float(td["weight"].max()) == 1.0
 
@@ -152,9 +155,16 @@ def test_sequences_stay_inside_one_episode(tmp_path):
             assert int(idx.max()) < rb.total_inserted
 
 
-def test_compiled_and_numpy_sequence_checks_keep_the_same_slices(tmp_path):
-    """The numba slice picker (the default) and the numpy check agree on every start of a
-    wrapped ring, including slices across the ring's end and across a step hole."""
+def accepted(idx: np.ndarray, read) -> np.ndarray:
+    """The rule, in numpy: a slice ``[n, L]`` is kept when its rows share one episode and
+    ``step`` rises by exactly 1 along it."""
+    episode, step = read(("episode_id",), idx), read(("step",), idx)
+    return (episode == episode[:, :1]).all(axis=1) & (np.diff(step, axis=1) == 1).all(axis=1)
+
+
+def test_the_compiled_sequence_check_keeps_exactly_the_valid_slices(tmp_path):
+    """The numba slice picker keeps, in order, every start of a wrapped ring whose slice
+    passes the rule, including slices across the ring's end and across a step hole."""
     length, capacity = 4, 97
     rng = np.random.default_rng(5)
     with ReplayBuffer.create(tmp_path / "b", capacity=capacity, sampler={"type": "sequence", "length": length}) as rb:
@@ -171,10 +181,9 @@ def test_compiled_and_numpy_sequence_checks_keep_the_same_slices(tmp_path):
             row += len(batch)
             episode += len(lengths)
         sampler = rb._sampler
-        assert sampler._picker is not None  # numba is a dependency: the compiled path runs
         start = rb.total_inserted - len(rb)
         idx = np.arange(start, rb.total_inserted - length + 1)[:, None] + np.arange(length)
-        by_numpy = idx[sampler.accept(idx, rb._reader.read_column)]
+        by_numpy = idx[accepted(idx, rb._reader.read_column)]
         compiled = sampler.keep(idx, len(idx), rb._reader.read_column)
         assert np.array_equal(compiled, by_numpy)
         assert 0 < len(compiled) < len(idx)
@@ -184,8 +193,6 @@ def test_compiled_and_numpy_sequence_checks_keep_the_same_slices(tmp_path):
         wraps = (compiled[:, 0] % capacity) > capacity - length
         assert wraps.any(), "no kept slice crosses the ring's end: the case is not covered"
         assert np.array_equal(sampler.keep(idx, 5, rb._reader.read_column), by_numpy[:5])
-        sampler._picker = None  # the path a machine without numba takes
-        assert np.array_equal(sampler.keep(idx, len(idx), rb._reader.read_column), by_numpy)
 
 
 def test_sequence_errors(tmp_path):
@@ -219,17 +226,37 @@ def test_bad_sampler_specs(tmp_path, spec, message):
 
 
 def test_sampler_spec_defaults_are_stored():
-    assert parse_sampler_spec("prioritized") == {"type": "prioritized", "alpha": 0.6, "beta": 0.4}
-    assert parse_sampler_spec({"type": "sequence"}) == {"type": "sequence", "length": 8}
-    assert parse_sampler_spec({"type": "uniform"}) == {"type": "uniform"}
+    assert check_sampler("prioritized") == {"type": "prioritized", "alpha": 0.6, "beta": 0.4}
+    assert check_sampler({"type": "sequence"}) == {"type": "sequence", "length": 8}
+    assert check_sampler({"type": "uniform"}) == {"type": "uniform"}
+    assert check_sampler({"type": "prioritized", "alpha": 1}) == {"type": "prioritized", "alpha": 1.0, "beta": 0.4}
 
 
-@pytest.mark.parametrize("backend", ["numba", "numpy"])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("reservoir", "sampler type 'reservoir' is unknown; choose one of uniform, without_replacement, "
+                      "prioritized, sequence"),
+        ({"type": "prioritized", "gamma": 1}, "sampler 'prioritized' has no parameter 'gamma'; it takes "
+                                              "['alpha', 'beta']"),
+        ({"type": "prioritized", "alpha": -1}, "sampler alpha=-1: must be a finite number >= 0 (default 0.6)"),
+        ({"type": "prioritized", "beta": True}, "sampler beta=True: must be a finite number >= 0 (default 0.4)"),
+        ({"type": "sequence", "length": 2.0}, "sampler length=2.0: must be an integer >= 1 (rows per slice; "
+                                              "default 8)"),
+        ({"alpha": 0.5}, "sampler type None is unknown; choose one of uniform, without_replacement, "
+                         "prioritized, sequence"),
+    ],
+)
+def test_check_sampler_names_the_key_the_value_and_the_range(spec, message):
+    with pytest.raises(ValueError) as info:
+        check_sampler(spec)
+    assert str(info.value) == message
+
+
 @pytest.mark.parametrize("size", [1, 7, 16, 17, 256, 257, 1000, 70_000])
-def test_sumtree_find_matches_cumsum(size, backend):
+def test_sumtree_find_matches_cumsum(size):
     rng = np.random.default_rng(size)
-    tree = SumTree(size, backend=backend)
-    assert tree.backend == backend
+    tree = SumTree(size)
     values = rng.random(size) * (rng.random(size) > 0.3)
     tree.set(np.arange(size), values)
     if size > 2:
@@ -243,7 +270,7 @@ def test_sumtree_find_matches_cumsum(size, backend):
     assert np.array_equal(tree.find(u), expected)
     slots, leaf = tree.draw(u)
     assert np.array_equal(slots, expected) and np.array_equal(leaf, values[expected])
-    rebuilt = SumTree(size, backend=backend)
+    rebuilt = SumTree(size)
     rebuilt.rebuild(values)
     assert rebuilt.total == pytest.approx(tree.total, rel=1e-12)
     assert np.array_equal(rebuilt.find(u), expected)
@@ -260,18 +287,13 @@ def test_sumtree_find_matches_cumsum(size, backend):
 
 
 def test_sumtree_end_of_range_lands_on_last_positive_leaf():
-    tree = SumTree(40, backend="numba")
+    tree = SumTree(40)
     values = np.zeros(40)
     values[[3, 20]] = [1.0, 2.0]
     tree.rebuild(values)
     slots, leaf = tree.draw(np.array([0.0, 0.999, 1.0, 2.999, 3.0, 3.5, 1e9]))
     assert slots.tolist() == [3, 3, 20, 20, 20, 20, 20]
     assert leaf.tolist() == [1.0, 1.0, 2.0, 2.0, 2.0, 2.0, 2.0]
-
-
-def test_sumtree_rejects_unknown_backend():
-    with pytest.raises(ValueError, match=r"backend='gpu' is not one of numba, numpy"):
-        SumTree(8, backend="gpu")
 
 
 def test_open_can_switch_sampler(tmp_path):
@@ -299,3 +321,34 @@ def test_uniform_scaling_never_reaches_the_span(span):
     assert int(np.float64(largest) * span) == span - 1
     idx = uniform_indices(np.random.default_rng(0), 10_000, 7, 7 + span)
     assert idx.min() >= 7 and idx.max() <= 7 + span - 1
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.4, 1.0])
+def test_sample_and_sample_arrays_give_the_same_weights_for_the_same_draw(tmp_path, beta):
+    """One meaning of ``weight``: ``sample``, ``sample(out=)`` and ``sample_arrays`` of
+    the same draw (same seed, same state) return the same float32 weights, normalised by
+    the batch max; a sharded client computes them with the same function."""
+    spec = {"type": "prioritized", "alpha": 0.7, "beta": beta}
+    got = {}
+    for how in ("sample", "out", "arrays"):
+        with ReplayBuffer.create(tmp_path / how, capacity=64, sampler=spec, seed=3) as rb:
+            rb.extend(rows(0, 40))
+            rb.update_priority(ix(rb, range(40)), np.linspace(0.1, 4.0, 40))
+            if how == "sample":
+                td = rb.sample(256)
+                got[how] = (td["index"].numpy(), td["weight"].numpy())
+            elif how == "out":
+                td = rb.sample(256)
+                rb.sample(256, out=td)
+                got[how] = (td["index"].numpy().copy(), td["weight"].numpy().copy())
+            else:
+                rb.sample_arrays(256)  # the same number of draws before, as "out" made
+                out = rb.sample_arrays(256)
+                got[how] = (out[("index",)], out[("weight",)])
+    assert np.array_equal(ctr(got["out"][0]), ctr(got["arrays"][0]))  # the same draw
+    np.testing.assert_array_equal(got["out"][1], got["arrays"][1])
+    assert got["sample"][1].dtype == got["arrays"][1].dtype == np.float32
+    index, weight = got["sample"]
+    mass = (np.linspace(0.1, 4.0, 40) ** 0.7)[ctr(index)]
+    np.testing.assert_allclose(weight, (mass.min() / mass) ** beta, rtol=1e-6)
+    assert weight.max() == 1.0

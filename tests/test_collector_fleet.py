@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import re
 import time
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
+
+import waiting
 import torch
 
 from rlfleet.buffer import ReplayService
@@ -26,20 +26,15 @@ KEYS = {
 }
 
 
-def run_config(name, env, **collector):
+def make_fleet(name, buffer, env, *, max_frames=None, namespace="rlfleet", **collector):
     collector = {"num_workers": 2, "frames_per_batch": 64, "init_random_frames": 256, **collector}
-    return SimpleNamespace(name=name, seed=0, env=env, collector=CollectorConfig(**collector),
-                           policy=PolicyConfig(hidden=(16,)))
+    return CollectorFleet(name, buffer, env=env, collector=CollectorConfig(**collector),
+                          policy=PolicyConfig(hidden=(16,)), seed=0, max_frames=max_frames, namespace=namespace)
+
 
 
 def wait_for(predicate, timeout_s=90.0, what="condition"):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+    return waiting.wait_for(predicate, timeout_s, what, poll_s=0.2)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +42,7 @@ def cartpole(ray_cluster, tmp_path_factory):
     svc = ReplayService.launch("collect-cartpole", tmp_path_factory.mktemp("cartpole"),
                                capacity=200_000, detached=False)
     client = svc.client()
-    fleet = CollectorFleet(run_config("fleet-cartpole", EnvConfig(num_envs=4)), client)
+    fleet = make_fleet("fleet-cartpole", client, EnvConfig(num_envs=4))
     fleet.start()
     yield fleet, client
     fleet.stop()
@@ -161,6 +156,7 @@ def test_dead_collector_is_recreated_by_health_check(cartpole):
     assert fleet.stats()["restarts"] == before + 1
 
 
+@pytest.mark.slow  # about 45 s of Ray actors; the default run keeps the plain-class tests
 def test_counting_env_rows_survive_a_restart_intact(ray_cluster, tmp_path):
     import ray
 
@@ -169,8 +165,8 @@ def test_counting_env_rows_survive_a_restart_intact(ray_cluster, tmp_path):
     env = EnvConfig(id=COUNTING, kwargs={"max_length": MAX_LEN}, num_envs=3)
     # reports after every batch: the restarted collector's carried frame count is exact
     # to a batch (with the default interval it may lag the rows by up to one interval)
-    fleet = CollectorFleet(run_config("fleet-counting", env, num_workers=1, frames_per_batch=30,
-                                      init_random_frames=0, report_interval_s=0.0), "collect-counting")
+    fleet = make_fleet("fleet-counting", "collect-counting", env, num_workers=1, frames_per_batch=30,
+                       init_random_frames=0, report_interval_s=0.0)
     try:
         fleet.start()
         wait_for(lambda: all(c is not None and c["batches"] >= 3 for c in fleet.stats()["collectors"]),
@@ -220,7 +216,7 @@ def svc_rows(path, size):
 def test_registry_grants_whole_batches_until_the_budget_is_covered():
     """FleetRegistry on its own (a plain class): grants, the even share near the end, and
     a restarted collector's unused grant going back to the budget."""
-    from rlfleet.collector.remote import FleetRegistry
+    from rlfleet.collector.registry import FleetRegistry
 
     reg = FleetRegistry("grants", num_collectors=2, max_frames=1000)
     assert reg.register(0)["budget"] is True and reg.register(1)["budget_spent"] is False
@@ -243,16 +239,25 @@ def test_registry_grants_whole_batches_until_the_budget_is_covered():
     assert no_budget.grant(0, 7, 64) == 7 and not no_budget.budget_spent()
 
 
+@pytest.mark.slow  # about 45 s of Ray actors; the default run keeps the plain-class tests
 def test_max_frames_stops_the_fleet_by_itself(ray_cluster, tmp_path):
     """The budget holds with no driver call after start: no pause, stop or stats."""
+    import ray
+
     svc = ReplayService.launch("collect-budget", tmp_path, capacity=20_000, detached=False)
     client = svc.client()
-    fleet = CollectorFleet(run_config("fleet-budget", EnvConfig(num_envs=4)), client, max_frames=1000)
+    # in a namespace of its own: every actor of the fleet lives there (the buffer's client
+    # keeps its own namespace)
+    fleet = make_fleet("fleet-budget", client, EnvConfig(num_envs=4), max_frames=1000, namespace="rlfleet-budget")
     batch = 64  # 4 envs x 16 steps
     try:
         fleet.start()
         wait_for(lambda: [c and c["state"] for c in fleet.stats()["collectors"]] == ["done", "done"],
                  what="both collectors done")
+        found = {(a["namespace"], a["name"]) for a in ray.util.list_named_actors(all_namespaces=True)
+                 if a["name"].startswith("rlfleet:fleet-budget:")}
+        assert found == {("rlfleet-budget", f"rlfleet:fleet-budget:{c}")
+                         for c in ("collectors", "collector-0", "collector-1")}
         stats = fleet.stats()
         assert stats["max_frames"] == 1000
         # the registry granted whole batches until they covered 1000 frames: 16 of 64
@@ -269,11 +274,14 @@ def test_max_frames_stops_the_fleet_by_itself(ray_cluster, tmp_path):
 
 def test_object_store_receiver_can_be_attached_again(cartpole):
     fleet, _ = cartpole
-    with pytest.raises(ValueError, match=r"weight receiver kind 'carrier-pigeon': must be one of \['object_store', 'distributed'\]"):
+    with pytest.raises(ValueError, match=r"weight transport kind = 'carrier-pigeon': must be one of \['object_store', 'distributed'\]"):
         fleet.attach_weight_receiver("carrier-pigeon")
-    fleet.attach_weight_receiver("object_store", timeout_s=2.0)  # fleet= defaults to this fleet
+    with pytest.raises(ValueError, match=r"attach_weight_receiver: fleet = 'other', but this fleet's fleet is 'fleet-cartpole'"):
+        fleet.attach_weight_receiver("object_store", fleet="other")
+    fleet.attach_weight_receiver("object_store", fleet=fleet.name, timeout_s=2.0)  # its own name: fine
     version = fleet.stats()["policy_version"] + 1
-    fleet.set_weights(fleet._template.state_dict(), version)
+    assert fleet.set_weights(fleet._template.state_dict(), version)
+    assert not fleet.set_weights(fleet._template.state_dict(), version)  # not newer: nothing moves
     wait_for(lambda: fleet.stats()["policy_version"] == version, what="weights through the new receiver")
 
 
@@ -286,8 +294,7 @@ def test_gpu_fleet_collects_on_cuda(ray_cluster, tmp_path):
         pytest.skip("the Ray cluster has no GPU")
     ReplayService.launch("collect-gpu", tmp_path / "buf", capacity=10_000, detached=False)
     env = EnvConfig(id=COUNTING, kwargs={"max_length": MAX_LEN}, num_envs=4)
-    fleet = CollectorFleet(run_config("fleet-gpu", env, device="cuda", num_gpus=0.25, init_random_frames=0),
-                           "collect-gpu")
+    fleet = make_fleet("fleet-gpu", "collect-gpu", env, device="cuda", num_gpus=0.25, init_random_frames=0)
     try:
         fleet.start()
         wait_for(lambda: fleet.stats()["frames"] >= 512, what="frames from GPU collectors")
@@ -304,27 +311,54 @@ def test_gpu_fleet_collects_on_cuda(ray_cluster, tmp_path):
 def test_bad_input_is_refused_before_any_actor_starts(ray_cluster):
     import ray
 
-    cases = [
-        (run_config("bad-env", EnvConfig(id="CartPol-v1")), ValueError, r"env.id 'CartPol-v1' is not a registered gymnasium id \(close matches: \['CartPole-v1'"),
-        (run_config("bad-obs", EnvConfig(id="FrozenLake-v1")), ValueError, r"observation space Discrete\(16\) is not supported"),
-        (run_config("bad-expl", EnvConfig(id="Pendulum-v1")), ValueError, r"exploration.type = 'epsilon_greedy' does not fit the action space Box"),
-        (run_config("bad-name/x", EnvConfig()), ValueError, r"config.name = 'bad-name/x'"),
-    ]
+    good = {"env": EnvConfig(), "collector": CollectorConfig(num_workers=1), "policy": PolicyConfig(hidden=(16,))}
+    cases = {
+        "unknown env": ({"env": EnvConfig(id="CartPol-v1")},
+                        r"env.id 'CartPol-v1' is not a registered gymnasium id \(close matches: \['CartPole-v1'"),
+        "observation space": ({"env": EnvConfig(id="FrozenLake-v1")}, r"observation space Discrete\(16\) is not supported"),
+        "exploration": ({"env": EnvConfig(id="Pendulum-v1")},
+                        r"exploration.type = 'epsilon_greedy' does not fit the action space Box"),
+        "name": ({"name": "bad-name/x"}, r"name = 'bad-name/x': use 1-64 letters, digits, '_', '.' or '-'"),
+        "dotted name": ({"name": "bad..x"}, r"name = 'bad..x': use 1-64 letters"),
+        "namespace": ({"namespace": "no space"}, r"namespace = 'no space': use 1-64 letters"),
+        "seed": ({"seed": -1}, r"seed = -1: must be an integer >= 0"),
+        "env type": ({"env": {"id": "CartPole-v1"}}, r"env must be of type EnvConfig, got dict"),
+        "incarnation": ({"first_incarnation": 2**16}, r"first_incarnation = 65536: must be an int in \[0, 65536\)"),
+        **{f"max_frames {bad!r}": ({"max_frames": bad}, rf"max_frames = {re.escape(repr(bad))}: must be an int >= 1")
+           for bad in (0, -5, 2.5, True, "1000")},
+    }
     if not torch.cuda.is_available() and ray.cluster_resources().get("GPU", 0) == 0:
-        cases.append((run_config("bad-dev", EnvConfig(), device="cuda", num_gpus=0.5), ValueError,
-                      r"collector.device = 'cuda' but the Ray cluster has no GPU"))
-    for config, error, match in cases:
-        with pytest.raises(error, match=match):
-            CollectorFleet(config, "no-buffer-needed")
-    with pytest.raises(ValueError, match=r"first_incarnation = 65536: must be an int in \[0, 65536\)"):
-        CollectorFleet(run_config("bad-inc", EnvConfig()), "no-buffer-needed", first_incarnation=2**16)
-    for bad in (0, -5, 2.5, True, "1000"):
-        with pytest.raises(ValueError, match=rf"max_frames = {re.escape(repr(bad))}: must be an int >= 1"):
-            CollectorFleet(run_config("bad-budget", EnvConfig()), "no-buffer-needed", max_frames=bad)
+        cases["device"] = ({"collector": CollectorConfig(num_workers=1, device="cuda", num_gpus=0.5)},
+                           r"collector.device = 'cuda' but the Ray cluster has no GPU")
+    for case, (changes, match) in cases.items():
+        kwargs = {"name": "bad-fleet", **good, **changes}
+        with pytest.raises(ValueError, match=match):
+            CollectorFleet(kwargs.pop("name"), "no-buffer-needed", **kwargs)
+            pytest.fail(f"case {case!r} was accepted")
     names = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
-    assert not any(n.startswith(("rlfleet:bad-", "rlfleet:bad")) for n in names)
+    assert not any(n.startswith("rlfleet:bad") for n in names)
     with pytest.raises(ValueError, match=r"env.num_envs = 0: must be an integer >= 1"):
         EnvConfig(num_envs=0)
+
+
+def test_a_name_is_taken_within_its_namespace_only(ray_cluster):
+    import ray
+
+    kwargs = {"env": EnvConfig(num_envs=2), "collector": CollectorConfig(num_workers=1),
+              "policy": PolicyConfig(hidden=(16,))}
+    fleets = [CollectorFleet("fleet-ns", "no-buffer-needed", **kwargs),
+              CollectorFleet("fleet-ns", "no-buffer-needed", namespace="rlfleet-other", **kwargs)]
+    try:
+        with pytest.raises(ValueError, match=r"name = 'fleet-ns': a collector fleet of that name is running "
+                           r"in namespace 'rlfleet-other'; stop it or pick another name"):
+            CollectorFleet("fleet-ns", "no-buffer-needed", namespace="rlfleet-other", **kwargs)
+        found = {(a["namespace"], a["name"]) for a in ray.util.list_named_actors(all_namespaces=True)
+                 if a["name"].startswith("rlfleet:fleet-ns:")}
+        assert found == {("rlfleet", "rlfleet:fleet-ns:collectors"), ("rlfleet-other", "rlfleet:fleet-ns:collectors")}
+        assert [f.namespace for f in fleets] == ["rlfleet", "rlfleet-other"]
+    finally:
+        for f in fleets:
+            f.stop()
 
 
 def test_actor_construction_failure_is_reported_and_cleaned_up(ray_cluster):
@@ -332,7 +366,7 @@ def test_actor_construction_failure_is_reported_and_cleaned_up(ray_cluster):
 
     # The driver can build the env; the buffer does not exist, so each actor's
     # BufferClient.connect fails inside the actor.
-    fleet = CollectorFleet(run_config("fleet-nobuf", EnvConfig(num_envs=1), num_workers=1), "no-such-buffer")
+    fleet = make_fleet("fleet-nobuf", "no-such-buffer", EnvConfig(num_envs=1), num_workers=1)
     with pytest.raises(CollectorError, match=r"collector fleet 'fleet-nobuf': an actor failed to start: "
                        r"rlfleet.buffer.errors.BufferNotFound: no replay buffer named 'no-such-buffer'"):
         fleet.start()

@@ -91,8 +91,14 @@ BAD_TEXT = [
     ("collector_check", "env: {num_envs: 0}", r"env.num_envs = 0: must be an integer >= 1"),
     ("bad_capacity", "buffer: {capacity: lots}",
      r"buffer.capacity: 'lots': not a row count or a size; write e.g. 1000000, '500GB' or '2TiB'"),
-    ("capacity_e_notation", "buffer: {capacity: 1e6}", r"buffer.capacity: '1e6': not a row count or a size"),
-    ("bad_name", "name: ../x", r"name: '../x' must be"),
+    ("bad_name", "name: ../x", r"^<string>: name = '../x': use 1-64 letters, digits, '_', '.' or '-'"),
+    ("bad_namespace", "ray: {namespace: 'a b'}", r"^<string>: ray.namespace = 'a b': use 1-64 letters"),
+    ("bad_sampler_value", "buffer: {sampler: {type: prioritized, alpha: -1}}",
+     r"^<string>: buffer.sampler.alpha=-1.0: must be a finite number >= 0 \(default 0.6\)$"),
+    ("unused_sampler_value", "buffer: {sampler: {length: 0}}", r"buffer.sampler.length=0: must be an integer >= 1"),
+    ("bad_limiter_value", "buffer: {rate_limiter: {timeout_s: 0}}",
+     r"^<string>: buffer.rate_limiter.timeout_s=0.0: must be a number of seconds > 0$"),
+    ("bad_durability", "buffer: {durability: disk}", r"buffer.durability: 'disk' is not one of 'process', 'fsync'"),
     ("n_step_without_sequences", "learner: {n_step: 3}",
      r"learner.n_step: 3 needs slices of 3 rows, but buffer.sampler is \{'type': 'uniform'\}; "
      r"set buffer.sampler to \{type: sequence, length: 3\}"),
@@ -153,6 +159,10 @@ GOOD_OVERRIDES = [
     ("learner.double_dqn=false", lambda c: c.learner.double_dqn is False),
     ("name=my-run", lambda c: c.name == "my-run"),
     ("buffer.capacity=10GB", lambda c: c.buffer.capacity == "10GB"),
+    # the buffer's capacity grammar, whole: e-notation and underscores are row counts
+    ("buffer.capacity=1e6", lambda c: c.buffer.capacity == "1e6"),
+    ("buffer.capacity=1_000GB", lambda c: c.buffer.capacity == "1_000GB"),
+    ("ray.namespace=team-a", lambda c: c.ray.namespace == "team-a"),
 ]
 
 
@@ -182,7 +192,10 @@ BAD_OVERRIDES = [
     ("list_for_int", "learner.n_step=[1]", r"learner.n_step: expected int, got \[1\] \(list\)"),
     # one capacity grammar, the buffer's: what a YAML file or ReplayBuffer.create refuses,
     # an override refuses too
-    ("capacity_e_notation", "buffer.capacity=1e6", r"buffer.capacity: '1e6': not a row count or a size"),
+    ("bad_capacity", "buffer.capacity=lots", r"buffer.capacity: 'lots': not a row count or a size"),
+    ("bad_limiter_value", "buffer.rate_limiter.samples_per_insert=-2",
+     r"buffer.rate_limiter.samples_per_insert=-2.0: must be a finite number > 0"),
+    ("bad_namespace", "ray.namespace=../up", r"ray.namespace = '../up': use 1-64 letters"),
     ("connect_timeout", "ray.connect_timeout_s=0", r"ray.connect_timeout_s: 0.0 must be > 0"),
 ]
 
@@ -217,3 +230,26 @@ def test_ray_section_holds_the_connect_bound_and_a_policy_factory_loads():
     assert (config.ray.address, config.ray.connect_timeout_s) == ("auto", 5.0)
     assert (config.policy.type, dict(config.policy.kwargs)) == ("my_nets:make_q", {"width": 16})
     assert parse_config(dump_config(config)) == config
+
+
+def test_choices_and_buffer_checks_hold_for_configs_built_in_python():
+    from rlfleet.launch.config import BufferConfig, LearnerConfig, RateLimiterConfig
+
+    with pytest.raises(ConfigError, match=r"^algorithm: 'ppo' is not one of 'dqn', 'sac'$"):
+        LearnerConfig(algorithm="ppo")
+    with pytest.raises(ConfigError, match=r"^placement: 'far' is not one of 'spread', 'pack'$"):
+        BufferConfig(placement="far")
+    with pytest.raises(ConfigError, match=r"^min_size_to_sample=-1: must be an int >= 0$"):
+        RateLimiterConfig(min_size_to_sample=-1)
+    with pytest.raises(ConfigError, match=r"^beta=-0.5: must be a finite number >= 0"):
+        SamplerConfig("uniform", beta=-0.5)
+
+
+def test_the_limiter_section_is_the_buffers_spec_with_the_runs_default():
+    from rlfleet.buffer.rate_limiter import RateLimiterSpec
+    from rlfleet.launch.config import RateLimiterConfig
+
+    limiter = parse_config("buffer: {rate_limiter: {samples_per_insert: 4}}").buffer.rate_limiter
+    assert isinstance(limiter, RateLimiterSpec) and limiter.min_size_to_sample == 5000
+    assert RateLimiterSpec.from_mapping(limiter.to_mapping()).samples_per_insert == 4.0
+    assert RateLimiterConfig().to_mapping() == {**RateLimiterSpec().to_mapping(), "min_size_to_sample": 5000}

@@ -8,7 +8,7 @@ import torch
 from tensordict import TensorDict
 from torch import nn
 
-from rlfleet.launch.dqn import DQNLoss
+from rlfleet.launch.learners.dqn import DQNLoss
 
 
 def linear_q(weight: list[list[float]]) -> nn.Linear:

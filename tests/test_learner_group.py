@@ -1,20 +1,24 @@
 """``LearnerGroup`` on the shared local Ray cluster: real gloo groups of 1 and 2 ranks
-sampling from a real replay service."""
+sampling from a real replay service; rank 0 publishing to a real fleet registry."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
 import pytest
+import ray
 import torch
 from tensordict import TensorDict
 
-from rlfleet.buffer import ReplayService
+from rlfleet.buffer import ReplayService, actor_name
+from rlfleet.collector import make_receiver
+from rlfleet.collector.registry import FleetRegistry
 from rlfleet.collector.config import PolicyConfig
-from rlfleet.launch.config import LearnerConfig, RunConfig
-from rlfleet.launch.learner_group import LearnerGroup, LearnerGroupError
+from rlfleet.launch.config import LearnerConfig
+from rlfleet.launch.learners import LearnerGroup, LearnerGroupError
 
 OBS_SPACE = gym.spaces.Box(-1.0, 1.0, (4,))
 ACT_SPACE = gym.spaces.Discrete(2)
@@ -43,14 +47,17 @@ def bandit_rows(n: int, seed: int = 0) -> TensorDict:
     )
 
 
-def config(name: str, num_learners: int, **learner) -> RunConfig:
+def config(num_learners: int, **learner) -> LearnerConfig:
     params = {"batch_size": 32, "publish_every": 5, "checkpoint_every": 1000, "prefetch": 1}
     params.update(learner)
-    return RunConfig(
-        name=name,
-        policy=PolicyConfig(hidden=(16,)),
-        learner=LearnerConfig(num_learners=num_learners, **params),
-    )
+    return LearnerConfig(num_learners=num_learners, **params)
+
+
+def make_group(name: str, learner: LearnerConfig, run_dir: Path, *, obs_space=OBS_SPACE, act_space=ACT_SPACE,
+               **kwargs) -> LearnerGroup:
+    """A group of run ``name`` sampling from the buffer of the same name."""
+    return LearnerGroup(learner, PolicyConfig(hidden=(16,)), run_name=name, buffer=name,
+                        observation_space=obs_space, action_space=act_space, run_dir=run_dir, **kwargs)
 
 
 @pytest.fixture
@@ -63,7 +70,7 @@ def service(ray_cluster, tmp_path: Path, request):
 
 
 def test_two_ranks_hold_identical_weights(service: str, tmp_path: Path) -> None:
-    group = LearnerGroup(config(service, 2), service, OBS_SPACE, ACT_SPACE, run_dir=tmp_path / "run")
+    group = make_group(service, config(2), tmp_path / "run")
     try:
         before = group.rank_state_dicts()
         metrics = group.step(12)
@@ -109,10 +116,10 @@ def test_two_sac_ranks_hold_identical_weights(ray_cluster, tmp_path: Path) -> No
     svc = ReplayService.launch(name, tmp_path / "buffer", capacity=1000, detached=False, seed=0)
     try:
         svc.client().extend(pendulum_rows(512))
-        cfg = config(name, 2, algorithm="sac", tau=0.1)
+        cfg = config(2, algorithm="sac", tau=0.1)
         obs_space = gym.spaces.Box(-1.0, 1.0, (3,))
         act_space = gym.spaces.Box(-2.0, 2.0, (1,))
-        group = LearnerGroup(cfg, name, obs_space, act_space, run_dir=tmp_path / "run")
+        group = make_group(name, cfg, tmp_path / "run", obs_space=obs_space, act_space=act_space)
         try:
             before = group.rank_state_dicts()
             group.step(6)
@@ -130,7 +137,7 @@ def test_two_sac_ranks_hold_identical_weights(ray_cluster, tmp_path: Path) -> No
 
 def test_checkpoint_and_resume(service: str, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    group = LearnerGroup(config(service, 1), service, OBS_SPACE, ACT_SPACE, run_dir=run_dir)
+    group = make_group(service, config(1), run_dir)
     try:
         group.step(7)
         path = group.save_checkpoint()
@@ -141,7 +148,7 @@ def test_checkpoint_and_resume(service: str, tmp_path: Path) -> None:
     state = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=True)
     assert state["steps"] == 7 and state["policy_version"] == 5
 
-    resumed = LearnerGroup(config(service, 1), service, OBS_SPACE, ACT_SPACE, run_dir=run_dir, resume=True)
+    resumed = make_group(service, config(1), run_dir, resume=True)
     try:
         restored = resumed.policy_state_dict()
         metrics = resumed.step(3)
@@ -155,7 +162,7 @@ def test_checkpoint_and_resume(service: str, tmp_path: Path) -> None:
 
 def test_checkpoints_every_n_steps(service: str, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    group = LearnerGroup(config(service, 1, checkpoint_every=4), service, OBS_SPACE, ACT_SPACE, run_dir=run_dir)
+    group = make_group(service, config(1, checkpoint_every=4), run_dir)
     try:
         for _ in range(3):
             group.step(3)
@@ -168,12 +175,12 @@ def test_checkpoints_every_n_steps(service: str, tmp_path: Path) -> None:
 
 def test_resume_without_checkpoint(ray_cluster, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"resume=True but .*latest.pt does not exist"):
-        LearnerGroup(config("lg-none", 1), "lg-none", OBS_SPACE, ACT_SPACE, run_dir=tmp_path, resume=True)
+        make_group("lg-none", config(1), tmp_path, resume=True)
 
 
 def test_unplaceable_learner_count(ray_cluster, tmp_path: Path) -> None:
     with pytest.raises(LearnerGroupError, match=r"num_learners=64 needs 64 CPU .* the cluster has 8 CPU"):
-        LearnerGroup(config("lg-big", 64), "lg-big", OBS_SPACE, ACT_SPACE, run_dir=tmp_path)
+        make_group("lg-big", config(64), tmp_path)
 
 
 def test_prioritized_service_reports_priority_updates(ray_cluster, tmp_path: Path) -> None:
@@ -183,7 +190,7 @@ def test_prioritized_service_reports_priority_updates(ray_cluster, tmp_path: Pat
     svc = ReplayService.launch(name, tmp_path / "buffer", capacity=2000, sampler=sampler, detached=False, seed=0)
     try:
         svc.client().extend(bandit_rows(512))
-        group = LearnerGroup(config(name, 1), name, OBS_SPACE, ACT_SPACE, run_dir=tmp_path / "run")
+        group = make_group(name, config(1), tmp_path / "run")
         try:
             first = group.step(4)
             second = group.step(2)
@@ -197,3 +204,85 @@ def test_prioritized_service_reports_priority_updates(ray_cluster, tmp_path: Pat
         assert metrics["learner/priority_updates_skipped"] == 0.0
         assert metrics["learner/priority_stored_fraction"] == 1.0
     assert stats["total"]["priority_updates"] == 6 * 32
+
+
+def test_actors_and_buffer_in_the_given_namespace(ray_cluster, tmp_path: Path) -> None:
+    """Learner ranks are named in the run's namespace and sample the buffer there."""
+    name, namespace = "lg-space", "lg-other-space"
+    svc = ReplayService.launch(name, tmp_path / "buffer", capacity=2000, detached=False, seed=0, namespace=namespace)
+    try:
+        svc.client().extend(bandit_rows(512))
+        group = make_group(name, config(1), tmp_path / "run", namespace=namespace)
+        try:
+            metrics = group.step(2)
+            assert ray.get_actor(actor_name(name, "learner-0"), namespace=namespace) is not None
+            with pytest.raises(ValueError):
+                ray.get_actor(actor_name(name, "learner-0"), namespace="rlfleet")
+        finally:
+            group.shutdown()
+    finally:
+        ReplayService.shutdown(name, namespace=namespace)
+    assert metrics["learner/steps"] == 2.0
+
+
+class RegistryOnlyFleet:
+    """The fleet side a ``LearnerGroup`` talks to: a real registry actor, no collectors.
+    Records (and checks) every ``attach_weight_receiver`` call."""
+
+    def __init__(self, name: str, namespace: str = "rlfleet") -> None:
+        self.name, self.namespace, self.num_workers = name, namespace, 1
+        self.registry = ray.remote(FleetRegistry).options(
+            name=actor_name(name, "collectors"), namespace=namespace, num_cpus=0).remote(name, 1)
+        self.attached: list[tuple[str, dict]] = []
+
+    def attach_weight_receiver(self, kind: str, **kwargs) -> None:
+        assert kind in ("object_store", "distributed"), kind
+        self.attached.append((kind, kwargs))
+
+    def close(self) -> None:
+        ray.kill(self.registry)
+
+
+@pytest.mark.parametrize("transport", ["object_store", "distributed"])
+def test_rank_zero_publishes_without_the_driver(service: str, tmp_path: Path, transport: str) -> None:
+    """Rank 0 publishes straight to the fleet (the broadcast, with no receiver joined,
+    falls back to the registry); a version already published moves nothing."""
+    fleet = RegistryOnlyFleet(f"{service}-{transport.replace('_', '-')}")
+    group = make_group(service, config(1, weight_transport=transport), tmp_path / "run", fleet=fleet)
+    receiver = make_receiver("object_store", fleet=fleet.name, namespace=fleet.namespace,
+                             collector_index=0, num_collectors=1)
+    try:
+        # The driver only passed on how to reach the broadcast group, once.
+        if transport == "distributed":
+            assert [kind for kind, _ in fleet.attached] == ["distributed"]
+            assert {"host", "port"} <= set(fleet.attached[0][1])
+        else:
+            assert fleet.attached == []
+        state, version = _poll(receiver)
+        assert version == 0
+        for key, value in group.policy_state_dict().items():
+            assert torch.equal(state[key], value), key
+        group.step(3)  # publish_every=5: nothing due
+        assert receiver.poll() is None
+        assert group.publish() == 3
+        assert _poll(receiver)[1] == 3
+        assert group.publish() == 3  # unchanged: nothing moves
+        assert receiver.poll() is None
+        metrics = group.step(2)  # step 5 publishes
+        assert metrics["learner/policy_version"] == 5.0
+        assert metrics["weights/version"] == 5.0
+        assert _poll(receiver)[1] == 5
+    finally:
+        receiver.close()
+        group.shutdown()
+        fleet.close()
+
+
+def _poll(receiver, timeout_s: float = 30.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        got = receiver.poll()
+        if got is not None:
+            return got
+        time.sleep(0.01)
+    raise AssertionError(f"no weights within {timeout_s}s")

@@ -15,8 +15,8 @@ from rlfleet.buffer.errors import StaleIndexError
 from rlfleet.buffer.indices import counter_of
 from rlfleet.collector.config import PolicyConfig
 from rlfleet.collector.policies import build_policy
-from rlfleet.launch.dqn import DQNLoss
-from rlfleet.launch.learner import PRIORITY_EPS, Learner
+from rlfleet.launch.learners.dqn import DQNLoss
+from rlfleet.launch.learners.learner import PRIORITY_EPS, Learner
 
 OBS_SPACE = gym.spaces.Box(-1.0, 1.0, (4,))
 ACT_SPACE = gym.spaces.Discrete(2)
@@ -253,6 +253,41 @@ def test_sample_errors_reach_the_caller(tmp_path: Path) -> None:
                 learner.step(1)
         finally:
             learner.close()
+
+
+class SamplerSource(RecordingSource):
+    """A source that fetches ahead itself, as ``BufferClient.sampler`` does: records
+    each ``sampler`` call and whether its generator was closed."""
+
+    def __init__(self, buffer: ReplayBuffer) -> None:
+        super().__init__(buffer)
+        self.sampler_calls: list[tuple[int, int]] = []
+        self.closed = 0
+
+    def sampler(self, n: int, *, prefetch: int = 2):
+        self.sampler_calls.append((n, prefetch))
+        try:
+            while True:
+                yield self.sample(n)
+        finally:
+            self.closed += 1
+
+
+def test_reads_through_the_sources_sampler(tmp_path: Path) -> None:
+    with ReplayBuffer.create(tmp_path / "rb", capacity=100, seed=0) as rb:
+        source = SamplerSource(rb)
+        learner = make_learner(source, batch_size=8, prefetch=3)
+        # A failing sampler's error reaches the caller; the next call starts a new one.
+        with pytest.raises(ValueError, match="the buffer is empty"):
+            learner.step(1)
+        assert source.sampler_calls == [(8, 3)] and source.closed == 1
+        rb.extend(bandit_rows(64))
+        learner.step(4)
+        learner.step(2)
+        assert source.sampler_calls == [(8, 3), (8, 3)]  # one sampler across step calls
+        assert len(source.sampled) == 6
+        learner.close()
+    assert source.closed == 2
 
 
 def test_n_step_with_sequence_sampler(tmp_path: Path) -> None:

@@ -215,7 +215,7 @@ def kill(run_name: str, part: str, how: str) -> None:
 
 
 COLLECTOR_AND_SHARD = [
-    pytest.param("ray.kill", "sigkill", id="ray_kill_collector+sigkill_shard"),
+    pytest.param("ray.kill", "sigkill", id="ray_kill_collector+sigkill_shard", marks=pytest.mark.slow),
     pytest.param("sigkill", "ray.kill", id="sigkill_collector+ray_kill_shard", marks=pytest.mark.slow),
 ]
 

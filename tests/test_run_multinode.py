@@ -43,7 +43,7 @@ import json, os, re, signal, socket, subprocess, sys, time, urllib.request
 import ray
 from ray.cluster_utils import Cluster
 from rlfleet.buffer import BufferClient, ReplayBuffer
-from rlfleet.buffer.service import running_buffers
+from rlfleet.buffer import running_buffers
 from rlfleet.launch.status import list_components
 
 root, run_root, wanted = sys.argv[1], sys.argv[2], set(json.loads(sys.argv[3]))

@@ -15,8 +15,8 @@ from tensordict import TensorDict
 from rlfleet.buffer import ReplayBuffer
 from rlfleet.collector.config import PolicyConfig
 from rlfleet.collector.policies import build_policy
-from rlfleet.launch.learner import Learner
-from rlfleet.launch.sac import SACLoss
+from rlfleet.launch.learners.learner import Learner
+from rlfleet.launch.learners.sac import SACLoss
 
 OBS_SPACE = gym.spaces.Box(-1.0, 1.0, (3,))
 ACT_SPACE = gym.spaces.Box(np.array([-2.0, 0.0], dtype=np.float32), np.array([2.0, 1.0], dtype=np.float32))

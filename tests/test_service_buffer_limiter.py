@@ -78,9 +78,12 @@ class Run:
                    threading.Thread(target=self.guard(self.sample))]
         for t in threads:
             t.start()
+        # Polled while the threads run, and once more after: how many polls fit in a run
+        # depends on the machine, so tests bound the offsets, not their number.
         while any(t.is_alive() for t in threads):
             self.offsets.append(self.client.stats()["total"]["buffer_rate_limiter"]["ratio_offset"])
             threads[0].join(0.05)
+        self.offsets.append(self.client.stats()["total"]["buffer_rate_limiter"]["ratio_offset"])
         for t in threads:
             t.join(300)
         assert not self.errors, self.errors
@@ -103,7 +106,7 @@ def test_samples_flow_while_every_insert_goes_to_shard_0(wide):
     run = Run(client, [(0, INSERT * i) for i in range(20)], samples=22)
     stats = run()
     check_ratio(stats["total"], 1000, 880)
-    assert max(abs(o) for o in run.offsets) <= MARGIN and len(run.offsets) > 3
+    assert max(abs(o) for o in run.offsets) <= MARGIN
     assert [s["size"] for s in stats["shards"]] == [1000, 0]
     assert [s["rate_limiter"]["samples"] for s in stats["shards"]] == [880, 0]
     assert set(run.sampled_shards) == {0}

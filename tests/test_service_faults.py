@@ -144,10 +144,10 @@ def test_an_unanswering_shard_raises_shard_unavailable_instead_of_hanging(lopsid
 
     handle = shard("svc-partial", 1)
     # park samples in shard 1's limiter until every one of its threads is taken
-    parked = [handle.sample.remote(5, None, None, 3600.0) for _ in range(SAMPLE_CONCURRENCY - 1)]
+    parked = [handle.sample.remote(5, 3600.0) for _ in range(SAMPLE_CONCURRENCY - 1)]
     while ray.get(handle.stats.remote())["rate_limiter"]["samples_waiting"] < len(parked):
         time.sleep(0.05)
-    parked.append(handle.sample.remote(5, None, None, 3600.0))
+    parked.append(handle.sample.remote(5, 3600.0))
     monkeypatch.setattr(shard_table, "GRACE_S", 0.5)
     try:
         with pytest.raises(ShardUnavailable, match=r"shard\(s\) \[1\] did not answer a sample "

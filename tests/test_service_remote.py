@@ -222,9 +222,9 @@ def test_priorities_for_another_buffers_indices_are_refused_and_change_nothing(p
 
 @pytest.mark.parametrize("name", ["a/b", "..", "x..y", "", "shard:1", "-lead", "x" * 65, None])
 def test_bad_names_are_refused(ray_cluster, name, tmp_path):
-    with pytest.raises(ValueError, match=r"buffer name .* is not allowed: use 1-64 letters"):
+    with pytest.raises(ValueError, match=r"buffer name = .*: use 1-64 letters"):
         BufferClient.connect(name)
-    with pytest.raises(ValueError, match=r"is not allowed"):
+    with pytest.raises(ValueError, match=r"buffer name = .*: use 1-64 letters"):
         ReplayService.launch(name, tmp_path, capacity=10)
     assert list(tmp_path.iterdir()) == []
 

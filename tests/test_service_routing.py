@@ -1,15 +1,19 @@
 """The client's routing decisions as plain functions (no Ray): where an extend's rows go
-(``write_plan``) and what a priority update is checked against before anything is sent
-(``priority_routing``)."""
+(``write_plan``), what a priority update is checked against before anything is sent
+(``priority_routing``), and how a sample is split over the shards and put back together
+(``sample_fanout``)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from rlfleet.buffer import StaleIndexError
-from rlfleet.buffer.indices import with_shard, with_tag
+from rlfleet.buffer.indices import shard_of, with_shard, with_tag
 from rlfleet.buffer.priority_routing import check_update
+from rlfleet.buffer.row_reader import importance_weights
+from rlfleet.buffer.sample_fanout import assemble, by_batch, split_rows, split_weights
 from rlfleet.buffer.shard_table import ShardEntry, ShardTable
 from rlfleet.buffer.write_plan import MIN_CHUNK_BYTES, chunk_count, cut_points, plan_write
 
@@ -76,6 +80,7 @@ def table(inserted=(100, 50), limits=(float("inf"), 1e10)) -> ShardTable:
     entries = []
     for k in range(2):
         info = {"node_id": "n", "sampler_type": "prioritized", "schema": None,
+                "sampler": {"type": "prioritized", "alpha": 0.6, "beta": 0.4},
                 "rate_limiter": {"timeout_s": 1.0}, "index_tag": TAGS[k],
                 "priority_limit": limits[k]}
         entries.append(ShardEntry(handle=None, info=info, total_inserted=inserted[k]))
@@ -151,3 +156,75 @@ def test_an_answer_with_another_tag_replaces_what_the_table_knew_of_that_shard()
     assert (shards[0].index_tag, shards[0].total_inserted) == (TAGS[0], 100)  # a late answer
     with pytest.raises(StaleIndexError, match=r"carries tag 9, and shard 1 of this buffer issues tag 77"):
         check_update(shards, np.array([index(1, 3)]), np.array([1.0]), no_refresh)
+
+
+# -- sample_fanout: the split and the assembly, as pure functions ----------------------------
+
+
+@pytest.mark.parametrize("sizes, masses, prioritized, expected", [
+    ([30, 10], [1.0, 3.0], False, [0.75, 0.25]),
+    ([30, 10], [1.0, 3.0], True, [0.25, 0.75]),
+    ([0, 0], [0.0, 0.0], False, [0.5, 0.5]),  # nothing known yet: an even split
+    ([5, 0, 5], [0.0, 0.0, 0.0], True, [1 / 3, 1 / 3, 1 / 3]),
+])
+def test_split_weights_follow_size_or_mass(sizes, masses, prioritized, expected):
+    np.testing.assert_allclose(split_weights(sizes, masses, prioritized), expected)
+
+
+def test_split_rows_splits_every_batch_in_full_and_leaves_out_empty_shares():
+    rng = np.random.default_rng(0)
+    weights = np.array([0.7, 0.0, 0.3])
+    per_shard = split_rows(rng, [(0, 256), (1, 256), (2, 5)], weights)
+    assert per_shard[1] == []  # a shard of weight 0 gets no row
+    for b, rows in ((0, 256), (1, 256), (2, 5)):
+        assert sum(r for shard in per_shard for bb, r in shard if bb == b) == rows
+    # the draw is one multinomial per batch from the given generator: reproducible
+    again = split_rows(np.random.default_rng(0), [(0, 256), (1, 256), (2, 5)], weights)
+    assert again == per_shard
+    counts = np.zeros(3)
+    for _ in range(200):
+        for k, shard in enumerate(split_rows(rng, [(0, 100)], weights)):
+            counts[k] += sum(r for _, r in shard)
+    np.testing.assert_allclose(counts / counts.sum(), weights, atol=0.01)
+
+
+def answer(shard: int, counters: list[int]) -> dict:
+    """A shard's sample answer: its own indices (tag 5, shard bits 0) and one column."""
+    idx = with_tag(np.asarray(counters, dtype=np.int64), 5)
+    return {("index",): idx, ("x",): np.asarray(counters, dtype=np.float32) + 1000 * shard}
+
+
+def test_by_batch_and_assemble_rebuild_each_batch_with_global_indices_and_weights():
+    # shard 0 served 3 rows of batch 0 then 1 of batch 1; shard 1: 1 of batch 0, 3 of batch 1
+    m0, m1 = np.array([1.0, 2.0, 4.0, 8.0]), np.array([0.5, 1.0, 1.0, 16.0])
+    parts = [(0, answer(0, [10, 11, 12, 13]), m0, [(0, 3), (1, 1)]),
+             (1, answer(1, [20, 21, 22, 23]), m1, [(0, 1), (1, 3)])]
+    pieces = by_batch(parts, 2)
+    assert [[(k, r0, rows) for k, _, _, r0, rows in p] for p in pieces] == \
+        [[(0, 0, 3), (1, 0, 1)], [(0, 3, 1), (1, 1, 3)]]
+    first, second = (assemble(4, p, beta=0.5) for p in pieces)
+    assert first["x"].tolist() == [10.0, 11.0, 12.0, 1020.0]
+    assert [int(shard_of(np.int64(i))) for i in first["index"]] == [0, 0, 0, 1]
+    assert first["index"][3].item() == int(with_shard(with_tag(np.int64(20), 5), 1))
+    # the weights of each batch as a whole: (min mass / mass) ** beta over its own rows
+    mass = np.array([1.0, 2.0, 4.0, 0.5])
+    np.testing.assert_allclose(first["weight"].numpy(), (mass.min() / mass) ** 0.5, rtol=1e-6)
+    mass = np.array([8.0, 1.0, 1.0, 16.0])
+    np.testing.assert_allclose(second["weight"].numpy(), (mass.min() / mass) ** 0.5, rtol=1e-6)
+    assert first["weight"].dtype == torch.float32 and float(second["weight"].max()) == 1.0
+    # uniform: no masses, no weights
+    plain = assemble(4, by_batch([(1, answer(1, [1, 2, 3, 4]), None, [(0, 4)])], 1)[0], beta=None)
+    assert "weight" not in plain.keys() and plain["x"].tolist() == [1001.0, 1002.0, 1003.0, 1004.0]
+    with pytest.raises(RuntimeError, match=r"assembled 4 rows, expected 5"):
+        assemble(5, pieces[0], beta=None)
+
+
+def test_assemble_weighs_rows_from_several_shards_as_one_buffer_would():
+    """The weights a client assembles from two shards' masses are those a single buffer
+    holding both shards' rows gives the same rows: ``importance_weights`` of the batch."""
+    rng = np.random.default_rng(1)
+    mass = rng.uniform(0.1, 5.0, size=64)
+    parts = [(0, answer(0, list(range(40))), mass[:40], [(0, 40)]),
+             (1, answer(1, list(range(24))), mass[40:], [(0, 24)])]
+    batch = assemble(64, by_batch(parts, 1)[0], beta=0.4)
+    np.testing.assert_array_equal(batch["weight"].numpy(), importance_weights(mass, 0.4))

@@ -8,8 +8,9 @@ import pytest
 
 from rlfleet.buffer import SampleTimeout, SchemaMismatch, StaleIndexError
 from rlfleet.buffer.indices import counter_of, shard_of, tag_of, with_tag
-from rlfleet.buffer.remote import ReplayShard, shard_actor_name
-from rlfleet.buffer.service import _split_capacity, validate_name
+from rlfleet.buffer.capacity import split_capacity
+from rlfleet.buffer.naming import shard_actor_name
+from rlfleet.buffer.shard import ReplayShard
 
 
 def arrays(ids) -> dict[tuple[str, ...], np.ndarray]:
@@ -163,25 +164,17 @@ def test_destroy_removes_the_directory(tmp_path):
     ],
 )
 def test_capacity_is_split_evenly(capacity, shards, parts):
-    assert _split_capacity(capacity, shards) == parts
+    assert split_capacity(capacity, shards) == parts
 
 
 def test_capacity_below_the_shard_count_is_refused():
     with pytest.raises(ValueError, match=r"capacity=2 is smaller than num_shards=3"):
-        _split_capacity(2, 3)
+        split_capacity(2, 3)
     with pytest.raises(ValueError, match=r"capacity='lots': not a row count or a size"):
-        _split_capacity("lots", 2)
+        split_capacity("lots", 2)
 
 
-@pytest.mark.parametrize("good", ["cartpole", "a", "Pong-v5.run_2", "x" * 64])
-def test_good_names(good):
-    assert validate_name(good) == good
-
-
-@pytest.mark.parametrize("bad", ["a/b", "../x", "..", "a..b", "a:b", "", " a", "_x", "x" * 65, 3])
-def test_bad_names(bad):
-    with pytest.raises(ValueError, match="is not allowed: use 1-64 letters, digits"):
-        validate_name(bad)
+# name rules: tests/test_naming.py
 
 
 def test_a_shard_killed_inside_create_starts_clean_but_never_clobbers_data(tmp_path):

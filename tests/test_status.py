@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 
@@ -112,6 +113,67 @@ def test_watch_redraws_the_given_number_of_times(service, capsys):
 def test_bad_status_arguments_fail_with_one_line(ray_cluster, argv, message, capsys):
     assert main(argv) == 1
     assert capsys.readouterr().err.startswith(message)
+
+
+def test_status_and_stop_look_in_the_namespace_they_are_given(ray_cluster, tmp_path, capsys):
+    ReplayService.launch("st-ns", tmp_path / "buf", capacity=10, namespace="custom")
+    assert main(["status", "--namespace", "custom", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert list(got["buffers"]) == ["st-ns"]
+    assert [c["actor_name"] for c in got["components"]] == ["rlfleet:st-ns:shard-0"]
+    assert main(["status", "st-ns"]) == 1  # not in the default namespace
+    assert "no replay buffer named 'st-ns'" in capsys.readouterr().err
+    assert main(["stop", "st-ns"]) == 1
+    capsys.readouterr()
+    assert main(["stop", "st-ns", "--namespace", "custom"]) == 0
+    assert ReplayService.running(namespace="custom") == []
+    with pytest.raises(SystemExit, match=r"^error: --namespace = 'bad name': use 1-64 letters"):
+        main(["status", "--namespace", "bad name"])  # exits with that line, as a failed join does
+
+
+@pytest.mark.slow  # a whole run: half a minute and more of actor start-up
+def test_a_run_in_its_own_namespace_shows_there_and_only_there(ray_cluster, tmp_path, capsys):
+    """ray.namespace reaches the service, the collectors and the learners, and
+    ``rlfleet status --namespace`` finds them all while the run collects."""
+    import threading
+
+    from rlfleet.launch import load_config, run
+
+    root = Path(__file__).resolve().parent.parent
+    config = load_config(root / "configs" / "smoke.yaml", {
+        "ray.namespace": "custom", "run.dir": str(tmp_path), "run.total_frames": 100_000,
+        "run.log_every_s": 0.2, "learner.checkpoint_every": 100_000,
+    })
+    stop = threading.Event()
+    seen: dict[str, object] = {}
+
+    def on_record(record: dict) -> None:
+        # called by the run's loop, so every part is up; look once, then stop the run
+        if stop.is_set():
+            return
+        seen["custom"] = main(["status", "--namespace", "custom", "--json"]), capsys.readouterr().out
+        seen["default"] = main(["status", "--json"]), capsys.readouterr().out
+        stop.set()
+
+    result = run(config, progress=on_record, stop_event=stop)
+    assert result.stop_reason == "interrupted"
+    run_name = result.run_dir.name
+    code, out = seen["custom"]
+    got = json.loads(out)
+    assert code == 0 and list(got["buffers"]) == [run_name]
+    assert [(c["actor_name"], c["state"]) for c in got["components"]] == [
+        (f"rlfleet:{run_name}:shard-0", "running"),
+        (f"rlfleet:{run_name}:collectors", "running"),
+        (f"rlfleet:{run_name}:collector-0", "running"),
+        (f"rlfleet:{run_name}:learner-0", "running"),
+    ]
+    code, out = seen["default"]
+    got = json.loads(out)
+    assert code == 0 and run_name not in got["buffers"]
+    assert not [c for c in got["components"] if c["group"] == run_name]
+    # gone from its namespace once the run ended
+    assert main(["status", run_name, "--namespace", "custom"]) == 1
+    assert "no replay buffer named" in capsys.readouterr().err
 
 
 def test_a_killed_shard_restarts_and_a_stopped_one_shows_stopped(service):

@@ -14,15 +14,17 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from rlfleet.collector.weights_dist import JOINS_KEY
-from rlfleet.launch.weights import BroadcastPublisher
+from rlfleet.collector.weights_broadcast import BroadcastPublisher
+from rlfleet.collector.weights_wire import JOINS_KEY
 
 # a bound on the test's own wait for the publisher to start forming, not a timing check
 WAIT_FOR_FORMING_S = 60.0
 
 
 def test_close_returns_while_the_group_is_still_forming():
-    publisher = BroadcastPublisher(1, host="127.0.0.1", form_timeout_s=30.0, op_timeout_s=5.0)
+    # fleet=None: the group alone, no object-store fallback (no Ray here)
+    publisher = BroadcastPublisher(fleet=None, num_collectors=1, host="127.0.0.1", form_timeout_s=30.0,
+                                   op_timeout_s=5.0)
     try:
         publisher.publish({"w": torch.zeros(3)}, version=1)
         client = dist.TCPStore("127.0.0.1", publisher.port, None, False, timeout=timedelta(seconds=30))

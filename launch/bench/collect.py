@@ -19,7 +19,6 @@ import argparse
 import json
 import tempfile
 import time
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -69,8 +68,8 @@ def bare_env_fps(num_envs: int, seconds: float, seed: int = 0) -> float:
 def _fleet_case(buffer: str, actors: int, envs: int, args: argparse.Namespace) -> dict[str, Any]:
     from rlfleet.collector import CollectorConfig, CollectorFleet, EnvConfig, ExplorationConfig, PolicyConfig
 
-    config = SimpleNamespace(
-        name=f"bench-collect-{actors}x{envs}", seed=0,
+    fleet = CollectorFleet(
+        f"bench-collect-{actors}x{envs}", buffer, seed=0,
         env=EnvConfig(id=ENV_ID, num_envs=envs),
         # a constant small epsilon: every step runs the policy forward
         collector=CollectorConfig(num_workers=actors, frames_per_batch=args.frames_per_batch,
@@ -78,7 +77,6 @@ def _fleet_case(buffer: str, actors: int, envs: int, args: argparse.Namespace) -
                                   exploration=ExplorationConfig(start=0.05, end=0.05, frames=0)),
         policy=PolicyConfig(type="mlp", hidden=(64, 64)),
     )
-    fleet = CollectorFleet(config, buffer)
     try:
         fleet.start()
         deadline = time.monotonic() + 300
@@ -110,16 +108,10 @@ def main(args: argparse.Namespace) -> int:
     import ray
 
     from rlfleet.buffer import ReplayService
+    from rlfleet.launch.bench import start_ray
 
-    started = False
-    if not ray.is_initialized():
-        if args.address:
-            ray.init(address=args.address, namespace="rlfleet")
-        else:
-            # Logical CPUs for placement only: each collector actor asks for one.
-            ray.init(address="local", namespace="rlfleet", num_cpus=max(8, 2 * max(args.actors) + 2),
-                     include_dashboard=False, log_to_driver=False)
-        started = True
+    # Logical CPUs for placement only: each collector actor asks for one.
+    started = start_ray(args.address, num_cpus=max(8, 2 * max(args.actors) + 2)).started
     results = []
     with tempfile.TemporaryDirectory(prefix="rlfleet-bench-collect-") as tmp:
         name = "bench-collect"

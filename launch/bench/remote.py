@@ -224,15 +224,9 @@ def _bench_schema(kind: str, args: argparse.Namespace, root: str, out: list[dict
 def main(args: argparse.Namespace) -> int:
     import ray
 
-    started = False
-    if not ray.is_initialized():
-        if args.address:
-            ray.init(address=args.address, namespace="rlfleet", log_to_driver=False)
-        else:
-            # "local": a cluster of its own even when another one runs on this machine
-            ray.init(address="local", num_cpus=4, namespace="rlfleet", include_dashboard=False,
-                     log_to_driver=False)
-            started = True
+    from rlfleet.launch.bench import start_ray
+
+    started = start_ray(args.address, num_cpus=4).started
     kinds = [k.strip() for k in args.schemas.split(",") if k.strip()]
     unknown = [k for k in kinds if k not in SCHEMAS]
     if unknown:

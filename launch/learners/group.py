@@ -2,8 +2,10 @@
 
 The run loop drives it like this::
 
-    group = LearnerGroup(config, "cartpole", env.observation_space, env.action_space,
-                         run_dir=run_dir, fleet=fleet)
+    group = LearnerGroup(config.learner, config.policy, run_name=run_name, buffer=run_name,
+                         observation_space=obs_space, action_space=act_space,
+                         run_dir=run_dir, seed=config.seed, namespace=namespace, fleet=fleet)
+    group.publish()                            # the first weights, before collecting
     while not done:
         metrics = group.step(config.run.steps_per_iteration)   # every rank, in lockstep
     group.save_checkpoint(); group.shutdown()
@@ -12,12 +14,13 @@ Forming the group: rank 0 reports its node IP and a free port; every rank then c
 ``init_process_group`` (gloo on CPU, nccl on CUDA) at that address at once, bounded by
 ``rendezvous_timeout_s``. DDP makes all ranks start from rank 0's weights.
 
-Weights: rank 0 publishes every ``publish_every`` steps (version = its step count).
-With ``weight_transport: distributed`` it broadcasts to the collectors' receivers
-(``rlfleet.launch.weights``); whenever that group is not standing (forming, or a
-collector restarting) the driver copies the newest weights through the object store
-(``CollectorFleet.set_weights``) instead, so collectors never starve. With
-``object_store`` that copy is the only path.
+Weights: with a fleet, rank 0 holds the publisher of ``learner.weight_transport``
+(``rlfleet.collector.make_publisher``) and publishes every ``publish_every`` steps
+(version = its step count) straight to the collectors: through the fleet's registry
+and the object store, or by broadcast (which itself falls back to the object store
+while its group is not standing). The driver never holds the weights on their way; it
+only tells the fleet once, at setup, how to reach the broadcast group
+(``fleet.attach_weight_receiver``). A version already published moves nothing.
 
 Checkpoints: ``<run_dir>/checkpoints/learner-<steps>.pt`` (rank 0's state, state dicts
 only) plus ``latest.pt``; ``resume=True`` loads ``latest.pt`` into every rank.
@@ -32,10 +35,17 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import gymnasium
 import numpy as np
+import ray
 import torch
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from rlfleet.launch.remote import LearnerActor, learner_actor_name
+from rlfleet.buffer import DEFAULT_NAMESPACE
+from rlfleet.collector import CollectorFleet
+from rlfleet.collector.config import PolicyConfig
+from rlfleet.launch.config import LearnerConfig
+from rlfleet.launch.learners.actor import LearnerActor, learner_actor_name
 
 __all__ = ["LearnerGroup", "LearnerGroupError"]
 
@@ -50,8 +60,6 @@ class LearnerGroupError(RuntimeError):
 
 
 def _check_resources(num_learners: int, device: str) -> None:
-    import ray
-
     total = ray.cluster_resources()
     need_gpu = device.startswith("cuda")
     resource, need = ("GPU", float(num_learners)) if need_gpu else ("CPU", float(num_learners))
@@ -68,13 +76,19 @@ class LearnerGroup:
     """L ``LearnerActor`` ranks forming one DDP group. Runs on the driver.
 
     Args:
-        config: the ``RunConfig`` (reads ``name``, ``seed``, ``learner``, ``policy``,
-            ``collector.num_workers``).
-        buffer: name of the replay service the learners sample from.
+        learner: the learner section of the config (ranks, algorithm, publish and
+            checkpoint periods, weight transport).
+        policy: the collectors' policy config; the learners build the same module.
+        run_name: the run's actor name prefix: rank ``r`` is the actor
+            ``actor_name(run_name, f"learner-{r}")`` in ``namespace``.
+        buffer: name of the replay service the learners sample from (in ``namespace``).
         observation_space: one env's observation space.
         action_space: one env's action space.
         run_dir: checkpoints go to ``run_dir/checkpoints``.
-        fleet: the ``CollectorFleet`` to publish weights to (None: nobody listens).
+        seed: the run's seed (rank ``r`` uses ``seed * 1000 + r``).
+        namespace: Ray namespace of the learner actors and of the buffer.
+        fleet: the ``CollectorFleet`` to publish weights to (None: nobody listens, no
+            publisher is built).
         resume: load ``run_dir/checkpoints/latest.pt`` into every rank first.
         rendezvous_timeout_s: bound on forming the group and on each collective.
         num_threads: torch threads per learner actor.
@@ -84,33 +98,32 @@ class LearnerGroup:
 
     def __init__(
         self,
-        config: Any,
-        buffer: str,
-        observation_space: Any,
-        action_space: Any,
+        learner: LearnerConfig,
+        policy: PolicyConfig,
         *,
+        run_name: str,
+        buffer: str,
+        observation_space: gymnasium.Space,
+        action_space: gymnasium.Space,
         run_dir: Path,
-        fleet: Any | None = None,
+        seed: int = 0,
+        namespace: str = DEFAULT_NAMESPACE,
+        fleet: CollectorFleet | None = None,
         resume: bool = False,
         rendezvous_timeout_s: float = 120.0,
         num_threads: int = 1,
         placement_group: Any | None = None,
     ) -> None:
-        import ray
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        cfg = config.learner
-        self.config = config
+        self.learner = learner
+        self.run_name = run_name
+        self.namespace = namespace
         self.run_dir = Path(run_dir)
         self.fleet = fleet
-        self.num_learners = int(cfg.num_learners)
-        self.publish_every = int(cfg.publish_every)
-        self.checkpoint_every = int(cfg.checkpoint_every)
-        self.transport = cfg.weight_transport
+        self.num_learners = int(learner.num_learners)
+        self.checkpoint_every = int(learner.checkpoint_every)
         self.steps = 0
-        self._object_store_version = -1
         self._last_checkpoint_step = 0
-        _check_resources(self.num_learners, cfg.device)
+        _check_resources(self.num_learners, learner.device)
         if placement_group is not None and placement_group.bundle_count != self.num_learners:
             raise ValueError(
                 f"placement_group has {placement_group.bundle_count} bundle(s) but "
@@ -127,21 +140,26 @@ class LearnerGroup:
                 )
             checkpoint = str(latest)
 
-        gpus = 1 if cfg.device.startswith("cuda") else 0
+        gpus = 1 if learner.device.startswith("cuda") else 0
         actor_cls = ray.remote(LearnerActor)
         self.actors = [
             actor_cls.options(
-                name=learner_actor_name(config.name, rank),
+                name=learner_actor_name(run_name, rank),
+                namespace=namespace,
                 num_cpus=1,
                 num_gpus=gpus,
                 max_restarts=0,
                 scheduling_strategy=None if placement_group is None else PlacementGroupSchedulingStrategy(
                     placement_group, placement_group_bundle_index=rank),
             ).remote(
-                config,
-                buffer,
+                learner,
+                policy,
                 observation_space,
                 action_space,
+                run_name=run_name,
+                buffer=buffer,
+                namespace=namespace,
+                seed=seed,
                 rank=rank,
                 world_size=self.num_learners,
                 num_threads=num_threads,
@@ -164,12 +182,15 @@ class LearnerGroup:
             state = torch.load(checkpoint, map_location="cpu", weights_only=True)
             self.steps = int(state["steps"])
             self._last_checkpoint_step = self.steps
-        if fleet is not None and self.transport == "distributed":
-            num_collectors = int(config.collector.num_workers)
-            kwargs = ray.get(self.actors[0].start_publisher.remote(num_collectors))
-            # fleet=: receivers also read the object store, which carries what broadcast cannot.
-            fleet.attach_weight_receiver("distributed", fleet=fleet.name, **kwargs)
-        self._sync_object_store(force=True)
+        if fleet is not None:
+            # Rank 0 builds the publisher and publishes the current weights; only the
+            # broadcast's address comes back to the driver, never the weights.
+            kwargs = ray.get(
+                self.actors[0].start_publisher.remote(fleet.name, fleet.namespace, fleet.num_workers),
+                timeout=rendezvous_timeout_s,
+            )
+            if learner.weight_transport == "distributed":
+                fleet.attach_weight_receiver("distributed", **kwargs)
 
     # ------------------------------------------------------------------ steps
 
@@ -181,8 +202,6 @@ class LearnerGroup:
         (and algorithm and ``weights/`` extras). Publishes every ``publish_every`` steps
         and checkpoints every ``checkpoint_every`` steps.
         """
-        import ray
-
         if num_steps < 1:
             raise ValueError(f"LearnerGroup.step: num_steps={num_steps} must be >= 1")
         refs = [a.step.remote(num_steps) for a in self.actors]
@@ -194,7 +213,6 @@ class LearnerGroup:
                 raise  # a rank's own error (a sample timeout, bad data): its type says it
             raise LearnerGroupError(self._lost_rank_message(dead or {-1: e})) from e
         self.steps = int(results[0]["learner/steps"])
-        self._sync_object_store()
         if self.steps - self._last_checkpoint_step >= self.checkpoint_every:
             self.save_checkpoint()
         return results[0]
@@ -202,8 +220,6 @@ class LearnerGroup:
     def _dead_ranks(self, refs: list[Any]) -> dict[int, Exception]:
         # The surviving ranks fail too (their collectives lose a peer), usually within
         # moments: wait briefly for every answer so the rank that died is the one named.
-        import ray
-
         ray.wait(refs, num_returns=len(refs), timeout=10.0)
         dead: dict[int, Exception] = {}
         for rank, ref in enumerate(refs):
@@ -217,7 +233,7 @@ class LearnerGroup:
 
     def _lost_rank_message(self, dead: dict[int, Exception]) -> str:
         ranks = [r for r in dead if r >= 0]
-        names = ", ".join(learner_actor_name(self.config.name, r) for r in ranks) or "unknown"
+        names = ", ".join(learner_actor_name(self.run_name, r) for r in ranks) or "unknown"
         error = next(iter(dead.values()))
         cause = (str(error).strip().splitlines() or [type(error).__name__])[0]
         return (
@@ -229,49 +245,27 @@ class LearnerGroup:
         )
 
     def publish(self) -> int:
-        """Publish the current weights now (broadcast and/or object store); returns the version."""
-        import ray
+        """Publish the current weights now (rank 0 sends them); returns the version.
 
+        Every rank marks the version; rank 0's publisher moves the weights only if the
+        version is newer than the last it published.
+        """
         versions = ray.get([a.publish.remote() for a in self.actors])
-        self._sync_object_store()
         return int(versions[0])
-
-    def _sync_object_store(self, force: bool = False) -> None:
-        # The object store carries weights with the object_store transport, and with the
-        # distributed one while its group is not standing (or has not caught up).
-        import ray
-
-        if self.fleet is None:
-            return
-        if self.transport == "distributed" and not force:
-            status = ray.get(self.actors[0].weight_status.remote())
-            if status and status["weights/group_ready"] and status["weights/delivered_version"] >= status["weights/version"]:
-                return
-        state, version = ray.get(self.actors[0].published_state_dict.remote())
-        if version <= self._object_store_version and not force:
-            return
-        self.fleet.set_weights({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, version)
-        self._object_store_version = version
 
     # ------------------------------------------------------------------ state
 
     def policy_state_dict(self) -> dict[str, torch.Tensor]:
         """Rank 0's policy weights, as CPU tensors (what collectors load; what export uses)."""
-        import ray
-
         state: dict[str, np.ndarray] = ray.get(self.actors[0].policy_state_dict.remote())
         return {k: torch.from_numpy(np.array(v)) for k, v in state.items()}
 
     def rank_state_dicts(self) -> list[dict[str, np.ndarray]]:
         """Every rank's full network state (tests check that ranks agree)."""
-        import ray
-
         return ray.get([a.full_state_dict.remote() for a in self.actors])
 
     def save_checkpoint(self) -> Path:
         """Write rank 0's learner state to ``run_dir/checkpoints``; returns the file."""
-        import ray
-
         directory = self.run_dir / CHECKPOINT_DIR
         path = directory / f"learner-{self.steps:09d}.pt"
         ray.get(self.actors[0].save_checkpoint.remote(str(path)))
@@ -283,9 +277,7 @@ class LearnerGroup:
         return path
 
     def shutdown(self) -> None:
-        """Stop every rank (publisher, prefetching, process group) and kill the actors."""
-        import ray
-
+        """Stop every rank (publisher, batches in flight, process group) and kill the actors."""
         try:
             ray.get([a.shutdown.remote() for a in self.actors], timeout=30.0)
         except Exception as e:  # a dead or stuck rank: killing it below is all that is left
@@ -293,8 +285,6 @@ class LearnerGroup:
         self._kill()
 
     def _kill(self) -> None:
-        import ray
-
         for actor in self.actors:
             try:
                 ray.kill(actor)

@@ -23,9 +23,14 @@ cluster found on the machine, whatever ``RAY_ADDRESS`` says); ``"auto"`` or an a
 joins that cluster within ``ray.connect_timeout_s``. A process that already called
 ``ray.init`` runs on that Ray.
 
+Names: the run directory's name (``<config name>-<time>``) names the replay service and
+every actor of the run (``rlfleet:<run dir name>:<component>``), in the Ray namespace
+``ray.namespace``; ``config.name`` stays the config's own name.
+
 ``--resume RUN_DIR`` reopens the run's buffer and last learner checkpoint and continues
-counting frames from where the run stopped. Not thread-safe: one run per process. The
-loop and the shutdown live in ``session``; the command line in ``cli``.
+counting frames from where the run stopped. Not thread-safe: one run per process. This
+module holds the wiring (what starts, in which order, with which names); the loop, the
+stop rules and the shutdown live in ``session``; the command line in ``cli``.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,7 +60,7 @@ from rlfleet.launch.preflight import (
 from rlfleet.launch.rundir import RunDir
 from rlfleet.launch.session import Session
 
-__all__ = ["RunResult", "run"]
+__all__ = ["RunResult", "run", "start_ray"]
 
 logger = logging.getLogger(__name__)
 
@@ -99,8 +105,13 @@ def _dashboard_works() -> bool:
     return all(importlib.util.find_spec(m) is not None for m in ("aiohttp", "ray.dashboard"))
 
 
-def _start_ray(config: RunConfig) -> Any:
-    """Start (``ray.address: null``) or join Ray for the run; returns the ``ClusterInfo``."""
+def start_ray(config: RunConfig) -> Any:
+    """Start (``ray.address: null``) or join Ray for the run; returns the ``ClusterInfo``.
+
+    ``rlfleet.buffer.init_ray`` does the work (the bounded join, the one rule of which
+    cluster); this adds the run's choices for an embedded Ray: enough logical CPUs for
+    what the run asks for, and the dashboard when its packages import.
+    """
     from rlfleet.buffer import init_ray
 
     section = config.ray
@@ -122,6 +133,55 @@ def _start_ray(config: RunConfig) -> Any:
 
 
 # --------------------------------------------------------------------------- run
+
+
+@dataclass(frozen=True)
+class _Before:
+    """What earlier sessions of a resumed run did (zeros for a new run)."""
+
+    frames: int = 0
+    wall_s: float = 0.0
+    first_incarnation: int = 0
+
+
+def _spaces(config: RunConfig) -> tuple[Any, Any]:
+    """The env's spaces, after building the env and the policy once: a bad env id or
+    network factory fails here, before a run directory or Ray exists."""
+    from rlfleet.collector.envs import make_env
+    from rlfleet.collector.policies import build_policy
+
+    env = make_env(config.env, seed=config.seed)
+    observation_space, action_space = env.observation_space, env.action_space
+    env.close()
+    build_policy(config.policy, observation_space, action_space)
+    return observation_space, action_space
+
+
+def _run_dir(
+    config: RunConfig, resume: str | os.PathLike | None, spaces: tuple[Any, Any]
+) -> tuple[RunConfig, RunDir, Path, _Before]:
+    """The run directory (new, or the resumed one checked against the env), the config
+    to run (a resumed run's exploration goes on where it stopped), the buffer's path, and
+    what earlier sessions did."""
+    if resume is None:
+        run_dir = RunDir.create(config.run.dir, config.name)
+        run_dir.write_config(config)
+        buffer_path = Path(config.buffer.path) if config.buffer.path else run_dir.buffer_dir
+        return config, run_dir, buffer_path, _Before()
+    run_dir = RunDir.open(resume)
+    previous = run_dir.read_summary() or (run_dir.read_metrics() or [{}])[-1]
+    # Collector incarnations go on from the last session's, so episode ids stay unique
+    # in the buffer both sessions write.
+    before = _Before(
+        frames=int(previous.get("frames") or 0),
+        wall_s=float(previous.get("wall_s") or 0.0),
+        first_incarnation=int(previous.get("collector/next_incarnation") or 0),
+    )
+    buffer_path = Path(config.buffer.path) if config.buffer.path else run_dir.buffer_dir
+    check_resume_schema(buffer_schema(buffer_path), *spaces, str(buffer_path))
+    run_dir.write_config(config)  # the overrides of this session, for export and resume
+    logger.info("resuming %s at %d frames", run_dir.path, before.frames)
+    return resume_exploration(config, before.frames), run_dir, buffer_path, before
 
 
 def run(
@@ -168,48 +228,23 @@ def run(
 
     from rlfleet.buffer import ReplayService
     from rlfleet.collector import CollectorFleet
-    from rlfleet.collector.envs import make_env
-    from rlfleet.collector.policies import build_policy
-    from rlfleet.launch.learner_group import LearnerGroup
+    from rlfleet.launch.learners import LearnerGroup
 
     started = time.monotonic()
-    # The env and the policy first: a bad env id or network factory fails here, before a
-    # run directory or Ray exists.
-    env = make_env(config.env, seed=config.seed)
-    observation_space, action_space = env.observation_space, env.action_space
-    env.close()
-    build_policy(config.policy, observation_space, action_space)
-    if resume is not None:
-        run_dir = RunDir.open(resume)
-        previous = run_dir.read_summary() or (run_dir.read_metrics() or [{}])[-1]
-        frames_before = int(previous.get("frames") or 0)
-        wall_before = float(previous.get("wall_s") or 0.0)
-        # Collector incarnations go on from the last session's, so episode ids stay unique
-        # in the buffer both sessions write.
-        first_incarnation = int(previous.get("collector/next_incarnation") or 0)
-        buffer_path = Path(config.buffer.path) if config.buffer.path else run_dir.buffer_dir
-        check_resume_schema(buffer_schema(buffer_path), observation_space, action_space, str(buffer_path))
-        run_dir.write_config(config)  # the overrides of this session, for export and resume
-        config = resume_exploration(config, frames_before)
-        logger.info("resuming %s at %d frames", run_dir.path, frames_before)
-    else:
-        run_dir = RunDir.create(config.run.dir, config.name)
-        run_dir.write_config(config)
-        frames_before, wall_before, first_incarnation = 0, 0.0, 0
-        buffer_path = Path(config.buffer.path) if config.buffer.path else run_dir.buffer_dir
-    # Actors and the service are named after the run directory, unique per run, so two
-    # runs of one config on a shared cluster do not collide.
-    service_name = run_dir.path.name
-    actor_config = dataclasses.replace(config, name=service_name)
+    observation_space, action_space = _spaces(config)
+    config, run_dir, buffer_path, before = _run_dir(config, resume, (observation_space, action_space))
+    # The service and every actor are named after the run directory, unique per run, so
+    # two runs of one config on a shared cluster do not collide.
+    run_name, namespace = run_dir.path.name, config.ray.namespace
+    collector = config.collector
     if config.run.learner_steps_per_frame is not None:
         # Pacing takes turns on the frames the collectors report: report every batch.
-        actor_config = dataclasses.replace(
-            actor_config, collector=dataclasses.replace(config.collector, report_interval_s=0.0))
+        collector = dataclasses.replace(collector, report_interval_s=0.0)
 
-    session = Session(config, run_dir, frames_before, wall_before, started, progress, stop_event)
+    session = Session(config, run_dir, before.frames, before.wall_s, started, progress, stop_event)
     phase = _Phases()
     try:
-        cluster = _start_ray(config)
+        cluster = start_ray(config)
     except BaseException:
         if resume is None:  # nothing ran: leave no empty run directory behind
             shutil.rmtree(run_dir.path, ignore_errors=True)
@@ -217,45 +252,40 @@ def run(
     phase(cluster.describe())
     try:
         check_placement(config, ray.cluster_resources())
-        session.service_name, session.buffer_path = service_name, buffer_path
+        session.service_name, session.buffer_path = run_name, buffer_path
         session.placement = reserve(
-            plan_placement(config, service_name, cluster_nodes(), ray.get_runtime_context().get_node_id()),
+            plan_placement(config, run_name, cluster_nodes(), ray.get_runtime_context().get_node_id()),
             timeout_s=config.ray.placement_timeout_s,
         )
         phase("placement groups reserved")
         session.service = ReplayService.launch(
-            service_name, buffer_path, detached=False, seed=config.seed,
+            run_name, buffer_path, detached=False, seed=config.seed, namespace=namespace,
             nodes=list(session.placement.shard_nodes), **config.buffer.service_kwargs()
         )
         session.client = session.service.client(seed=config.seed)
         phase("replay service ready")
         # The fleet holds total_frames by itself: the loop below may be busy (a learner
         # step, a shard restarting) when the last frames arrive.
-        session.fleet = CollectorFleet(
-            actor_config, session.client, first_incarnation=first_incarnation,
+        fleet = session.fleet = CollectorFleet(
+            run_name, session.client, env=config.env, collector=collector, policy=config.policy,
+            seed=config.seed, namespace=namespace, first_incarnation=before.first_incarnation,
             placement_group=session.placement.group("collector"),
-            max_frames=max(1, config.run.total_frames - frames_before),
+            max_frames=max(1, config.run.total_frames - before.frames),
         )
         # Learner and collector actors take seconds each to start (imports, gloo): start
         # the collectors on a helper thread meanwhile, paused from their first moment, so
         # they do not spend the exploration schedule before the learners exist.
         # The fleet tolerates a receiver being attached while it starts (new actors read
-        # it from the fleet's registry).
-        fleet = session.fleet
-        fleet_start = _Background(lambda: fleet.start(paused=True))
-        try:
+        # it from the fleet's registry). Leaving the pool waits for the start.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlfleet-start") as pool:
+            fleet_started = pool.submit(fleet.start, paused=True)
             session.group = LearnerGroup(
-                actor_config,
-                service_name,
-                observation_space,
-                action_space,
-                run_dir=run_dir.path,
-                fleet=session.fleet,
-                resume=resume is not None,
+                config.learner, config.policy, run_name=run_name, buffer=run_name,
+                observation_space=observation_space, action_space=action_space, run_dir=run_dir.path,
+                seed=config.seed, namespace=namespace, fleet=fleet, resume=resume is not None,
                 placement_group=session.placement.group("learner"),
             )
-        finally:
-            fleet_start.join()
+        fleet_started.result()  # the fleet's start error, if any, here
         phase("learners and collectors ready")
         session.group.publish()
         fleet.resume()
@@ -289,26 +319,6 @@ def run(
         frames_per_s=summary["frames_per_s"],
         policy_path=Path(summary["policy_path"]) if summary["policy_path"] else None,
     )
-
-
-class _Background:
-    """Runs ``fn`` on a thread; ``join`` waits and re-raises its exception here."""
-
-    def __init__(self, fn: Callable[[], Any]) -> None:
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(fn,), name="rlfleet-start", daemon=True)
-        self._thread.start()
-
-    def _run(self, fn: Callable[[], Any]) -> None:
-        try:
-            fn()
-        except BaseException as e:  # handed to the caller's thread by join()
-            self._error = e
-
-    def join(self) -> None:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
 
 
 class _Phases:

@@ -1,17 +1,22 @@
 """One learner rank: sample, update, write priorities back. No Ray in here.
 
-The loop a ``LearnerActor`` (or a test) drives::
+Runs on a learner rank (a ``LearnerActor``) or in a test process. The loop that
+drives it::
 
-    learner = Learner(build_algorithm(cfg, obs_space, act_space), client, batch_size=256)
+    learner = Learner(build_algorithm(learner_cfg, policy_cfg, obs_space, act_space),
+                      client, batch_size=256, prefetch=2)
     learner.distribute()                    # DDP, once torch.distributed is initialised
     while running:
-        metrics = learner.step(50)          # 50 optimizer steps on prefetched batches
-        publisher.publish(learner.policy_state_dict(), learner.steps)
+        metrics = learner.step(50)          # 50 optimizer steps
+        version = learner.mark_published()  # rank 0 then publishes policy_state_dict()
 
 ``source`` is anything with ``sample(n) -> TensorDict`` and
 ``update_priority(index, priority) -> int``: a local ``ReplayBuffer`` in tests, a
-``BufferClient`` in a run. A background thread keeps ``prefetch`` batches ready so the
-optimizer rarely waits on sampling; ``learner/sample_wait_s`` reports how long it did.
+``BufferClient`` in a run. A source that also has ``sampler(n, prefetch=k)`` (the
+``BufferClient``) is read through it, so ``prefetch`` batches per group are on their way
+while the optimizer works; a local buffer is sampled inline (its ``sample`` is a copy
+in this process, nothing to overlap). ``learner/sample_wait_s`` reports how long a
+step call waited for batches.
 Batches are in TorchRL's layout (buffer format 2, DESIGN.md "Data").
 
 Priorities (prioritized samplers only): after each step the learner writes
@@ -30,17 +35,22 @@ learner steps.
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
+import gymnasium
 import torch
 from tensordict import TensorDict
 from torch import nn
 
-__all__ = ["Algorithm", "Learner", "SampleSource", "build_algorithm"]
+from rlfleet.collector.config import PolicyConfig
+from rlfleet.collector.policies import build_policy
+from rlfleet.launch.config import LearnerConfig
+from rlfleet.launch.learners.dqn import DQNLoss
+from rlfleet.launch.learners.sac import SACLoss
+
+__all__ = ["Algorithm", "Learner", "PrefetchingSource", "SampleSource", "build_algorithm"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,13 +59,23 @@ PRIORITY_EPS = 1e-6
 
 
 class SampleSource(Protocol):
-    """Where a learner gets its batches (a ``ReplayBuffer`` or a ``BufferClient``)."""
+    """Where a learner gets its batches (a ``ReplayBuffer`` or a ``BufferClient``).
+
+    A source that is also a ``PrefetchingSource`` is read through its ``sampler``.
+    """
 
     def sample(self, n: int) -> TensorDict: ...
 
     def update_priority(self, index: Any, priority: Any) -> int:
         """Store priorities of live rows; returns how many were skipped (overwritten rows)."""
         ...
+
+
+class PrefetchingSource(Protocol):
+    """A source that fetches ahead itself (``BufferClient.sampler``); a source whose
+    ``sampler`` is a method counts as one."""
+
+    def sampler(self, n: int, *, prefetch: int = 2) -> Iterator[TensorDict]: ...
 
 
 class Algorithm(Protocol):
@@ -76,21 +96,20 @@ class Algorithm(Protocol):
     def load_state_dict(self, state: dict) -> Any: ...
 
 
-def build_algorithm(learner: Any, policy: Any, observation_space: Any, action_space: Any) -> Algorithm:
+def build_algorithm(
+    learner: LearnerConfig,
+    policy: PolicyConfig,
+    observation_space: gymnasium.Space,
+    action_space: gymnasium.Space,
+) -> Algorithm:
     """Build the loss module named by ``learner.algorithm`` around the collectors' policy.
 
-    Runs on a learner rank. ``learner`` is a ``LearnerConfig`` (or any object with its
-    fields); ``policy`` a ``PolicyConfig``. The online network (DQN) or actor (SAC) is
+    Runs on a learner rank. The online network (DQN) or actor (SAC) is
     ``build_policy(policy, observation_space, action_space)``, the same module the
     collectors run, so published state dicts load there unchanged.
     """
-    from rlfleet.collector.policies import build_policy
-
-    algorithm = getattr(learner, "algorithm", "dqn")
     net = build_policy(policy, observation_space, action_space)
-    if algorithm == "dqn":
-        from rlfleet.launch.dqn import DQNLoss
-
+    if learner.algorithm == "dqn":
         return DQNLoss(
             net,
             gamma=learner.gamma,
@@ -101,14 +120,12 @@ def build_algorithm(learner: Any, policy: Any, observation_space: Any, action_sp
             lr=learner.lr,
             grad_clip=learner.grad_clip,
         )
-    if algorithm == "sac":
-        from rlfleet.launch.sac import SACLoss
-
+    if learner.algorithm == "sac":
         return SACLoss(
             net,
             observation_space,
             action_space,
-            hidden=tuple(getattr(policy, "hidden", (256, 256))),
+            hidden=tuple(policy.hidden),
             gamma=learner.gamma,
             tau=learner.tau,
             lr=learner.lr,
@@ -116,62 +133,23 @@ def build_algorithm(learner: Any, policy: Any, observation_space: Any, action_sp
             target_entropy=learner.target_entropy,
             grad_clip=learner.grad_clip,
         )
-    raise ValueError(f"learner.algorithm={algorithm!r} is not known; use 'dqn' (discrete actions) or 'sac' (continuous)")
-
-
-class _Prefetcher:
-    """A daemon thread that keeps up to ``depth`` sampled batches in a queue."""
-
-    def __init__(self, source: SampleSource, batch_size: int, depth: int) -> None:
-        self._source = source
-        self._batch_size = batch_size
-        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="learner-prefetch", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                item: Any = self._source.sample(self._batch_size)
-            except BaseException as e:  # handed to the consumer, which re-raises it
-                item = e
-            while not self._stop.is_set():
-                try:
-                    self._queue.put(item, timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
-            if isinstance(item, BaseException):
-                return
-
-    def get(self) -> TensorDict:
-        while True:
-            try:
-                item = self._queue.get(timeout=1.0)
-            except queue.Empty:
-                if not self._thread.is_alive():
-                    raise RuntimeError("learner prefetch thread stopped without a batch") from None
-                continue
-            if isinstance(item, BaseException):
-                raise item
-            return item
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5.0)
+    raise ValueError(
+        f"learner.algorithm = {learner.algorithm!r} is not known; use 'dqn' (discrete actions) or 'sac' (continuous)"
+    )
 
 
 class Learner:
     """One rank of the learner group. Runs on a learner actor (or in a test process).
 
-    Not thread-safe: one caller drives ``step``; the prefetch thread only samples.
+    Not thread-safe: one caller drives ``step`` (and ``close``); no threads of its own.
 
     Args:
         algorithm: a loss module (``DQNLoss`` / ``SACLoss``).
         source: where batches come from (see ``SampleSource``).
         batch_size: rows per optimizer step on this rank.
-        prefetch: batches sampled ahead; ``0`` samples inline.
+        prefetch: batches per group requested ahead through ``source.sampler`` (a
+            ``BufferClient`` keeps two such groups in flight); ``0`` samples each batch
+            when it is wanted. A source without ``sampler`` is always sampled inline.
         device: torch device of the model; batches are moved there.
         rank: this rank in the learner group (0 publishes).
         world_size: ranks in the group.
@@ -201,8 +179,10 @@ class Learner:
         self.steps = 0
         self.policy_version = 0
         self.algorithm.to(self.device)  # type: ignore[attr-defined]
-        self._prefetch_depth = int(prefetch)
-        self._prefetcher: _Prefetcher | None = None
+        self.prefetch = int(prefetch)
+        # (A ReplayBuffer's ``sampler`` is its sampler's settings, not a method.)
+        self._prefetching = callable(getattr(source, "sampler", None))
+        self._batches: Iterator[TensorDict] | None = None
         self._writes_priorities: bool | None = None
         # Priority updates since this rank started (not carried over by checkpoints).
         self.priority_updates = 0
@@ -218,11 +198,17 @@ class Learner:
         self._distributed = True
 
     def _next_batch(self) -> TensorDict:
-        if self._prefetch_depth == 0:
+        if not self._prefetching:
             return self.source.sample(self.batch_size)
-        if self._prefetcher is None:
-            self._prefetcher = _Prefetcher(self.source, self.batch_size, self._prefetch_depth)
-        return self._prefetcher.get()
+        if self._batches is None:
+            self._batches = self.source.sampler(  # type: ignore[attr-defined]
+                self.batch_size, prefetch=self.prefetch)
+        try:
+            return next(self._batches)
+        except BaseException:
+            # A failed generator is finished: the next call starts a fresh one.
+            self._close_batches()
+            raise
 
     def step(self, num_steps: int = 1, after_step: Callable[[int], None] | None = None) -> dict[str, float]:
         """Run ``num_steps`` optimizer steps; returns metrics averaged over them.
@@ -323,7 +309,10 @@ class Learner:
         self.policy_version = int(state["policy_version"])
 
     def close(self) -> None:
-        """Stop the prefetch thread."""
-        if self._prefetcher is not None:
-            self._prefetcher.close()
-            self._prefetcher = None
+        """Drop the batches requested ahead (waits for the calls still in flight)."""
+        self._close_batches()
+
+    def _close_batches(self) -> None:
+        batches, self._batches = self._batches, None
+        if batches is not None:
+            batches.close()  # type: ignore[attr-defined]

@@ -1,10 +1,12 @@
 """``LearnerActor``: the thin Ray shell around one ``Learner`` rank.
 
-Everything that learns lives in ``rlfleet.launch.learner`` (testable without Ray); this
-module only forms the torch.distributed group, connects to the buffer, runs steps,
-publishes weights (rank 0), exports ``ray.util.metrics`` and writes checkpoints.
-``LearnerGroup`` (driver) creates and drives these actors; one method call at a time
-per actor (Ray's default), so nothing here needs locks.
+Everything that learns lives in ``rlfleet.launch.learners.learner`` (testable without
+Ray), and both ends of each weight transport in ``rlfleet.collector`` (built with
+``make_publisher``). This module only forms the torch.distributed group, connects to the
+buffer, runs steps, hands rank 0's weights to its publisher, exports
+``ray.util.metrics`` and writes checkpoints. ``LearnerGroup`` (driver) creates and
+drives these actors; one method call at a time per actor (Ray's default), so nothing
+here needs locks.
 """
 
 from __future__ import annotations
@@ -16,55 +18,81 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import gymnasium
 import numpy as np
 import torch
 
-from rlfleet.launch.learner import Learner, build_algorithm
-from rlfleet.launch.weights import BroadcastPublisher, state_dict_to_numpy
+from rlfleet.buffer import DEFAULT_NAMESPACE, BufferClient, actor_name
+from rlfleet.collector import WeightPublisher, make_publisher
+from rlfleet.collector.config import PolicyConfig
+from rlfleet.collector.weights_object_store import state_dict_to_numpy
+from rlfleet.launch.config import LearnerConfig
+from rlfleet.launch.learners.learner import Learner, build_algorithm
 
 __all__ = ["LearnerActor", "learner_actor_name"]
 
 logger = logging.getLogger(__name__)
 
 
-def learner_actor_name(name: str, rank: int) -> str:
-    """Ray actor name of learner ``rank`` of run ``name``."""
-    return f"rlfleet:{name}:learner-{rank}"
+def learner_actor_name(run_name: str, rank: int) -> str:
+    """Ray actor name of learner ``rank`` of run ``run_name`` (in the run's namespace)."""
+    return actor_name(run_name, f"learner-{rank}")
 
 
 class LearnerActor:
     """One learner rank inside a Ray actor (wrap with ``ray.remote`` to use).
 
     Call order (driver): ``address`` on rank 0, then ``setup`` on every rank at once,
-    then ``start_publisher`` on rank 0 (distributed transport), then ``step`` on every
+    then ``start_publisher`` on rank 0 (when a fleet listens), then ``step`` on every
     rank at once, as often as wanted.
+
+    Args:
+        learner: the learner section of the config (algorithm, device, batch size, ...).
+        policy: the collectors' policy config; the learners build the same module.
+        observation_space: one env's observation space.
+        action_space: one env's action space.
+        run_name: the run's actor name prefix (metrics tag this rank with it).
+        buffer: name of the replay service to sample from.
+        namespace: Ray namespace of the buffer (and of this actor).
+        seed: the run's seed; rank ``r`` seeds torch, numpy and its client with
+            ``seed * 1000 + r``.
+        rank: this rank in the group.
+        world_size: ranks in the group.
+        num_threads: torch threads of this process.
     """
 
     def __init__(
         self,
-        config: Any,
-        buffer: str,
-        observation_space: Any,
-        action_space: Any,
+        learner: LearnerConfig,
+        policy: PolicyConfig,
+        observation_space: gymnasium.Space,
+        action_space: gymnasium.Space,
         *,
+        run_name: str,
+        buffer: str,
+        namespace: str = DEFAULT_NAMESPACE,
+        seed: int = 0,
         rank: int,
         world_size: int,
         num_threads: int = 1,
     ) -> None:
         torch.set_num_threads(num_threads)
-        self.config = config
-        self.buffer_name = buffer
+        self.config = learner
+        self.policy = policy
         self.observation_space = observation_space
         self.action_space = action_space
+        self.run_name = run_name
+        self.buffer_name = buffer
+        self.namespace = namespace
         self.rank = int(rank)
         self.world_size = int(world_size)
-        self.learner: Learner | None = None
-        self.publisher: BroadcastPublisher | None = None
-        self._metrics: dict[str, Any] | None = None
-        self._published: tuple[dict[str, np.ndarray], int] = ({}, -1)
         # A seed per rank: ranks share initial weights through DDP, not through the RNG.
-        torch.manual_seed(int(config.seed) * 1000 + self.rank)
-        np.random.seed((int(config.seed) * 1000 + self.rank) % 2**32)
+        self.seed = int(seed) * 1000 + self.rank
+        self.learner: Learner | None = None
+        self.publisher: WeightPublisher | None = None
+        self._metrics: dict[str, Any] | None = None
+        torch.manual_seed(self.seed)
+        np.random.seed(self.seed % 2**32)
 
     def address(self) -> tuple[str, int]:
         """This node's IP and a free port on it (rank 0: the group's rendezvous point)."""
@@ -77,9 +105,7 @@ class LearnerActor:
 
     def setup(self, master_host: str, master_port: int, timeout_s: float, checkpoint: str | None = None) -> None:
         """Join the learner group, build the learner, load ``checkpoint``, wrap in DDP."""
-        from rlfleet.buffer import BufferClient
-
-        cfg = self.config.learner
+        cfg = self.config
         device = cfg.device if cfg.device != "cuda" else "cuda:0"
         if self.world_size > 1:
             import torch.distributed as dist
@@ -92,9 +118,9 @@ class LearnerActor:
                 world_size=self.world_size,
                 timeout=timedelta(seconds=timeout_s),
             )
-        # Ranks must draw different batches: seed each client by rank.
-        client = BufferClient.connect(self.buffer_name, seed=int(self.config.seed) * 1000 + self.rank)
-        algorithm = build_algorithm(cfg, self.config.policy, self.observation_space, self.action_space)
+        # Ranks must draw different batches: each client is seeded by rank.
+        client = BufferClient.connect(self.buffer_name, namespace=self.namespace, seed=self.seed)
+        algorithm = build_algorithm(cfg, self.policy, self.observation_space, self.action_space)
         self.learner = Learner(
             algorithm,
             client,
@@ -110,15 +136,13 @@ class LearnerActor:
         self.learner.distribute()
         self._init_metrics()
 
-    def start_publisher(self, num_collectors: int, op_timeout_s: float = 10.0, form_timeout_s: float = 30.0) -> dict[str, Any]:
-        """Rank 0: host the weight broadcast group; returns the receivers' kwargs."""
-        import ray
-
-        self.publisher = BroadcastPublisher(
-            num_collectors,
-            host=ray.util.get_node_ip_address(),
-            op_timeout_s=op_timeout_s,
-            form_timeout_s=form_timeout_s,
+    def start_publisher(self, fleet: str, namespace: str, num_collectors: int) -> dict[str, Any]:
+        """Rank 0: build the weight publisher of fleet ``fleet`` and publish the current
+        weights; returns what the fleet's receivers need (``receiver_kwargs``)."""
+        if self.rank != 0:
+            raise RuntimeError(f"LearnerActor: start_publisher on rank {self.rank}; only rank 0 publishes")
+        self.publisher = make_publisher(
+            self.config.weight_transport, fleet=fleet, namespace=namespace, num_collectors=num_collectors
         )
         self.publish()
         return self.publisher.receiver_kwargs()
@@ -147,29 +171,20 @@ class LearnerActor:
                 "rlfleet_policy_lag", "learner version minus version of sampled rows", tag_keys=tags
             ),
         }
-        self._metric_tags = {"learner": learner_actor_name(self.config.name, self.rank)}
+        self._metric_tags = {"learner": learner_actor_name(self.run_name, self.rank)}
 
     def _on_step(self, steps: int) -> None:
-        if steps % self.config.learner.publish_every == 0:
+        if steps % self.config.publish_every == 0:
             self.publish()
 
     def publish(self) -> int:
-        """Mark the current weights published (every rank) and broadcast them (rank 0)."""
+        """Mark the current weights published (every rank); rank 0 hands them to its
+        publisher. A version the publisher already holds moves nothing."""
         learner = self._learner()
         version = learner.mark_published()
-        if self.rank != 0:
-            return version
-        if version > self._published[1]:
-            self._published = (state_dict_to_numpy(learner.policy_state_dict()), version)
         if self.publisher is not None and version > self.publisher.version:
             self.publisher.publish(learner.policy_state_dict(), version)
         return version
-
-    def published_state_dict(self) -> tuple[dict[str, np.ndarray], int]:
-        """Rank 0: the weights of the last publish and their version (object-store path)."""
-        if self._published[1] < 0:
-            self.publish()
-        return self._published
 
     def step(self, num_steps: int) -> dict[str, float]:
         """``num_steps`` optimizer steps; publishes every ``publish_every`` steps."""
@@ -182,7 +197,7 @@ class LearnerActor:
         return out
 
     def policy_state_dict(self) -> dict[str, np.ndarray]:
-        """The policy weights as numpy (the form that crosses Ray)."""
+        """The policy weights as numpy (for export and tests; never the collectors' path)."""
         return state_dict_to_numpy(self._learner().policy_state_dict())
 
     def full_state_dict(self) -> dict[str, np.ndarray]:
@@ -190,7 +205,7 @@ class LearnerActor:
         return state_dict_to_numpy(self._learner().algorithm.state_dict())
 
     def weight_status(self) -> dict[str, float]:
-        """Publisher counters (rank 0 with the distributed transport), else ``{}``."""
+        """Publisher counters (rank 0 with a fleet), else ``{}``."""
         return {} if self.publisher is None else self.publisher.stats()
 
     def save_checkpoint(self, path: str) -> str:
@@ -204,7 +219,7 @@ class LearnerActor:
         return str(target)
 
     def shutdown(self) -> None:
-        """Stop the publisher and prefetching, leave the process group."""
+        """Stop the publisher and the batches in flight, leave the process group."""
         if self.publisher is not None:
             self.publisher.close()
             self.publisher = None

@@ -1,0 +1,159 @@
+"""Copying sampled rows out of a buffer's column maps, redrawing the torn ones, and weighing them.
+
+A sample draws row counters from the window under its lock (``Window.draw_accepted``),
+copies the rows without the lock (an ``extend`` may run meanwhile), then re-reads the
+window start: rows it passed were being overwritten while they were copied, so their
+copy may be torn, and they are drawn and copied again. Finally the counters become the
+buffer's indices (its tag ORed in, one vectorised op). For the prioritized sampler each
+row also comes with its sampling mass ``p**alpha``, from which ``importance_weights``
+computes the ``weight`` of a batch: the one place weights are computed, for a local
+buffer's batch and for a sharded service's batch assembled from several shards.
+
+Runs wherever the buffer lives. ``RowReader`` is thread-safe: it holds only read-only
+references to the maps, and every window access goes through the window's lock.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from rlfleet.buffer.arrays import positions
+from rlfleet.buffer.indices import with_tag
+from rlfleet.buffer.window import MAX_REDRAWS, Window
+
+__all__ = ["RowReader", "importance_weights"]
+
+Arrays = dict[tuple[str, ...], np.ndarray]
+
+
+def importance_weights(mass: np.ndarray, beta: float, out: np.ndarray | None = None) -> np.ndarray:
+    """The importance weights of a batch, float32 ``[n]``, normalised by the batch max.
+
+    The weight of row ``i`` is ``(N * P(i)) ** -beta`` divided by the batch's largest,
+    with ``P(i) = mass_i / total mass`` and ``N`` the rows held: the totals cancel, leaving
+    ``(min mass / mass_i) ** beta``. So it needs only the rows' sampling masses
+    (``p_i ** alpha``, float64 ``[n]``, all > 0), and rows drawn from several shards in
+    proportion to their masses are weighed as one buffer's.
+    """
+    return np.power(mass.min() / mass, beta, dtype=np.float32, out=out)
+
+
+class RowReader:
+    """Gathers rows by counter from the column views ``[capacity, *shape]`` of one buffer.
+
+    Args:
+        window: the buffer's window (draws, the current start, the sample count).
+        views: ``{key path: column view}`` of the mapped data files.
+        capacity: rows the ring holds (row ``i`` lives in slot ``i % capacity``).
+        tag: the buffer's index tag (``indices``).
+        beta: the prioritized sampler's importance exponent; None for other samplers.
+    """
+
+    def __init__(self, window: Window, views: Mapping[tuple[str, ...], np.ndarray], capacity: int,
+                 tag: int, *, beta: float | None = None) -> None:
+        self.window = window
+        self.beta = beta
+        self.views = dict(views)
+        self.capacity = capacity
+        self._tag_bits = with_tag(np.int64(0), tag)
+        self._layout = [(key, v, v.shape[1:], v.dtype) for key, v in self.views.items()]
+
+    def out_layout(self, lead: tuple[int, ...]) -> dict[tuple[str, ...], tuple[tuple[int, ...], np.dtype]]:
+        """What a sample with batch dims ``lead`` holds: ``{key: (shape, dtype)}``."""
+        layout = {key: ((*lead, *row_shape), dtype) for key, _, row_shape, dtype in self._layout}
+        layout[("index",)] = (lead, np.dtype(np.int64))
+        if self.beta is not None:
+            layout[("weight",)] = (lead, np.dtype(np.float32))
+        return layout
+
+    def read_column(self, key: tuple[str, ...], idx: np.ndarray) -> np.ndarray:
+        return np.take(self.views[key], idx % self.capacity, axis=0)
+
+    def gather(self, idx: np.ndarray, into: Arrays | None = None) -> Arrays:
+        """The rows of counters ``idx`` (any shape): fresh arrays, or written into ``into``."""
+        slots = idx % self.capacity
+        lead = slots.shape
+        out = {} if into is None else into
+        for key, src, row_shape, dtype in self._layout:
+            dst = np.empty(lead + row_shape, dtype=dtype) if into is None else into[key]
+            src.take(slots, 0, dst, "clip")  # 'clip': unbuffered into out (positional: cheaper)
+            if into is None:
+                out[key] = dst
+        return out
+
+    def at_positions(self, pos: Any, write_lock: threading.Lock) -> tuple[Arrays, int, bool]:
+        """The committed rows at positions ``pos`` (0 the oldest live row, -1 the newest;
+        ``arrays.positions`` says what ``pos`` may be): ``(arrays, rows, scalar)``.
+
+        ``write_lock`` is the buffer's: positions count from a settled window, not one
+        that an in-flight extend has shrunk while it overwrites the oldest rows. A read
+        that the window start passed meanwhile is read again.
+        """
+        window = self.window
+        for _ in range(MAX_REDRAWS):
+            with write_lock:
+                start, end = window.bounds()
+            pos_array, scalar = positions(pos, end - start)
+            out = self.gather(pos_array + start)
+            if window.bounds()[0] <= start:
+                return out, len(pos_array), scalar
+        raise RuntimeError("getitem: rows were overwritten while being read, too many times")
+
+    def sample(self, n: int, *, into: Arrays | None = None) -> Arrays:
+        """``n`` rows plus ``("index",)`` and, for the prioritized sampler, ``("weight",)``
+        (``importance_weights``). Fresh arrays, or written into ``into`` (views of a
+        caller's batch)."""
+        out, mass = self.draw(n, into=into)
+        if mass is not None:
+            out[("weight",)] = importance_weights(
+                mass, self.beta, out=None if into is None else into[("weight",)])
+        return out
+
+    def draw(self, n: int, *, into: Arrays | None = None) -> tuple[Arrays, np.ndarray | None]:
+        """``n`` rows plus ``("index",)``, and the sampling mass of each row (float64
+        ``[n]``, prioritized sampler) or None."""
+        window = self.window
+        if window.sampler.rejects:
+            idx, mass, _, _, drawn_start = window.draw_accepted(n, self.read_column)
+        else:  # the common case, a call less
+            idx, mass, _, _, drawn_start = window.draw(n)
+        out = self.gather(idx, into)
+        first_col = idx if idx.ndim == 1 else idx[:, 0]
+        lock = window.lock
+        for _ in range(MAX_REDRAWS):
+            with lock:  # inline, not bounds(): a call less on the hot path
+                start_now = window.start
+            # rows drawn from [start, end) are intact unless the window start passed them
+            # (the common case, a window that did not move, needs no scan of the draw)
+            if start_now == drawn_start or first_col.min() >= start_now:
+                break
+            stale = first_col < start_now
+            # rows overwritten while we copied them: their copy may be torn, redraw
+            k = int(stale.sum())
+            new_idx, new_mass, _, _, _ = window.draw_accepted(k, self.read_column)
+            fresh = self.gather(new_idx)
+            for key in out:
+                out[key][stale] = fresh[key]
+            idx[stale] = new_idx
+            first_col = idx if idx.ndim == 1 else idx[:, 0]
+            if mass is not None:
+                mass[stale] = new_mass
+        else:
+            raise RuntimeError(
+                f"sample: rows were overwritten faster than they could be copied "
+                f"{MAX_REDRAWS} times; the buffer (capacity {self.capacity}) is too small "
+                f"for its insert rate"
+            )
+        # the counters become the buffer's indices in place: one vectorised OR (idx is ours)
+        np.bitwise_or(idx, self._tag_bits, out=idx)
+        if into is None:
+            out[("index",)] = idx
+        else:
+            into[("index",)][...] = idx
+        with lock:
+            window.samples += n
+        return out, mass
