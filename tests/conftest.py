@@ -49,3 +49,14 @@ def ray_cluster():
 def _quiet_env():
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     yield
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Run the test with one torch thread, as a collector actor does; restore after."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

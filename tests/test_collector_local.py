@@ -37,12 +37,8 @@ def counting_collector(sink, *, num_envs=3, frames_per_batch=12, collector_id=0,
                      exploration=exploration or ExplorationConfig(start=0.5, end=0.1, frames=50))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Collectors run one torch thread per actor; so do these tests (conftest.py).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("vectorization", ["sync", "async"])

@@ -60,12 +60,8 @@ def rb(tmp_path):
     buffer.close()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Collectors run one torch thread per actor; so do these tests (conftest.py).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_budget_is_granted_and_collected_exactly(rb):
