@@ -9,11 +9,15 @@ no coordinator in the path.
   fewest rows, or, for a batch of 32 MB and more when the rate limiter never holds
   inserts, cut into contiguous chunks written by the local shards in parallel
   (``write_plan`` says why).
-- ``sample`` splits ``n`` over the shards by a multinomial draw weighted by each
-  shard's size (uniform) or priority mass (prioritized), asks all shards at once,
-  concatenates, and for prioritized sampling weighs the batch as one buffer's, normalised
-  by the batch max (``sample_fanout``). Each answer carries the shard's current state, which
-  weights the next draw, so the split costs no extra round trip.
+- ``sample`` draws the whole batch from one shard chosen in proportion to its size
+  (uniform) or priority mass (prioritized): one call, however many shards, and every
+  row's marginal probability is exactly one buffer's. ``split="rows"`` instead splits
+  every batch over all shards by a multinomial draw (one call per shard). For
+  prioritized sampling the batch is weighed as one buffer's, normalised by the batch max
+  (``sample_fanout`` has the details and the proof). Answers carry the shard's state,
+  and a background poll keeps the others' current, so the draw never waits for it.
+- ``sampler`` keeps requests in flight and hands out whichever arrives first: a slow or
+  restarting shard delays its own request, not the learner.
 - Indices are global (``indices``): each carries the tag of the shard directory that
   issued it and the shard's number, so ``update_priority`` routes each index back to
   its shard, and refuses, before sending anything, whatever a shard would refuse
@@ -45,7 +49,6 @@ import itertools
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
@@ -63,7 +66,7 @@ from rlfleet.buffer.indices import with_shard
 from rlfleet.buffer.naming import DEFAULT_NAMESPACE, check_name, check_namespace, find_shards
 from rlfleet.buffer.priorities import parse_update
 from rlfleet.buffer.priority_routing import check_update
-from rlfleet.buffer.sample_fanout import SampleFanout
+from rlfleet.buffer.sample_fanout import SampleFanout, SampleRequest, check_split
 from rlfleet.buffer.shard_table import ShardEntry, ShardTable, answers, gather, totals, with_stored
 from rlfleet.buffer.storage import check_arrays
 from rlfleet.buffer.write_plan import plan_write
@@ -72,9 +75,17 @@ __all__ = ["BufferClient"]
 
 log = logging.getLogger(__name__)
 
+# seconds (at least; 4x a group's usual time in flight) after which a sampler group that
+# has not arrived no longer counts as in flight
+STALL_S = 0.25
+# sampler groups that may be stalled at once; with that many, the sampler waits for
+# whichever group arrives first
+MAX_STALLED = 4
 
-def _unpickle(name: str, timeout_s: float, namespace: str = DEFAULT_NAMESPACE) -> "BufferClient":
-    return BufferClient(name, timeout_s=timeout_s, namespace=namespace)
+
+def _unpickle(name: str, timeout_s: float, namespace: str = DEFAULT_NAMESPACE,
+              split: str = "whole") -> "BufferClient":
+    return BufferClient(name, timeout_s=timeout_s, namespace=namespace, split=split)
 
 
 class BufferClient:
@@ -85,7 +96,7 @@ class BufferClient:
     """
 
     def __init__(self, name: str, *, timeout_s: float = 30.0, seed: int | None = None,
-                 namespace: str = DEFAULT_NAMESPACE) -> None:
+                 namespace: str = DEFAULT_NAMESPACE, split: str = "whole") -> None:
         self.name = check_name(name, argument="buffer name")
         self.namespace = check_namespace(namespace)
         self._timeout_s = float(timeout_s)
@@ -96,7 +107,7 @@ class BufferClient:
         self._turn = itertools.count()
         self._schema: dict | None = None
         self._fanout = SampleFanout(self.name, self._ensure, self._forget_if_gone,
-                                    np.random.default_rng(seed))
+                                    np.random.default_rng(seed), check_split(split))
 
     # -- connecting ----------------------------------------------------------------------
 
@@ -109,6 +120,7 @@ class BufferClient:
         timeout_s: float = 30.0,
         seed: int | None = None,
         namespace: str = DEFAULT_NAMESPACE,
+        split: str = "whole",
     ) -> "BufferClient":
         """Connect to the running buffer ``name`` in Ray namespace ``namespace``.
 
@@ -125,6 +137,12 @@ class BufferClient:
                 for the shards to answer (a shard may be restarting).
             seed: seeds how batches are split over shards (None: from the OS).
             namespace: the Ray namespace the service was launched in.
+            split: ``"whole"`` (default): each ``sample`` call, and each group of
+                ``prefetch`` batches of a ``sampler``, is drawn from one shard chosen in
+                proportion to its size or priority mass: one shard call whatever the
+                shard count. ``"rows"``: every batch is split over all shards by a
+                multinomial draw, one call per shard. Both give every row exactly its
+                one-buffer probability; only ``"rows"`` mixes shards within a batch.
 
         Raises:
             BufferNotFound: no buffer of that name runs in ``namespace``; the message
@@ -135,18 +153,23 @@ class BufferClient:
                 process's auth token, or runs other Ray/Python versions; the message
                 names the address and the cause.
         """
-        client = cls(name, timeout_s=timeout_s, seed=seed, namespace=namespace)
+        client = cls(name, timeout_s=timeout_s, seed=seed, namespace=namespace, split=split)
         init_ray(address, namespace=client.namespace, timeout_s=timeout_s)
         client._connect()
         return client
 
-    def __reduce__(self) -> tuple[Any, tuple[str, float, str]]:
+    def __reduce__(self) -> tuple[Any, tuple[str, float, str, str]]:
         # pickles as its address: handles, caches and the RNG belong to this process
-        return _unpickle, (self.name, self._timeout_s, self.namespace)
+        return _unpickle, (self.name, self._timeout_s, self.namespace, self.split)
 
     def __repr__(self) -> str:
         n = "?" if self._shards is None else len(self._shards)
-        return f"BufferClient({self.name!r}, namespace={self.namespace!r}, shards={n})"
+        return f"BufferClient({self.name!r}, namespace={self.namespace!r}, shards={n}, split={self.split!r})"
+
+    @property
+    def split(self) -> str:
+        """``"whole"`` or ``"rows"``: how a request's rows are spread over the shards."""
+        return self._fanout.split
 
     @property
     def num_shards(self) -> int:
@@ -306,14 +329,24 @@ class BufferClient:
             for step, batch in zip(range(num_steps), client.sampler(256, prefetch=2)):
                 loss = update(batch)
 
-        Batches are requested in groups of ``prefetch``, each group one call per shard,
-        and two groups are in flight: while the caller works through one group, the
-        next is on its way and the shards draw the one after, so transfers overlap the
-        caller's work and each other. One call for several batches rather than one per
-        batch, because a Ray call costs about half a millisecond of CPU on each side, as
-        much as moving a CartPole batch. At most ``2 * prefetch`` batches wait in memory;
-        ``prefetch=0`` requests each batch when it is wanted. Not to be shared between
+        Batches are requested in groups of ``prefetch``, and two groups are in flight:
+        while the caller works through one group, the next is on its way and the shards
+        draw the one after, so transfers overlap the caller's work and each other. A
+        group is one call (``split="whole"``: one shard) or one call per shard
+        (``"rows"``); one call for several batches rather than one per batch, because a
+        Ray call costs about half a millisecond of CPU on each side, as much as moving
+        a CartPole batch. At most ``2 * prefetch`` batches wait in memory (up to
+        ``(2 + MAX_STALLED) * prefetch`` while shards are stalled, below); ``prefetch=0`` requests each batch when it is wanted. Not to be shared between
         threads.
+
+        Groups are handed out in the order they arrive, not the order they were asked
+        for. A group that has not arrived after ``STALL_S`` (or four times a group's
+        usual time in flight, if longer: a slow or restarting shard, or its rate limiter)
+        stops counting as in flight: another is asked for from the other shards, up to
+        ``MAX_STALLED`` stalled groups, so the learner keeps getting batches while any
+        shard answers. The late group is still handed out when it arrives, or raises as
+        ``sample`` would. While a shard is stalled its rows are not drawn for new groups,
+        so over that time they are under-represented, as with ``allow_partial``.
         """
         _check_n(n)
         if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
@@ -322,17 +355,33 @@ class BufferClient:
         if prefetch == 0:
             while True:
                 yield fanout.collect(fanout.submit(n, 1, timeout_s, allow_partial))[0]
-        # two groups in flight: one is fetched while the shards already work on the next
-        queue = deque(fanout.submit(n, prefetch, timeout_s, allow_partial) for _ in range(2))
+        in_flight: list[SampleRequest] = []
+        typical = 0.0  # moving average of a group's time in flight
         try:
             while True:
-                batches = fanout.collect(queue.popleft())
-                queue.append(fanout.submit(n, prefetch, timeout_s, allow_partial))
+                now = time.monotonic()
+                stall_s = max(STALL_S, 4 * typical)  # large groups take longer, and are not stalled
+                stalled = [r for r in in_flight if now - r.started > stall_s]
+                # two groups in flight that are not stalled, none from a shard that is
+                avoid = {k for r in stalled for k, _ in r.pending.values()}
+                while len(in_flight) - len(stalled) < 2 and len(in_flight) < 2 + MAX_STALLED:
+                    in_flight.append(fanout.submit(n, prefetch, timeout_s, allow_partial, avoid))
+                if len(in_flight) < 2 + MAX_STALLED:
+                    done = fanout.first_done(in_flight, stall_s)
+                    if done is None:
+                        continue
+                else:  # too many stalled: wait for any, up to the oldest's deadline
+                    wait = min(r.deadline for r in in_flight) - now
+                    done = fanout.first_done(in_flight, max(0.0, wait)) or in_flight[0]
+                in_flight.remove(done)
+                batches = fanout.collect(done)  # raises as sample would
+                took = time.monotonic() - done.started
+                typical = 0.8 * typical + 0.2 * took if typical else took
                 yield from batches
         finally:
             # closed (or dropped): let the calls still in flight finish, within the
             # client's timeout, so a service shut down next does not kill them mid-call
-            refs = [ref for request in queue for ref in request.pending]
+            refs = [ref for request in in_flight for ref in request.pending]
             if refs:
                 ray.wait(refs, num_returns=len(refs), timeout=self._timeout_s)
 

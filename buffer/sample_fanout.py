@@ -1,17 +1,36 @@
-"""The client's sample fan-out: split batches over the shards, ask them all, reassemble.
+"""The client's sample fan-out: choose shards for each request, ask them, reassemble.
 
 Runs in the process of a ``BufferClient`` (``sample`` and ``sampler`` call it). A request
-is ``batches`` batches of ``n`` rows. ``submit`` splits each batch's rows over the shards
-by a multinomial draw weighted by each shard's size (uniform) or priority mass
-(prioritized), as if the shards were one buffer, and sends one call per shard for its
-rows of every batch at once. ``collect`` waits for the answers and assembles the
-batches: global indices (``indices.with_shard``), and importance weights of each batch
-from its rows' sampling masses (``row_reader.importance_weights``, as a local buffer's).
+is ``batches`` batches of ``n`` rows: one ``sample`` call, or one group of a ``sampler``.
+Where its rows come from is the client's ``split`` (``SPLITS``):
+
+- ``"whole"`` (the default): the whole request is drawn from one shard, chosen with
+  probability proportional to its size (uniform) or priority mass (prioritized). One
+  shard call per request however many shards there are, so a batch costs the same at
+  64 shards as at 1. Every row's marginal probability is still exactly one buffer's:
+  P(shard k) * P(row | shard k) = size_k / N * 1 / size_k = 1 / N uniform, and
+  mass_k / M * p^a / mass_k = p^a / M prioritized. What changes is within a request:
+  its rows come from one shard, so the rows of one batch (and of one sampler group) are
+  not spread over the shards in proportion to their sizes, only in expectation over
+  many batches.
+- ``"rows"``: each batch's rows are split over all shards by a multinomial draw weighted
+  the same way, one call per shard per request: every batch mixes the shards as one
+  buffer would. Its cost grows with the number of shards.
+
+``collect`` waits for the answers and assembles the batches: global indices
+(``indices.with_shard``), and importance weights of each batch from its rows' sampling
+masses (``row_reader.importance_weights``, as a local buffer's: normalised by the batch
+max, the same whichever shard a row came from).
+
+Shard sizes and masses come from each answer; with ``"whole"``, shards that were not
+drawn are polled for their state at most every ``ShardTable`` poll period, in the
+background, so the draw never waits on a shard it does not use.
 
 The decisions are pure functions that tests drive without Ray: ``split_weights`` (how
-much each shard weighs in the split), ``split_rows`` (the multinomial draw), ``by_batch``
-(which rows of which answer belong to which batch) and ``assemble`` (one batch from its
-pieces). ``SampleFanout`` sends the calls and gathers the answers around them.
+much each shard weighs), ``split_rows`` (the multinomial draw), ``pick_shard`` (the
+whole-request draw), ``by_batch`` (which rows of which answer belong to which batch) and
+``assemble`` (one batch from its pieces). ``SampleFanout`` sends the calls and gathers
+the answers around them.
 
 Rows a shard cannot serve are drawn again from the others, within the same request:
 
@@ -43,7 +62,11 @@ from rlfleet.buffer.indices import with_shard
 from rlfleet.buffer.row_reader import importance_weights
 from rlfleet.buffer.shard_table import ShardTable, cause
 
-__all__ = ["Piece", "SampleFanout", "SampleRequest", "assemble", "by_batch", "split_rows", "split_weights"]
+__all__ = ["SPLITS", "Piece", "SampleFanout", "SampleRequest", "assemble", "by_batch", "check_split",
+           "pick_shard", "split_rows", "split_weights"]
+
+# how a request's rows are spread over the shards; see the module docstring
+SPLITS = ("whole", "rows")
 
 # Which rows of one shard call go to which batch of a request: [(batch, rows), ...] in
 # the order the shard returns them.
@@ -71,6 +94,28 @@ def split_rows(rng: np.random.Generator, segments: Segments, weights: np.ndarray
             if count:
                 per_shard[position].append((b, count))
     return per_shard
+
+
+def pick_shard(rng: np.random.Generator, segments: Segments, weights: np.ndarray) -> list[Segments]:
+    """The ``"whole"`` split: every segment of the request to one shard, drawn with
+    probability ``weights``; returns each shard's segments (empty for the others)."""
+    chosen = int(rng.choice(len(weights), p=weights))
+    return [list(segments) if position == chosen else [] for position in range(len(weights))]
+
+
+def check_split(split: object) -> str:
+    """``split`` if it names a way to spread requests over shards (``SPLITS``).
+
+    Raises:
+        ValueError: it does not; the message lists the choices.
+    """
+    if split not in SPLITS:
+        raise ValueError(
+            f"split={split!r} is not one of {list(SPLITS)}: 'whole' draws each request from "
+            f"one shard (cost independent of the shard count), 'rows' splits every batch "
+            f"over all shards"
+        )
+    return str(split)
 
 
 def by_batch(parts: list[tuple[int, dict, Any, Segments]], batches: int) -> list[list[Piece]]:
@@ -119,6 +164,7 @@ class SampleRequest:
     budget_s: float
     pending: dict[Any, tuple[int, Segments]] = field(default_factory=dict)  # ref -> (shard, segments)
     short: set[int] = field(default_factory=set)  # shards that had no row for this request
+    started: float = field(default_factory=time.monotonic)
 
 
 class SampleFanout:
@@ -129,44 +175,74 @@ class SampleFanout:
         table: returns the client's current ``ShardTable`` (connecting if needed).
         on_gone: called with the error when a shard is gone for good.
         rng: the generator of the split draws.
+        split: ``"whole"`` or ``"rows"`` (``SPLITS``).
     """
 
     def __init__(self, name: str, table: Callable[[], ShardTable],
-                 on_gone: Callable[[Exception], None], rng: np.random.Generator) -> None:
+                 on_gone: Callable[[Exception], None], rng: np.random.Generator,
+                 split: str = "whole") -> None:
         self.name = name
         self._table = table
         self._on_gone = on_gone
         self._rng = rng
         self._rng_lock = threading.Lock()
+        self.split = check_split(split)
 
-    def submit(self, n: int, batches: int, timeout_s: float | None, allow_partial: bool) -> SampleRequest:
-        """Send the calls of ``batches`` batches of ``n`` rows; returns the request."""
+    def submit(self, n: int, batches: int, timeout_s: float | None, allow_partial: bool,
+               avoid: set[int] | frozenset[int] = frozenset()) -> SampleRequest:
+        """Send the calls of ``batches`` batches of ``n`` rows; returns the request.
+        Shards in ``avoid`` (stalled ones) are left out of the draw unless no other is live."""
         table = self._table()
         wait = table.default_timeout_s if timeout_s is None else float(timeout_s)
         grace = shard_table.GRACE_S  # read per call: tests shorten it
         request = SampleRequest(n, batches, timeout_s, allow_partial,
                                 time.monotonic() + wait + grace, wait + grace)
-        self._dispatch(request, [(b, n) for b in range(batches)], table.live(allow_partial))
+        if self.split == "whole" and len(table) > 1:
+            table.poll_states()  # the shards this request does not call still weigh in
+        live = table.live(allow_partial)
+        candidates = [k for k in live if k not in avoid] or live
+        self._dispatch(request, [(b, n) for b in range(batches)], candidates)
         return request
 
     def _dispatch(self, request: SampleRequest, segments: Segments, candidates: list[int]) -> None:
-        """Send one sample call per candidate shard for the rows of ``segments``: each
-        batch's rows are split over the shards by a multinomial draw on their size
-        (uniform) or priority mass (prioritized), as if the shards were one buffer."""
+        """Send the sample calls for the rows of ``segments`` to ``candidates``, chosen by
+        their size (uniform) or priority mass (prioritized): one shard for the whole
+        request (``"whole"``) or one call per shard for its multinomial share of each
+        batch (``"rows"``)."""
         table = self._table()
         weights = split_weights([table[k].size for k in candidates], [table[k].mass for k in candidates],
                                 table.sampler_type == "prioritized")
         with self._rng_lock:
-            per_shard = split_rows(self._rng, segments, weights)
+            if self.split == "whole":
+                per_shard = pick_shard(self._rng, segments, weights)
+            else:
+                per_shard = split_rows(self._rng, segments, weights)
         # Only the arguments that differ from the defaults: each one is serialised on
         # both sides, which measured about 50 us per call and argument.
         args = () if request.timeout_s is None else (request.timeout_s,)
         for k, mine in zip(candidates, per_shard):
+            if not mine and self.split == "whole":
+                continue
             method = table[k].handle.sample
             if request.allow_partial:
                 method = method.options(max_task_retries=0)  # fail fast, draw elsewhere
-            # the count may be 0: the answer still refreshes the shard's size and mass
+            # "rows": the count may be 0: the answer still refreshes the shard's size and mass
             request.pending[method.remote(sum(rows for _, rows in mine), *args)] = (k, mine)
+
+    def first_done(self, requests: Sequence[SampleRequest], timeout_s: float) -> SampleRequest | None:
+        """The first of ``requests`` (in order) whose calls have all answered, waiting up
+        to ``timeout_s`` for one; None if none has. Answers include failed calls."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            refs = [ref for request in requests for ref in request.pending]
+            ready = set(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) if refs else set()
+            for request in requests:
+                if all(ref in ready for ref in request.pending):
+                    return request
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            ray.wait([ref for ref in refs if ref not in ready], num_returns=1, timeout=left)
 
     def _redraw(self, request: SampleRequest, segments: Segments) -> None:
         """Draw ``segments`` again over the live shards that did not come up short."""

@@ -227,9 +227,10 @@ class ReplayService:
         # a constructor error (bad directory, full disk) surfaces here as its own type
         return ray.get(refs)
 
-    def client(self, *, seed: int | None = None) -> BufferClient:
-        """A ``BufferClient`` for this process (``BufferClient.connect(name, namespace=...)``)."""
-        return BufferClient.connect(self.name, namespace=self.namespace, seed=seed)
+    def client(self, *, seed: int | None = None, split: str = "whole") -> BufferClient:
+        """A ``BufferClient`` for this process (``BufferClient.connect(name, namespace=...)``;
+        ``split`` as there)."""
+        return BufferClient.connect(self.name, namespace=self.namespace, seed=seed, split=split)
 
     @staticmethod
     def running(namespace: str = DEFAULT_NAMESPACE) -> list[str]:

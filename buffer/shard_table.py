@@ -13,6 +13,12 @@ update is checked against.
 an error, ``answers`` and ``with_stored`` say which calls did go through. ``totals``
 sums the shards' stats rows into the buffer's.
 
+With the ``"whole"`` split a request calls one shard, so the others' answers stop
+coming; ``poll_states`` then asks every shard for its state in the background, at most
+once per ``POLL_S`` (longer past 100 shards: at most ``POLL_CALLS_PER_S`` calls), and
+folds in the answers that have arrived (never waiting). Its cost is S small calls per
+period per client, not per batch.
+
 Thread-safe for the client's use: an entry's numbers are replaced whole by whichever
 answer arrives last (each is a recent true value), and liveness probes tolerate races.
 """
@@ -20,6 +26,7 @@ answer arrives last (each is a recent true value), and liveness probes tolerate 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,13 +37,20 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from rlfleet.buffer.errors import ShardUnavailable
 
-__all__ = ["GRACE_S", "ShardEntry", "ShardTable", "answers", "cause", "gather", "totals", "with_stored"]
+__all__ = ["GRACE_S", "POLL_S", "ShardEntry", "ShardTable", "answers", "cause", "gather", "totals", "with_stored"]
 
 log = logging.getLogger(__name__)
 
 # seconds a client waits beyond a shard's own timeout before declaring it unreachable:
 # covers the transfer of a large batch and a shard restart
 GRACE_S = 30.0
+
+# seconds between two background polls of the shards' states (the "whole" split): how
+# stale the sizes and masses that weigh the draw may be, at S calls per period...
+POLL_S = 0.5
+# ...and the most state calls per second one client makes: past 100 shards the period
+# grows instead (1,000 shards: every 5 s), so polling stays near 0.1 core per client
+POLL_CALLS_PER_S = 200.0
 
 # how long a shard that failed stays out of allow_partial draws before it is pinged again
 _DOWN_RETRY_S = 1.0
@@ -89,6 +103,9 @@ class ShardTable:
         # whether a shard's limiter may hold an insert (samples_per_insert set)
         self.inserts_wait = first["rate_limiter"].get("samples_per_insert") is not None
         self.schema = next((e.info["schema"] for e in entries if e.info["schema"]), None)
+        self._polls: dict[Any, int] = {}  # state calls in flight -> shard
+        self._polled_at = time.monotonic()  # connect just read every state
+        self._poll_lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -109,6 +126,27 @@ class ShardTable:
         if "total_inserted" in state:  # answers may arrive out of order: it only grows
             entry.total_inserted = max(entry.total_inserted, int(state["total_inserted"]))
         entry.down_since, entry.ping = None, None
+
+    def poll_states(self) -> None:
+        """Fold in the state polls that have answered; every ``POLL_S``, ask each shard
+        that is up and has no poll in flight (a restarting one does not hold up the
+        others). Never waits."""
+        with self._poll_lock:
+            if self._polls:
+                refs = list(self._polls)
+                for ref in ray.wait(refs, num_returns=len(refs), timeout=0)[0]:
+                    k = self._polls.pop(ref)
+                    try:
+                        self.note_state(k, ray.get(ref))
+                    except Exception:  # a failed poll says nothing; sample calls find out
+                        pass
+            if time.monotonic() - self._polled_at < max(POLL_S, len(self.entries) / POLL_CALLS_PER_S):
+                return
+            self._polled_at = time.monotonic()
+            asked = set(self._polls.values())
+            for k, entry in enumerate(self.entries):
+                if entry.down_since is None and k not in asked:
+                    self._polls[entry.handle.state.remote()] = k
 
     # -- liveness (allow_partial sampling) -----------------------------------------------
 

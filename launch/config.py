@@ -251,6 +251,9 @@ class LearnerConfig:
         n_step: DQN n-step returns.
         grad_clip: max gradient norm.
         prefetch: sample requests each rank keeps in flight.
+        sample_split: whole (each group of ``prefetch`` batches from one shard, chosen
+            by size or priority mass: one call whatever the shard count) | rows (every
+            batch split over all shards, one call per shard); see ``BufferClient``.
         init_alpha: SAC initial temperature.
         target_entropy: SAC target entropy (None: minus the action dimension).
         checkpoint_every: learner steps between checkpoints.
@@ -270,6 +273,7 @@ class LearnerConfig:
     n_step: int = 1
     grad_clip: float = 10.0
     prefetch: int = 2
+    sample_split: Literal["whole", "rows"] = "whole"
     init_alpha: float = 1.0
     target_entropy: float | None = None
     checkpoint_every: int = 1000

@@ -267,7 +267,7 @@ def test_sigkill_while_writing_keeps_committed_rows_intact(tmp_path, capsys, sam
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "sampler, durability, trials",
-    [("prioritized", "process", 300), ("sequence", "process", 100), ("uniform", "fsync", 100),
+    [("prioritized", "process", 200), ("sequence", "process", 100), ("uniform", "fsync", 100),
      ("prioritized", "fsync", 60)],
 )
 def test_sigkill_many_trials(tmp_path, capsys, sampler, durability, trials):

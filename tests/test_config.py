@@ -163,6 +163,7 @@ GOOD_OVERRIDES = [
     ("buffer.capacity=1e6", lambda c: c.buffer.capacity == "1e6"),
     ("buffer.capacity=1_000GB", lambda c: c.buffer.capacity == "1_000GB"),
     ("ray.namespace=team-a", lambda c: c.ray.namespace == "team-a"),
+    ("learner.sample_split=rows", lambda c: c.learner.sample_split == "rows"),
 ]
 
 
@@ -189,6 +190,7 @@ BAD_OVERRIDES = [
     ("into_leaf", "learner.lr.x=1", r"'learner.lr' is a float, it has no key 'x'"),
     ("bad_value", "collector.exploration.start=2", r"collector.exploration.start = 2.0: must be a number in"),
     ("bad_choice", "buffer.sampler.type=bad", r"buffer.sampler.type: 'bad' is not one of"),
+    ("bad_split", "learner.sample_split=sideways", r"learner.sample_split: 'sideways' is not one of 'whole', 'rows'"),
     ("list_for_int", "learner.n_step=[1]", r"learner.n_step: expected int, got \[1\] \(list\)"),
     # one capacity grammar, the buffer's: what a YAML file or ReplayBuffer.create refuses,
     # an override refuses too

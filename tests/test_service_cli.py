@@ -117,6 +117,35 @@ def test_bench_remote_quick_prints_its_figures_and_ratios(ray_cluster, capsys):
     assert not [n for n in ReplayService.running() if n.startswith("bench-remote")]
 
 
+@pytest.mark.slow  # a minute: two services, then the weight transports to one receiver
+def test_bench_remote_over_several_shard_counts_prints_ratios_to_the_first(ray_cluster, capsys):
+    from rlfleet.launch.bench import remote
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--json", action="store_true")
+    remote.add_arguments(parser)
+    args = parser.parse_args(["--quick", "--schemas", "cartpole", "--shards", "1,2", "--receivers", "1",
+                              "--json"])
+    assert remote.main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [(r["shards"], r["op"], r["prefetch"]) for r in out["results"]] == [
+        (1, "insert", 0), (1, "sample", 0), (1, "sample", 2), (2, "insert", 0), (2, "sample", 0), (2, "sample", 2)]
+    assert [(line["shards"], line["vs_shards"]) for line in out["scaling"]] == [(1, 1), (2, 1)]
+    first, second = out["scaling"]
+    assert first["p50_ratio"] == 1.0 and first["batches_ratio"] == 1.0
+    assert second["p50_ratio"] == pytest.approx(second["p50_ms"] / first["p50_ms"])
+    assert second["batches_ratio"] == pytest.approx(second["batches_per_s"] / first["batches_per_s"])
+    assert 0 < first["p50_ms"] <= first["p99_ms"]
+    (w,) = out["weights"]
+    assert w["receivers"] == 1 and w["bytes"] > 0
+    assert w["distributed_p50_ms"] > 0 and w["object_store_p50_ms"] > 0 and w["bare_gloo_p50_ms"] > 0
+    assert w["distributed_ratio"] == 1.0 and w["object_store_ratio"] == 1.0
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--shards", "1,x"])
+    assert not [n for n in ReplayService.running() if n.startswith("bench-remote")]
+
+
+@pytest.mark.slow  # 25 s: a fleet of real envs; the default run keeps bench remote's smoke test
 def test_bench_collect_prints_its_figures_and_ratios(ray_cluster, capsys):
     """One short case (1 actor x 2 envs): fleet frames/s, the bare-loop ceiling measured
     before and after it, and their ratio; the fleet and its buffer are gone after."""

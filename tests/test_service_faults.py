@@ -16,7 +16,7 @@ import ray
 import torch
 from tensordict import TensorDict
 
-from rlfleet.buffer import ReplayService, SampleTimeout, ShardUnavailable
+from rlfleet.buffer import BufferClient, ReplayService, SampleTimeout, ShardUnavailable
 from rlfleet.buffer.indices import shard_of
 
 
@@ -89,7 +89,8 @@ def lopsided(ray_cluster, tmp_path_factory):
     """
     svc = ReplayService.launch("svc-partial", tmp_path_factory.mktemp("partial"), capacity=500, num_shards=2, seed=0,
                                rate_limiter={"min_size_to_sample": 20, "timeout_s": 60.0})
-    client = svc.client(seed=5)
+    # split="rows": every sample asks both shards, so each test meets shard 1
+    client = svc.client(seed=5, split="rows")
     client.extend(rows(range(0, 30)))
     client.extend(rows(range(30, 40)))
     yield client
@@ -121,6 +122,34 @@ def _kill_while_blocked(call) -> dict:
 def test_allow_partial_serves_the_batch_from_the_live_shards(lopsided):
     result = _kill_while_blocked(lambda: lopsided.sample(64, allow_partial=True, timeout_s=60.0))
     assert "error" not in result, result
+    batch = result["value"]
+    assert batch.batch_size == torch.Size([64])
+    assert set(shard_of(batch["index"].numpy()).tolist()) == {0}
+    assert set(batch["step"].tolist()) <= set(range(30))
+
+
+def test_allow_partial_with_the_whole_split_draws_a_dead_shards_request_elsewhere(lopsided):
+    """split="whole": the request went to shard 1 alone; it dies, the request is drawn
+    again from the live shards, whole."""
+    client = BufferClient.connect("svc-partial", seed=6)
+    assert client.split == "whole"
+    handle = shard("svc-partial", 1)
+    for _ in range(100):  # until a request lands on shard 1 (10 of 40 rows: 1 in 4)
+        result: dict = {}
+        t = threading.Thread(target=lambda: result.update(
+            value=client.sample(64, allow_partial=True, timeout_s=60.0)))
+        t.start()
+        while t.is_alive() and ray.get(handle.stats.remote())["rate_limiter"]["samples_waiting"] == 0:
+            time.sleep(0.02)
+        if t.is_alive():
+            break
+        t.join()
+        assert set(shard_of(result["value"]["index"].numpy()).tolist()) == {0}
+    else:
+        pytest.fail("no request reached shard 1 in 100 tries")
+    os.kill(ray.get(handle.ping.remote()), signal.SIGKILL)
+    t.join(120)
+    assert not t.is_alive()
     batch = result["value"]
     assert batch.batch_size == torch.Size([64])
     assert set(shard_of(batch["index"].numpy()).tolist()) == {0}

@@ -172,7 +172,7 @@ LIMITER_ON = {**LIMITER_OFF, "samples_per_insert": SPI, "error_margin": MARGIN}
 
 @pytest.mark.parametrize("clients,extends,timeout_s", [
     pytest.param(4, 24, 240.0, id="4_clients", marks=pytest.mark.slow),
-    pytest.param(16, 40, 600.0, id="16_clients", marks=pytest.mark.slow),
+    pytest.param(16, 24, 600.0, id="16_clients", marks=pytest.mark.slow),
 ])
 def test_clients_extend_and_sample_at_once_and_every_row_adds_up(ray_cluster, tmp_path, capsys, clients,
                                                                 extends, timeout_s):

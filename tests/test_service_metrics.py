@@ -36,7 +36,7 @@ def test_shard_metrics_appear_on_the_prometheus_endpoint(ray_cluster, tmp_path):
     svc = ReplayService.launch("svc-metrics", tmp_path, capacity=60, num_shards=2, seed=0,
                                rate_limiter={"min_size_to_sample": 10})
     try:
-        client = svc.client(seed=0)
+        client = svc.client(seed=0, split="rows")  # every sample meets both shards' limiters
         td = TensorDict({"observation": torch.zeros(30, 4)}, batch_size=[30])
         first = client.extend(td)  # shard 0: 30 rows, full (capacity 30 per shard)
         client.extend(td[:5])      # shard 1, the emptier one: 5 rows, under its min size

@@ -50,9 +50,9 @@ def test_the_service_lives_in_its_namespace_only(service):
 
 
 def test_a_client_of_the_default_namespace_process_writes_and_samples_there(service):
-    client = BufferClient.connect(NAME, namespace=NS, seed=1)
+    client = BufferClient.connect(NAME, namespace=NS, seed=1, split="rows")  # a batch from both shards
     assert client.namespace == NS and client.num_shards == 2
-    assert repr(client) == f"BufferClient({NAME!r}, namespace={NS!r}, shards=2)"
+    assert repr(client) == f"BufferClient({NAME!r}, namespace={NS!r}, shards=2, split='rows')"
     for first in range(0, 120, 40):  # 40-row batches go to the emptier shard: both get rows
         client.extend(rows(range(first, first + 40)))
     assert len(client) == 120

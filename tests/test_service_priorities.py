@@ -132,7 +132,7 @@ def test_indices_of_an_earlier_buffer_under_the_same_name_and_path_are_refused(p
     name = "svc-relaunch"
     svc = ReplayService.launch(name, tmp_path, capacity=400, num_shards=2, seed=0,
                                sampler={"type": "prioritized", "alpha": 0.6, "beta": 0.4})
-    old_client = svc.client(seed=0)
+    old_client = svc.client(seed=0, split="rows")  # indices from both shards in one batch
     old_client.extend(rows(range(100)))
     old_client.extend(rows(range(100, 200)))
     old = old_client.sample(300)["index"]

@@ -153,7 +153,10 @@ def test_a_pickled_client_writes_from_a_ray_task(uniform, tmp_path):
 
 
 def test_sharded_uniform_frequencies_match_one_buffer(uniform):
-    _, client, id_of_index, _ = uniform
+    # split="rows": every row an independent draw, so the row counts are multinomial
+    # (the default "whole" split is tested in test_service_split.py)
+    client = BufferClient.connect("svc-uniform", seed=2, split="rows")
+    id_of_index = uniform[2]
     n_rows = len(id_of_index)  # 130 after the task test, 120 alone
     counts = np.zeros(n_rows)
     for batch in zip(range(100), client.sampler(500, prefetch=2)):
@@ -166,7 +169,8 @@ def test_sharded_uniform_frequencies_match_one_buffer(uniform):
 
 
 def test_sharded_prioritized_frequencies_and_weights_match_one_buffer(prioritized):
-    _, client, id_of_index = prioritized
+    client = BufferClient.connect("svc-prio", seed=4, split="rows")
+    id_of_index = prioritized[2]
     index_of_id = {i: idx for idx, i in id_of_index.items()}
     prio = {i: 1.0 + (i % 7) for i in range(40)}
     client.update_priority(torch.tensor([index_of_id[i] for i in range(40)]),
@@ -352,7 +356,7 @@ def test_sequence_sampler_assembles_slices_from_both_shards(ray_cluster, tmp_pat
     svc = ReplayService.launch("svc-seq", tmp_path, capacity=400, num_shards=2, seed=0,
                                sampler={"type": "sequence", "length": 4})
     try:
-        client = svc.client(seed=1)
+        client = svc.client(seed=1, split="rows")  # every batch from both shards
         # ids 0..99 in episodes of 10 rows; step = id % 10 rises by 1 inside an episode
         for first in (0, 50):
             ids = torch.arange(first, first + 50)

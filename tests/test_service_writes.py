@@ -26,7 +26,7 @@ def rows(ids, episode_length: int) -> TensorDict:
 def test_one_large_extend_fills_both_shards_and_its_indices_name_its_rows(ray_cluster, tmp_path):
     svc = ReplayService.launch("svc-spread", tmp_path, capacity=2400, num_shards=2, seed=0)
     try:
-        client = svc.client(seed=0)
+        client = svc.client(seed=0, split="rows")  # a batch from both shards
         # 1,000 rows of 56 kB: cut in two; episodes of 480 rows end at rows 480 and 960,
         # so the even cut at 500 moves to 480
         first = client.extend(rows(range(1000), episode_length=480))

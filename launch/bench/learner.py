@@ -54,7 +54,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["add_arguments", "main"]
+__all__ = ["add_arguments", "main", "publish_latencies"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -290,6 +290,13 @@ def _latencies(actors: list[Any], next_version: Callable[[], int], publish: Call
 
 
 def _bench_weights(args: argparse.Namespace, state_dict: dict[str, torch.Tensor]) -> dict[str, float]:
+    return publish_latencies(args.collectors, args.repeats, state_dict)
+
+
+def publish_latencies(m: int, repeats: int, state_dict: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Median seconds (as ms) from ``publish()`` to all ``m`` receiver actors holding the
+    version, for both transports, and the bare gloo broadcast + ack between the same
+    processes (part 2 and 3 of the module docstring). Runs on the driver."""
     from datetime import timedelta
 
     import ray
@@ -299,7 +306,6 @@ def _bench_weights(args: argparse.Namespace, state_dict: dict[str, torch.Tensor]
     from rlfleet.collector import make_publisher
     from rlfleet.collector.weights_broadcast import broadcast_options, gloo_group, pack_state_dict
 
-    m = args.collectors
     host = ray.util.get_node_ip_address()
     nbytes = int(pack_state_dict(state_dict, 0).numel())
 
@@ -309,15 +315,15 @@ def _bench_weights(args: argparse.Namespace, state_dict: dict[str, torch.Tensor]
         fleet.attach_weight_receiver("distributed", **publisher.receiver_kwargs())
         versions = itertools.count(1)
         distributed, _ = _latencies(fleet.receivers, lambda: next(versions),
-                                    lambda v: publisher.publish(state_dict, v), args.repeats)
+                                    lambda v: publisher.publish(state_dict, v), repeats)
         # The limit: the same broadcast and ack allreduce, bare, between the same processes.
         store = dist.TCPStore(host, 0, None, True, timeout=timedelta(seconds=60), wait_for_workers=False)
-        refs = [a.bare_broadcast.remote(host, store.port, i + 1, m + 1, nbytes, args.repeats)
+        refs = [a.bare_broadcast.remote(host, store.port, i + 1, m + 1, nbytes, repeats)
                 for i, a in enumerate(fleet.receivers)]
         group = gloo_group(store, 0, 0, m + 1, host=host, timeout_s=60.0)
         buf = torch.zeros(nbytes, dtype=torch.uint8)
         bare = []
-        for i in range(args.repeats + 1):
+        for i in range(repeats + 1):
             t0 = time.perf_counter()
             group.broadcast([buf], broadcast_options()).wait()
             ack = torch.zeros(1, dtype=torch.int64)
@@ -336,7 +342,7 @@ def _bench_weights(args: argparse.Namespace, state_dict: dict[str, torch.Tensor]
     try:
         versions = itertools.count(1)
         object_store, _ = _latencies(fleet.receivers, lambda: next(versions),
-                                     lambda v: publisher.publish(state_dict, v), args.repeats)
+                                     lambda v: publisher.publish(state_dict, v), repeats)
     finally:
         publisher.close()
         fleet.close()

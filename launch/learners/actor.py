@@ -119,7 +119,8 @@ class LearnerActor:
                 timeout=timedelta(seconds=timeout_s),
             )
         # Ranks must draw different batches: each client is seeded by rank.
-        client = BufferClient.connect(self.buffer_name, namespace=self.namespace, seed=self.seed)
+        client = BufferClient.connect(self.buffer_name, namespace=self.namespace, seed=self.seed,
+                                      split=cfg.sample_split)
         algorithm = build_algorithm(cfg, self.policy, self.observation_space, self.action_space)
         self.learner = Learner(
             algorithm,
