@@ -66,7 +66,7 @@ from rlfleet.buffer.indices import with_shard
 from rlfleet.buffer.naming import DEFAULT_NAMESPACE, check_name, check_namespace, find_shards
 from rlfleet.buffer.priorities import parse_update
 from rlfleet.buffer.priority_routing import check_update
-from rlfleet.buffer.sample_fanout import SampleFanout, SampleRequest, check_split
+from rlfleet.buffer.sample_fanout import SampleFanout, check_split
 from rlfleet.buffer.shard_table import ShardEntry, ShardTable, answers, gather, totals, with_stored
 from rlfleet.buffer.storage import check_arrays
 from rlfleet.buffer.write_plan import plan_write
@@ -75,12 +75,6 @@ __all__ = ["BufferClient"]
 
 log = logging.getLogger(__name__)
 
-# seconds (at least; 4x a group's usual time in flight) after which a sampler group that
-# has not arrived no longer counts as in flight
-STALL_S = 0.25
-# sampler groups that may be stalled at once; with that many, the sampler waits for
-# whichever group arrives first
-MAX_STALLED = 4
 
 
 def _unpickle(name: str, timeout_s: float, namespace: str = DEFAULT_NAMESPACE,
@@ -336,54 +330,24 @@ class BufferClient:
         (``"rows"``); one call for several batches rather than one per batch, because a
         Ray call costs about half a millisecond of CPU on each side, as much as moving
         a CartPole batch. At most ``2 * prefetch`` batches wait in memory (up to
-        ``(2 + MAX_STALLED) * prefetch`` while shards are stalled, below); ``prefetch=0`` requests each batch when it is wanted. Not to be shared between
+        ``(2 + sample_fanout.MAX_STALLED) * prefetch`` while shards are stalled, below);
+        ``prefetch=0`` requests each batch when it is wanted. Not to be shared between
         threads.
 
         Groups are handed out in the order they arrive, not the order they were asked
-        for. A group that has not arrived after ``STALL_S`` (or four times a group's
-        usual time in flight, if longer: a slow or restarting shard, or its rate limiter)
-        stops counting as in flight: another is asked for from the other shards, up to
-        ``MAX_STALLED`` stalled groups, so the learner keeps getting batches while any
-        shard answers. The late group is still handed out when it arrives, or raises as
-        ``sample`` would. While a shard is stalled its rows are not drawn for new groups,
-        so over that time they are under-represented, as with ``allow_partial``.
+        for. A group that has not arrived after ``sample_fanout.STALL_S`` (or four
+        times a group's usual time in flight, if longer: a slow or restarting shard, or
+        its rate limiter) stops counting as in flight: another is asked for from the
+        other shards, up to ``sample_fanout.MAX_STALLED`` stalled groups, so the learner
+        keeps getting batches while any shard answers. The late group is still handed
+        out when it arrives, or raises as ``sample`` would. While a shard is stalled its
+        rows are not drawn for new groups, so over that time they are under-represented,
+        as with ``allow_partial``.
         """
         _check_n(n)
         if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
             raise ValueError(f"sampler: prefetch={prefetch!r} must be an int >= 0")
-        fanout = self._fanout
-        if prefetch == 0:
-            while True:
-                yield fanout.collect(fanout.submit(n, 1, timeout_s, allow_partial))[0]
-        in_flight: list[SampleRequest] = []
-        typical = 0.0  # moving average of a group's time in flight
-        try:
-            while True:
-                now = time.monotonic()
-                stall_s = max(STALL_S, 4 * typical)  # large groups take longer, and are not stalled
-                stalled = [r for r in in_flight if now - r.started > stall_s]
-                # two groups in flight that are not stalled, none from a shard that is
-                avoid = {k for r in stalled for k, _ in r.pending.values()}
-                while len(in_flight) - len(stalled) < 2 and len(in_flight) < 2 + MAX_STALLED:
-                    in_flight.append(fanout.submit(n, prefetch, timeout_s, allow_partial, avoid))
-                if len(in_flight) < 2 + MAX_STALLED:
-                    done = fanout.first_done(in_flight, stall_s)
-                    if done is None:
-                        continue
-                else:  # too many stalled: wait for any, up to the oldest's deadline
-                    wait = min(r.deadline for r in in_flight) - now
-                    done = fanout.first_done(in_flight, max(0.0, wait)) or in_flight[0]
-                in_flight.remove(done)
-                batches = fanout.collect(done)  # raises as sample would
-                took = time.monotonic() - done.started
-                typical = 0.8 * typical + 0.2 * took if typical else took
-                yield from batches
-        finally:
-            # closed (or dropped): let the calls still in flight finish, within the
-            # client's timeout, so a service shut down next does not kill them mid-call
-            refs = [ref for request in in_flight for ref in request.pending]
-            if refs:
-                ray.wait(refs, num_returns=len(refs), timeout=self._timeout_s)
+        return self._fanout.stream(n, prefetch, timeout_s, allow_partial, self._timeout_s)
 
     # -- priorities and stats ------------------------------------------------------------
 

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,11 +62,17 @@ from rlfleet.buffer.indices import with_shard
 from rlfleet.buffer.row_reader import importance_weights
 from rlfleet.buffer.shard_table import ShardTable, cause
 
-__all__ = ["SPLITS", "Piece", "SampleFanout", "SampleRequest", "assemble", "by_batch", "check_split",
-           "pick_shard", "split_rows", "split_weights"]
+__all__ = ["MAX_STALLED", "SPLITS", "STALL_S", "Piece", "SampleFanout", "SampleRequest", "assemble",
+           "by_batch", "check_split", "pick_shard", "split_rows", "split_weights"]
 
 # how a request's rows are spread over the shards; see the module docstring
 SPLITS = ("whole", "rows")
+# seconds (at least; 4x a group's usual time in flight) after which a sampler group that
+# has not arrived no longer counts as in flight (``SampleFanout.stream``)
+STALL_S = 0.25
+# sampler groups that may be stalled at once; with that many, the stream waits for
+# whichever group arrives first
+MAX_STALLED = 4
 
 # Which rows of one shard call go to which batch of a request: [(batch, rows), ...] in
 # the order the shard returns them.
@@ -228,6 +234,43 @@ class SampleFanout:
                 method = method.options(max_task_retries=0)  # fail fast, draw elsewhere
             # "rows": the count may be 0: the answer still refreshes the shard's size and mass
             request.pending[method.remote(sum(rows for _, rows in mine), *args)] = (k, mine)
+
+    def stream(self, n: int, prefetch: int, timeout_s: float | None, allow_partial: bool,
+               close_timeout_s: float) -> Iterator[TensorDict]:
+        """The batches of ``BufferClient.sampler`` (its docstring says what the caller
+        sees): groups of ``prefetch`` batches, two in flight that are not stalled, handed
+        out as they arrive. On close, waits up to ``close_timeout_s`` for the calls still
+        in flight, so a service shut down next does not kill them mid-call."""
+        if prefetch == 0:
+            while True:
+                yield self.collect(self.submit(n, 1, timeout_s, allow_partial))[0]
+        in_flight: list[SampleRequest] = []
+        typical = 0.0  # moving average of a group's time in flight
+        try:
+            while True:
+                now = time.monotonic()
+                stall_s = max(STALL_S, 4 * typical)  # large groups take longer, and are not stalled
+                stalled = [r for r in in_flight if now - r.started > stall_s]
+                # two groups in flight that are not stalled, none from a shard that is
+                avoid = {k for r in stalled for k, _ in r.pending.values()}
+                while len(in_flight) - len(stalled) < 2 and len(in_flight) < 2 + MAX_STALLED:
+                    in_flight.append(self.submit(n, prefetch, timeout_s, allow_partial, avoid))
+                if len(in_flight) < 2 + MAX_STALLED:
+                    done = self.first_done(in_flight, stall_s)
+                    if done is None:
+                        continue
+                else:  # too many stalled: wait for any, up to the oldest's deadline
+                    wait = min(r.deadline for r in in_flight) - now
+                    done = self.first_done(in_flight, max(0.0, wait)) or in_flight[0]
+                in_flight.remove(done)
+                batches = self.collect(done)  # raises as sample would
+                took = time.monotonic() - done.started
+                typical = 0.8 * typical + 0.2 * took if typical else took
+                yield from batches
+        finally:
+            refs = [ref for request in in_flight for ref in request.pending]
+            if refs:
+                ray.wait(refs, num_returns=len(refs), timeout=close_timeout_s)
 
     def first_done(self, requests: Sequence[SampleRequest], timeout_s: float) -> SampleRequest | None:
         """The first of ``requests`` (in order) whose calls have all answered, waiting up

@@ -145,6 +145,27 @@ def test_bench_remote_over_several_shard_counts_prints_ratios_to_the_first(ray_c
     assert not [n for n in ReplayService.running() if n.startswith("bench-remote")]
 
 
+@pytest.mark.slow  # under a minute: a learner group, then the two weight transports
+def test_bench_learner_prints_steps_and_weight_publish_times(ray_cluster, capsys):
+    from rlfleet.launch.bench import learner
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--json", action="store_true")
+    learner.add_arguments(parser)
+    args = parser.parse_args(["--steps", "5", "--learners", "1", "--collectors", "2", "--repeats", "2",
+                              "--rows", "2000", "--json"])
+    assert learner.main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    (row,) = out["learners"]
+    assert row["learners"] == 1 and row["steps_per_s"] > 0 and 0 <= row["sample_wait_share"] <= 1
+    weights = out["weights"]
+    assert weights["bytes"] > 0
+    assert weights["distributed_p50_ms"] > 0 and weights["object_store_p50_ms"] > 0 and weights["bare_gloo_p50_ms"] > 0
+    for kind in ("distributed", "object_store"):
+        assert out["group"][kind]["publish_p50_ms"] > 0
+    assert not [n for n in ReplayService.running() if n.startswith("bench-learner")]
+
+
 @pytest.mark.slow  # 25 s: a fleet of real envs; the default run keeps bench remote's smoke test
 def test_bench_collect_prints_its_figures_and_ratios(ray_cluster, capsys):
     """One short case (1 actor x 2 envs): fleet frames/s, the bare-loop ceiling measured

@@ -42,19 +42,19 @@ on top of the collectives themselves.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["add_arguments", "main", "publish_latencies"]
+from rlfleet.launch.bench.weights_fanout import BenchFleet, publish_latencies, publish_times
+
+__all__ = ["add_arguments", "main"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,88 +67,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=20, help="timed publishes per transport (default 20)")
     parser.add_argument("--address", default=None,
                         help="join this Ray cluster (default: start a local one for the bench)")
-
-
-class _ReceiverActor:
-    """A stand-in collector process: holds one weight receiver and reports arrival times."""
-
-    def __init__(self, kind: str, kwargs: dict[str, Any]) -> None:
-        torch.set_num_threads(1)
-        from rlfleet.collector import make_receiver
-
-        self.receiver = make_receiver(kind, **kwargs)
-
-    def await_version(self, version: int, timeout_s: float) -> float:
-        """Poll until ``version`` arrived; returns the wall-clock arrival time."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            got = self.receiver.poll()
-            if got is not None and got[1] >= version:
-                return time.time()
-            time.sleep(0.0005)
-        raise TimeoutError(f"weights version {version} did not arrive within {timeout_s}s")
-
-    def bare_broadcast(self, host: str, port: int, rank: int, size: int, nbytes: int, iters: int) -> None:
-        """Join a plain gloo group and take part in ``iters + 1`` broadcasts from rank 0,
-        each followed by the ack allreduce a ``BroadcastReceiver`` sends."""
-        from datetime import timedelta
-
-        import ray
-        import torch.distributed as dist
-
-        from rlfleet.collector.weights_broadcast import broadcast_options, gloo_group
-
-        store = dist.TCPStore(host, port, None, False, timeout=timedelta(seconds=60))
-        group = gloo_group(store, 0, rank, size, host=ray.util.get_node_ip_address(), timeout_s=60.0)
-        buf = torch.empty(nbytes, dtype=torch.uint8)
-        for _ in range(iters + 1):
-            group.broadcast([buf], broadcast_options()).wait()
-            group.allreduce([torch.ones(1, dtype=torch.int64)]).wait()
-
-    def close(self) -> None:
-        self.receiver.close()
-
-
-class _BenchFleet:
-    """The part of a ``CollectorFleet`` a ``LearnerGroup`` uses, without envs: the
-    registry actor and ``num_workers`` receiver actors (object store until a
-    ``distributed`` receiver is attached). Runs on the driver."""
-
-    def __init__(self, name: str, namespace: str, num_workers: int) -> None:
-        import ray
-
-        from rlfleet.buffer import actor_name
-        from rlfleet.collector.registry import FleetRegistry
-
-        self.name, self.namespace, self.num_workers = name, namespace, num_workers
-        self._actor_cls = ray.remote(num_cpus=0)(_ReceiverActor)
-        self.registry = ray.remote(FleetRegistry).options(
-            name=actor_name(name, "collectors"), namespace=namespace, num_cpus=0
-        ).remote(name, num_workers)
-        ray.get(self.registry.ping.remote(), timeout=120.0)  # started, before anyone looks it up
-        self.receivers: list[Any] = []
-        self.attach_weight_receiver("object_store")
-
-    def attach_weight_receiver(self, kind: str, **kwargs: Any) -> None:
-        self._kill_receivers()
-        self.receivers = [
-            self._actor_cls.remote(kind, {"fleet": self.name, "namespace": self.namespace, "collector_index": i,
-                                          "num_collectors": self.num_workers, **kwargs})
-            for i in range(self.num_workers)
-        ]
-
-    def _kill_receivers(self) -> None:
-        import ray
-
-        for a in self.receivers:
-            ray.kill(a)
-        self.receivers = []
-
-    def close(self) -> None:
-        import ray
-
-        self._kill_receivers()
-        ray.kill(self.registry)
 
 
 def _rows(n: int) -> Any:
@@ -171,7 +89,7 @@ def _rows(n: int) -> Any:
 
 
 def _group(args: argparse.Namespace, hidden: tuple[int, ...], buffer: str, run_dir: Path, *, num_learners: int = 1,
-           transport: str = "object_store", fleet: _BenchFleet | None = None) -> Any:
+           transport: str = "object_store", fleet: BenchFleet | None = None) -> Any:
     import gymnasium as gym
 
     from rlfleet.collector.config import PolicyConfig
@@ -239,7 +157,7 @@ def _bench_group_path(args: argparse.Namespace, hidden: tuple[int, ...], buffer:
     try:
         bare.step(20)
         for kind in ("distributed", "object_store"):
-            fleet = _BenchFleet(f"bench-group-{kind.replace('_', '-')}", DEFAULT_NAMESPACE, args.collectors)
+            fleet = BenchFleet(f"bench-group-{kind.replace('_', '-')}", DEFAULT_NAMESPACE, args.collectors)
             group = None
             try:
                 group = _group(args, hidden, buffer, tmp / f"group-{kind}", transport=kind, fleet=fleet)
@@ -247,7 +165,7 @@ def _bench_group_path(args: argparse.Namespace, hidden: tuple[int, ...], buffer:
                 if kind == "distributed":
                     _wait_group_ready(group)
                 # Each round: a step (a new version), then publish it.
-                to_all, call = _latencies(fleet.receivers, lambda: int(group.step(1)["learner/steps"]),
+                to_all, call = publish_times(fleet.receivers, lambda: int(group.step(1)["learner/steps"]),
                                           lambda _: group.publish(), args.repeats)
                 # Blocks of 10 steps with and without a fleet, taking turns, so that the
                 # machine's load weighs on both alike.
@@ -267,91 +185,6 @@ def _bench_group_path(args: argparse.Namespace, hidden: tuple[int, ...], buffer:
         bare.shutdown()
     out["step_no_fleet_ms"] = 1e3 * statistics.median(base)
     return out
-
-
-def _latencies(actors: list[Any], next_version: Callable[[], int], publish: Callable[[int], Any],
-               repeats: int) -> tuple[list[float], list[float]]:
-    """Seconds from ``publish`` to every receiver holding the version, and until it returned."""
-    import ray
-
-    to_all, returned = [], []
-    for i in range(repeats + 1):
-        version = next_version()
-        refs = [a.await_version.remote(version, 60.0) for a in actors]
-        time.sleep(0.01)  # let every receiver start polling
-        t0 = time.time()
-        publish(version)
-        t1 = time.time()
-        arrived = ray.get(refs)
-        if i:  # the first publish also pays for connecting
-            to_all.append(max(arrived) - t0)
-            returned.append(t1 - t0)
-    return to_all, returned
-
-
-def _bench_weights(args: argparse.Namespace, state_dict: dict[str, torch.Tensor]) -> dict[str, float]:
-    return publish_latencies(args.collectors, args.repeats, state_dict)
-
-
-def publish_latencies(m: int, repeats: int, state_dict: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Median seconds (as ms) from ``publish()`` to all ``m`` receiver actors holding the
-    version, for both transports, and the bare gloo broadcast + ack between the same
-    processes (part 2 and 3 of the module docstring). Runs on the driver."""
-    from datetime import timedelta
-
-    import ray
-    import torch.distributed as dist
-
-    from rlfleet.buffer import DEFAULT_NAMESPACE
-    from rlfleet.collector import make_publisher
-    from rlfleet.collector.weights_broadcast import broadcast_options, gloo_group, pack_state_dict
-
-    host = ray.util.get_node_ip_address()
-    nbytes = int(pack_state_dict(state_dict, 0).numel())
-
-    fleet = _BenchFleet("bench-weights", DEFAULT_NAMESPACE, m)
-    publisher = make_publisher("distributed", fleet=fleet.name, namespace=fleet.namespace, num_collectors=m)
-    try:
-        fleet.attach_weight_receiver("distributed", **publisher.receiver_kwargs())
-        versions = itertools.count(1)
-        distributed, _ = _latencies(fleet.receivers, lambda: next(versions),
-                                    lambda v: publisher.publish(state_dict, v), repeats)
-        # The limit: the same broadcast and ack allreduce, bare, between the same processes.
-        store = dist.TCPStore(host, 0, None, True, timeout=timedelta(seconds=60), wait_for_workers=False)
-        refs = [a.bare_broadcast.remote(host, store.port, i + 1, m + 1, nbytes, repeats)
-                for i, a in enumerate(fleet.receivers)]
-        group = gloo_group(store, 0, 0, m + 1, host=host, timeout_s=60.0)
-        buf = torch.zeros(nbytes, dtype=torch.uint8)
-        bare = []
-        for i in range(repeats + 1):
-            t0 = time.perf_counter()
-            group.broadcast([buf], broadcast_options()).wait()
-            ack = torch.zeros(1, dtype=torch.int64)
-            group.allreduce([ack]).wait()  # returns once every rank holds the bytes
-            if i:  # the first round also pays for connecting
-                bare.append(time.perf_counter() - t0)
-            if int(ack[0]) != m:
-                raise RuntimeError(f"bench learner: bare ack from {int(ack[0])} of {m} receivers")
-        ray.get(refs)
-    finally:
-        publisher.close()
-        fleet.close()
-
-    fleet = _BenchFleet("bench-weights-store", DEFAULT_NAMESPACE, m)
-    publisher = make_publisher("object_store", fleet=fleet.name, namespace=fleet.namespace, num_collectors=m)
-    try:
-        versions = itertools.count(1)
-        object_store, _ = _latencies(fleet.receivers, lambda: next(versions),
-                                     lambda v: publisher.publish(state_dict, v), repeats)
-    finally:
-        publisher.close()
-        fleet.close()
-    return {
-        "bytes": nbytes,
-        "distributed_p50_ms": 1e3 * statistics.median(distributed),
-        "object_store_p50_ms": 1e3 * statistics.median(object_store),
-        "bare_gloo_p50_ms": 1e3 * statistics.median(bare),
-    }
 
 
 def main(args: argparse.Namespace) -> int:
@@ -379,7 +212,7 @@ def main(args: argparse.Namespace) -> int:
             finally:
                 ReplayService.shutdown(name)
         policy = build_policy(PolicyConfig(hidden=hidden), gym.spaces.Box(-1, 1, (4,)), gym.spaces.Discrete(2))
-        weights = _bench_weights(args, policy.state_dict())
+        weights = publish_latencies(args.collectors, args.repeats, policy.state_dict())
     finally:
         if started:
             ray.shutdown()

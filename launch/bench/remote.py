@@ -203,8 +203,8 @@ def _bench_schema(kind: str, args: argparse.Namespace, shards: int, root: str, o
     min_calls = 2 if args.quick else 5
     name = f"bench-remote-{kind}-{shards}-{os.getpid()}"
     # 64 shard processes each import torch and numba: on 2 cores that takes minutes
-    service = ReplayService.launch(name, os.path.join(root, f"{kind}-{shards}"), capacity=fill_rows * 2,
-                                   num_shards=shards, seed=0, timeout_s=120.0 + 10.0 * shards)
+    ReplayService.launch(name, os.path.join(root, f"{kind}-{shards}"), capacity=fill_rows * 2,
+                         num_shards=shards, seed=0, timeout_s=120.0 + 10.0 * shards)
     try:
         client = BufferClient.connect(name, seed=0, split=args.split)
         td: TensorDict = arrays_to_tensordict(_payload(schema, insert_batch, rng), [insert_batch])
@@ -304,7 +304,7 @@ def _weights(receivers: list[int], repeats: int) -> list[dict[str, Any]]:
 
     from rlfleet.collector.config import PolicyConfig
     from rlfleet.collector.policies import build_policy
-    from rlfleet.launch.bench.learner import publish_latencies
+    from rlfleet.launch.bench.weights_fanout import publish_latencies
 
     policy = build_policy(PolicyConfig(hidden=(256, 256)), gym.spaces.Box(-1, 1, (4,)), gym.spaces.Discrete(2))
     out = []
