@@ -101,6 +101,7 @@ def init_ray(
     *,
     namespace: str = "rlfleet",
     timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
+    runtime_env: Mapping[str, Any] | None = None,
     **local_options: Any,
 ) -> ClusterInfo:
     """Start or join Ray by the rule in the module docstring, waiting at most ``timeout_s``.
@@ -111,6 +112,9 @@ def init_ray(
         namespace: Ray namespace of this process's named actors.
         timeout_s: bound on finding out whether the cluster answers, accepts this
             process's token and runs the same versions (joining only).
+        runtime_env: Ray's runtime env for this process's job (working dir, pip
+            packages, env vars), handed to ``ray.init`` whether it starts or joins Ray;
+            ignored when Ray is already initialised.
         local_options: more ``ray.init`` keyword arguments for an embedded Ray
             (``num_cpus``, ``include_dashboard``, ...); the dashboard binds to 127.0.0.1.
 
@@ -129,7 +133,7 @@ def init_ray(
         return _info(started=False, embedded=False, count_nodes=False)
     if address == "local":
         options = {"dashboard_host": "127.0.0.1", "log_to_driver": False, **local_options}
-        ray.init(address="local", namespace=namespace, **options)
+        ray.init(address="local", namespace=namespace, runtime_env=_plain(runtime_env), **options)
         return _info(started=True, embedded=True)
     if address is None:
         address = os.environ.get("RAY_ADDRESS") or None
@@ -164,7 +168,7 @@ def init_ray(
         _check_token_present(shown)
         _probe_gcs(target, shown, deadline, timeout_s)
     try:
-        ray.init(address=ray_argument, namespace=namespace, log_to_driver=False)
+        ray.init(address=ray_argument, namespace=namespace, log_to_driver=False, runtime_env=_plain(runtime_env))
     except Exception as e:
         raise ClusterConnectError(_init_failure(shown, e)) from e
     info = _info(started=True, embedded=False)
@@ -195,6 +199,10 @@ def version_mismatch(cluster_metadata: Mapping[str, Any]) -> str | None:
 
 
 # --------------------------------------------------------------------------- internals
+
+
+def _plain(runtime_env: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    return None if runtime_env is None else dict(runtime_env)
 
 
 def _info(*, started: bool, embedded: bool, count_nodes: bool = True) -> ClusterInfo:

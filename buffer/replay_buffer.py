@@ -9,7 +9,7 @@ ever sees a torn row. ``sample`` snapshots the window under the lock, copies row
 without it, then re-reads the window start and redraws the rows evicted meanwhile
 (``row_reader``). Every index carries this buffer's tag (``indices``); a format 1
 directory opens read-only (``upgrade``). Also see ``priorities``, ``directory`` (create,
-open), ``storage`` (the files), ``arrays`` and ``samplers``.
+open), ``datasets`` (from_dataset), ``storage`` (the files), ``arrays``, ``samplers``.
 
 The module passes 400 lines because it is the one public class, whose methods share
 one lock and the commit protocol; their docstrings are the buffer's API reference.
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import threading
 from collections.abc import Mapping
 from pathlib import Path
@@ -162,6 +163,62 @@ class ReplayBuffer:
         path = Path(path)
         meta, header = open_directory(path, sampler)
         return cls(path, meta, header, seed)
+
+    @classmethod
+    def from_dataset(
+        cls,
+        dataset: str | os.PathLike,
+        path: str | os.PathLike,
+        *,
+        capacity: int | str | None = None,
+        format: str | None = None,
+        truncate: bool = False,
+        chunk_rows: int = 4096,
+        sampler: str | Mapping[str, Any] = "uniform",
+        durability: str = "process",
+        overcommit: bool = False,
+        seed: int | None = None,
+    ) -> "ReplayBuffer":
+        """A new buffer at ``path`` holding the rows of an offline dataset, in its order.
+
+        ``dataset``: a Minari dataset (directory, ``data/`` directory, or an id
+        ``minari.load_dataset`` finds) or a Hugging Face ``save_to_disk`` directory. What
+        ``rlfleet export-dataset`` wrote comes back key for key, ``episode_id`` and
+        ``step`` included (``rlfleet.buffer.datasets`` says how others map). Rows go in
+        ``chunk_rows`` at a time: memory stays bounded.
+
+        Args:
+            capacity: as ``create``'s; None: the dataset's row count.
+            format: ``"minari"`` or ``"hf"``; None tells it from the directory.
+            truncate: allow a capacity below the dataset's rows (the newest are kept).
+            sampler, durability, overcommit, seed: as ``create``'s.
+
+        Raises:
+            ValueError: an unknown format, or a capacity below the dataset's rows without
+                ``truncate`` (nothing is created).
+            FileNotFoundError: no dataset there. FileExistsError: ``path`` is not empty.
+            ModuleNotFoundError: the format's extra (``rlfleet[minari]``, ``rlfleet[hf]``) is missing.
+        """
+        from rlfleet.buffer.datasets import DatasetReader, import_capacity
+
+        reader = DatasetReader.open(dataset, format)
+        chunks = reader.chunks(chunk_rows)
+        first = next(chunks, None)
+        if first is None:
+            raise ValueError(f"from_dataset: dataset {reader.name!r} holds no rows; nothing to import")
+        capacity = import_capacity(capacity, reader.rows, first, truncate, reader.name)
+        rb = cls.create(path, capacity=capacity, sampler=sampler, durability=durability,
+                        overcommit=overcommit, seed=seed)
+        try:
+            rb.extend_arrays(first)
+            for chunk in chunks:
+                rb.extend_arrays(chunk)
+            rb.flush()
+        except BaseException:
+            rb.close()
+            shutil.rmtree(path, ignore_errors=True)  # ours: create refused anything but an empty path
+            raise
+        return rb
 
     def _attach(self, schema: Schema, *, create: bool) -> None:
         """Map the data files (creating them for the first batch) and bind the sampler."""

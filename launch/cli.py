@@ -32,6 +32,10 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "stop": ("rlfleet.launch.service_cli", "stop", "stop a running replay service (data stays on disk)"),
     "check": ("rlfleet.launch.check", "check", "check the integrity of a buffer on disk"),
     "export": ("rlfleet.launch.export", "export", "export a run's policy with torch.export"),
+    "export-dataset": ("rlfleet.launch.dataset_cli", "export_dataset_command",
+                       "export a buffer's whole episodes as a Minari or Hugging Face dataset"),
+    "import-dataset": ("rlfleet.launch.dataset_cli", "import_dataset_command",
+                       "create a buffer from a Minari or Hugging Face dataset"),
     "bench": ("rlfleet.launch.bench", "bench", "benchmarks: buffer, remote, collect, learner"),
 }
 

@@ -14,8 +14,8 @@ back to a default costs a whole run:
   ``policy.hidden=[128,128]``) are parsed as YAML scalars and type-checked the same way.
 
 The env, collector and policy sections are the collector package's own dataclasses; this
-module composes them and adds the sections that belong to the run. It runs a little past
-400 lines on purpose: the whole schema, a docstring per field, reads in one place.
+module composes them and adds the sections that belong to the run. It runs past 400 lines
+on purpose: the whole schema, a docstring per field, reads in one place.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,7 @@ __all__ = [
     "ConfigError",
     "EnvConfig",
     "ExplorationConfig",
+    "LOGGERS",
     "LearnerConfig",
     "PolicyConfig",
     "RateLimiterConfig",
@@ -50,6 +52,7 @@ __all__ = [
     "RunConfig",
     "RunSection",
     "SamplerConfig",
+    "WandbConfig",
     "apply_overrides",
     "config_to_dict",
     "dump_config",
@@ -104,6 +107,13 @@ class RayConfig:
             collectors, learners) before it fails naming what does not fit.
         connect_timeout_s: with an address, the longest wait to learn whether the
             cluster answers, accepts this process's token and runs the same versions.
+        runtime_env: Ray runtime environment of the run's job, passed to
+            ``ray.init(runtime_env=...)`` when the run starts or joins Ray: every actor of
+            the run (shards, collectors, learners) runs in it. Ray's own fields, e.g.
+            ``{working_dir: ., pip: ["gymnasium[atari]"], env_vars: {OMP_NUM_THREADS: "1"}}``;
+            Ray checks them before the run starts (numbers in ``env_vars`` become
+            strings). None: no runtime env. A process that called ``ray.init`` itself
+            keeps its own (the run warns).
     """
 
     address: str | None = None
@@ -112,9 +122,18 @@ class RayConfig:
     include_dashboard: bool | None = None
     placement_timeout_s: float = 60.0
     connect_timeout_s: float = 30.0
+    runtime_env: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         _checked_by(check_namespace, self.namespace)
+        if self.runtime_env is not None:
+            if not isinstance(self.runtime_env, Mapping) or not all(isinstance(k, str) for k in self.runtime_env):
+                raise ConfigError(f"runtime_env: {self.runtime_env!r} is not a mapping of Ray runtime_env fields; "
+                                  "write e.g. {env_vars: {OMP_NUM_THREADS: '1'}, pip: [...]}, or null for none")
+            env, env_vars = dict(self.runtime_env), self.runtime_env.get("env_vars")
+            if isinstance(env_vars, Mapping):  # Ray takes strings; YAML reads OMP_NUM_THREADS: 1 as a number
+                env["env_vars"] = {k: str(v) if type(v) in (int, float) else v for k, v in env_vars.items()}
+            object.__setattr__(self, "runtime_env", env)
         if self.num_cpus is not None:
             _positive("num_cpus", self.num_cpus)
         _positive("placement_timeout_s", self.placement_timeout_s)
@@ -291,6 +310,43 @@ class LearnerConfig:
         _positive("init_alpha", self.init_alpha)
 
 
+LoggerName = Literal["tensorboard", "wandb"]
+LOGGERS: tuple[str, ...] = typing.get_args(LoggerName)
+
+@dataclass(frozen=True)
+class WandbConfig:
+    """Weights & Biases settings, used when ``run.loggers`` includes ``wandb``.
+
+    The W&B run is named after the run directory, its files go to ``<run dir>/wandb/``,
+    and its id is kept in ``<run dir>/wandb_run_id`` so ``--resume`` continues it.
+
+    Attributes:
+        project: W&B project.
+        entity: W&B team or user (None: the logged-in user's default entity).
+        mode: online (needs ``wandb login`` or ``WANDB_API_KEY``) | offline (writes
+            ``<run dir>/wandb/`` only, no network; upload later with ``wandb sync``) |
+            disabled (nothing is written).
+        group: W&B run group, to show runs side by side (None: none).
+        tags: W&B run tags.
+    """
+
+    project: str = "rlfleet"
+    entity: str | None = None
+    mode: Literal["online", "offline", "disabled"] = "online"
+    group: str | None = None
+    tags: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        if not self.project.strip() or set(self.project) & set("/\\#?%:") or len(self.project) > 128:
+            raise ConfigError(f"project: {self.project!r} is not a W&B project name; use 1-128 characters "
+                              "without / \\ # ? % :")
+        object.__setattr__(self, "tags", tuple(self.tags))
+        for i, tag in enumerate(self.tags):
+            if not isinstance(tag, str) or not 0 < len(tag) <= 64:
+                raise ConfigError(f"tags[{i}]: {tag!r} is not a W&B tag; use a string of 1-64 characters")
+
+
 @dataclass(frozen=True)
 class RunSection:
     """When the run stops, where it writes, and how the driver paces it.
@@ -308,6 +364,11 @@ class RunSection:
             ``buffer.rate_limiter.samples_per_insert`` instead).
         steps_per_iteration: learner steps per ``LearnerGroup.step`` call of the loop.
         log_every_s: seconds between metrics.jsonl lines and progress updates.
+        loggers: where each metrics.jsonl record also goes, besides the file (which
+            stays the source of truth): ``tensorboard`` (event files in
+            ``<run dir>/tensorboard/``; ``pip install "rlfleet[tensorboard]"``) and/or
+            ``wandb`` (``pip install "rlfleet[wandb]"``). Empty: the file only.
+        wandb: see :class:`WandbConfig` (used when ``loggers`` includes ``wandb``).
     """
 
     dir: str = "runs"
@@ -318,8 +379,18 @@ class RunSection:
     learner_steps_per_frame: float | None = None
     steps_per_iteration: int = 50
     log_every_s: float = 2.0
+    loggers: tuple[LoggerName, ...] = ()
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def __post_init__(self) -> None:
+        if isinstance(self.loggers, str) or not isinstance(self.loggers, (tuple, list)):
+            raise ConfigError(f"loggers: {self.loggers!r} is not a list; write e.g. [tensorboard, wandb], or [] for none")
+        object.__setattr__(self, "loggers", tuple(self.loggers))
+        for i, name in enumerate(self.loggers):
+            if name not in LOGGERS:
+                raise ConfigError(f"loggers[{i}]: {name!r} is not one of {', '.join(repr(n) for n in LOGGERS)}")
+            if name in self.loggers[:i]:
+                raise ConfigError(f"loggers[{i}]: {name!r} is listed twice in {list(self.loggers)!r}")
         for name in ("total_frames", "return_window", "time_limit_s", "steps_per_iteration", "log_every_s"):
             _positive(name, getattr(self, name))
         if self.learner_steps_per_frame is not None:

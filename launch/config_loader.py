@@ -287,6 +287,11 @@ def _admits_str(tp: Any) -> bool:
     return typing.get_origin(tp) in (Union, types.UnionType) and str in typing.get_args(tp)
 
 
+def _admits_mapping(tp: Any) -> bool:
+    args = typing.get_args(tp) if typing.get_origin(tp) in (Union, types.UnionType) else (tp,)
+    return any(a is dict or typing.get_origin(a) in (dict, Mapping) for a in args)
+
+
 def _parse_override_value(text: str, keep_strings: bool = False) -> Any:
     """A ``key=value`` override's value: a YAML scalar or flow collection.
 
@@ -320,6 +325,8 @@ def _apply_override(obj: Any, parts: list[str], text: Any, done: str, override: 
         tp = _hints(type(obj))[key]
         if rest:
             child = getattr(obj, key)
+            if child is None and _admits_mapping(tp):
+                child = {}  # a free-form mapping not set yet (ray.runtime_env.env_vars.A=1)
             if not (dataclasses.is_dataclass(child) or isinstance(child, dict)):
                 raise ConfigError(
                     f"override {override!r}: {here!r} is a {_type_name(tp)}, it has no key {rest[0]!r}"

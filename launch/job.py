@@ -2,8 +2,9 @@
 
 Runs on the driver. One call of :func:`run` does, in order::
 
-    env and policy checked here  ->  Ray (an embedded local Ray, or join a cluster, through
-    rlfleet.buffer.init_ray)  ->  placement check, placement groups
+    logger packages, runtime env, env and policy checked here  ->  run directory, loggers
+    (TensorBoard, W&B)  ->  Ray (an embedded local Ray, or join a cluster, through
+    rlfleet.buffer.init_ray, with ray.runtime_env)  ->  placement check, placement groups
     ReplayService (buffer in <run dir>/buffer)  ->  LearnerGroup (+ weight transport)
     CollectorFleet.start()  ->  Session.loop: LearnerGroup.step(k), fleet stats, metrics.jsonl
     stop (total_frames | target_return | time_limit | Ctrl-C)  ->  Session.finish: checkpoint,
@@ -28,7 +29,8 @@ every actor of the run (``rlfleet:<run dir name>:<component>``), in the Ray name
 ``ray.namespace``; ``config.name`` stays the config's own name.
 
 ``--resume RUN_DIR`` reopens the run's buffer and last learner checkpoint and continues
-counting frames from where the run stopped. Not thread-safe: one run per process. This
+counting frames from where the run stopped; the loggers continue the same TensorBoard
+directory and W&B run (see ``loggers``). Not thread-safe: one run per process. This
 module holds the wiring (what starts, in which order, with which names); the loop, the
 stop rules and the shutdown live in ``session``; the command line in ``cli``.
 """
@@ -50,10 +52,13 @@ from typing import Any
 
 from rlfleet.launch.config import RunConfig
 from rlfleet.launch.placement import cluster_nodes, plan_placement, reserve
+from rlfleet.launch.loggers import open_loggers
 from rlfleet.launch.preflight import (
     buffer_schema,
+    check_loggers,
     check_placement,
     check_resume_schema,
+    check_runtime_env,
     required_resources,
     resume_exploration,
 )
@@ -109,14 +114,24 @@ def start_ray(config: RunConfig) -> Any:
     """Start (``ray.address: null``) or join Ray for the run; returns the ``ClusterInfo``.
 
     ``rlfleet.buffer.init_ray`` does the work (the bounded join, the one rule of which
-    cluster); this adds the run's choices for an embedded Ray: enough logical CPUs for
-    what the run asks for, and the dashboard when its packages import.
+    cluster); this adds the run's choices: ``ray.runtime_env`` for the run's job, and
+    for an embedded Ray enough logical CPUs for what the run asks for, and the dashboard
+    when its packages import.
+
+    Raises:
+        RuntimeError: Ray started or joined, but its job lacks fields of
+            ``ray.runtime_env`` (Ray is shut down again): the actors would fail later,
+            far from the cause. A process that initialised Ray before the run keeps its
+            own runtime env: a warning says so.
     """
     from rlfleet.buffer import init_ray
 
     section = config.ray
+    options = {} if section.runtime_env is None else {"runtime_env": section.runtime_env}
     if section.address is not None:
-        return init_ray(section.address, namespace=section.namespace, timeout_s=section.connect_timeout_s)
+        cluster = init_ray(section.address, namespace=section.namespace, timeout_s=section.connect_timeout_s, **options)
+        _check_runtime_env_applied(section.runtime_env, cluster)
+        return cluster
     if os.environ.get("RAY_ADDRESS"):
         logger.warning(
             "RAY_ADDRESS=%s is set, but ray.address is null: this run starts its own embedded "
@@ -126,9 +141,42 @@ def start_ray(config: RunConfig) -> Any:
     # Logical CPUs only place actors: an embedded Ray gets at least what the run asks for.
     num_cpus = section.num_cpus or max(os.cpu_count() or 1, int(required_resources(config)["CPU"] + 0.999))
     dashboard = _dashboard_works() if section.include_dashboard is None else section.include_dashboard
-    return init_ray(
+    cluster = init_ray(
         "local", namespace=section.namespace, timeout_s=section.connect_timeout_s,
-        num_cpus=num_cpus, include_dashboard=dashboard,
+        num_cpus=num_cpus, include_dashboard=dashboard, **options,
+    )
+    _check_runtime_env_applied(section.runtime_env, cluster)
+    return cluster
+
+
+def _check_runtime_env_applied(runtime_env: dict[str, Any] | None, cluster: Any) -> None:
+    """Refuse to run without the ``ray.runtime_env`` the config asks for: its actors would
+    fail later and far from the cause (a missing package, an unset variable)."""
+    import ray
+
+    if not runtime_env:
+        return
+    try:
+        applied = dict(ray.get_runtime_context().runtime_env or {})
+    except Exception:  # a Ray that cannot say (Ray Client): trust ray.init
+        return
+    # "excludes" only filters the upload of working_dir / py_modules: Ray drops it after
+    missing = sorted(set(runtime_env) - set(applied) - {"excludes"})
+    if not missing:
+        return
+    if not cluster.started:
+        logger.warning(
+            "ray.runtime_env is not applied (%s): this process initialised Ray before the run, "
+            "and Ray keeps that job's runtime env; pass runtime_env=... to that ray.init instead",
+            ", ".join(missing),
+        )
+        return
+    ray.shutdown()
+    how = "started an embedded Ray" if cluster.embedded else "joined the cluster"
+    raise RuntimeError(
+        f"ray.runtime_env: the run {how} at {cluster.address}, but Ray's job came up without "
+        f"the runtime env fields {', '.join(missing)}; submit the run with `ray job submit "
+        "--runtime-env-json ...` instead, or leave ray.runtime_env null"
     )
 
 
@@ -142,6 +190,7 @@ class _Before:
     frames: int = 0
     wall_s: float = 0.0
     first_incarnation: int = 0
+    records: int = 0  # metrics.jsonl records
 
 
 def _spaces(config: RunConfig) -> tuple[Any, Any]:
@@ -169,13 +218,15 @@ def _run_dir(
         buffer_path = Path(config.buffer.path) if config.buffer.path else run_dir.buffer_dir
         return config, run_dir, buffer_path, _Before()
     run_dir = RunDir.open(resume)
-    previous = run_dir.read_summary() or (run_dir.read_metrics() or [{}])[-1]
+    records = run_dir.read_metrics()
+    previous = run_dir.read_summary() or (records or [{}])[-1]
     # Collector incarnations go on from the last session's, so episode ids stay unique
     # in the buffer both sessions write.
     before = _Before(
         frames=int(previous.get("frames") or 0),
         wall_s=float(previous.get("wall_s") or 0.0),
         first_incarnation=int(previous.get("collector/next_incarnation") or 0),
+        records=len(records),
     )
     buffer_path = Path(config.buffer.path) if config.buffer.path else run_dir.buffer_dir
     check_resume_schema(buffer_schema(buffer_path), *spaces, str(buffer_path))
@@ -223,6 +274,9 @@ def run(
         SchemaMismatch: a resumed run's buffer differs from what the env produces.
         ClusterConnectError: ``ray.address`` names a cluster that does not answer,
             refuses this process's token, or runs other Ray/Python versions.
+        ConfigError: ``ray.runtime_env`` holds a field Ray refuses (before anything starts).
+        LoggerError: a package of ``run.loggers`` is not installed (before anything
+            starts), or W&B does not start (before Ray).
     """
     import ray
 
@@ -231,6 +285,10 @@ def run(
     from rlfleet.launch.learners import LearnerGroup
 
     started = time.monotonic()
+    # what can be refused without starting anything: logger packages, the runtime env,
+    # the env and the policy
+    check_loggers(config)
+    check_runtime_env(config)
     observation_space, action_space = _spaces(config)
     config, run_dir, buffer_path, before = _run_dir(config, resume, (observation_space, action_space))
     # The service and every actor are named after the run directory, unique per run, so
@@ -244,8 +302,14 @@ def run(
     session = Session(config, run_dir, before.frames, before.wall_s, started, progress, stop_event)
     phase = _Phases()
     try:
+        # before Ray: a W&B that does not start (not logged in) fails in seconds
+        session.loggers = open_loggers(config, run_dir, frames_before=before.frames, records_before=before.records)
+        if config.run.loggers:
+            phase(f"loggers open: {', '.join(config.run.loggers)}")
         cluster = start_ray(config)
     except BaseException:
+        if session.loggers is not None:
+            session.loggers.close(failed=True)
         if resume is None:  # nothing ran: leave no empty run directory behind
             shutil.rmtree(run_dir.path, ignore_errors=True)
         raise

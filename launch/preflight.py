@@ -1,8 +1,8 @@
 """Checks ``rlfleet run`` makes before it starts actors, and the resume adjustments.
 
 Runs on the driver; pure functions of the config (and, for resume, of the buffer's
-schema on disk), so they are tested without Ray. Split from ``job.py`` so that the
-run's main loop reads on its own.
+schema on disk, for the loggers of the packages installed), so they are tested without
+Ray. Split from ``job.py`` so that the run's main loop reads on its own. Thread-safe.
 """
 
 from __future__ import annotations
@@ -11,15 +11,18 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from rlfleet.launch.config import RunConfig
+from rlfleet.launch.config import ConfigError, RunConfig
+from rlfleet.launch.loggers import import_logger_module
 
 __all__ = [
     "CPUS_PER_COLLECTOR",
     "CPUS_PER_LEARNER",
     "FORMAT_2_STEP_KEYS",
     "buffer_schema",
+    "check_loggers",
     "check_placement",
     "check_resume_schema",
+    "check_runtime_env",
     "required_resources",
     "resume_exploration",
 ]
@@ -79,6 +82,34 @@ def check_placement(config: RunConfig, resources: dict[str, float]) -> None:
                 f"placement: the run needs {amount:g} {resource} ({' + '.join(parts)}) but the "
                 f"cluster has {have:g} {resource}; {fix}"
             )
+
+
+def check_loggers(config: RunConfig) -> None:
+    """Import the packages of ``run.loggers`` now, seconds into the run, not after start-up.
+
+    Raises:
+        LoggerError: a package is missing, naming the extra to install
+            (``pip install "rlfleet[tensorboard]"``).
+    """
+    for name in config.run.loggers:
+        import_logger_module(name)
+
+
+def check_runtime_env(config: RunConfig) -> None:
+    """Have Ray check ``ray.runtime_env`` before the run starts Ray with it.
+
+    Raises:
+        ConfigError: a field Ray refuses (``env_vars`` values that are not strings, a
+            ``working_dir`` that does not exist, ...), in Ray's words.
+    """
+    if config.ray.runtime_env is None:
+        return
+    from ray.runtime_env import RuntimeEnv
+
+    try:
+        RuntimeEnv(**config.ray.runtime_env)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"ray.runtime_env: {e}") from None
 
 
 def resume_exploration(config: RunConfig, frames_done: int) -> RunConfig:

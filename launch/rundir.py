@@ -11,6 +11,9 @@ Layout of ``<run.dir>/<name>-<YYYYmmdd-HHMMSS>/``::
     policy.json       what ``policy.pt2`` takes and returns
     checkpoints/      learner checkpoints (written by the learner group)
     buffer/           the replay buffer, one ``shard-<k>`` directory per shard
+    tensorboard/      TensorBoard event files (``run.loggers: [tensorboard]``), one per session
+    wandb/            W&B's own files (``run.loggers: [wandb]``), one directory per session
+    wandb_run_id      the W&B run's id, so ``--resume`` continues that run
 
 Runs on the driver. :meth:`RunDir.append_metrics` is thread-safe; the rest is meant for
 one thread.
@@ -143,6 +146,14 @@ class RunDir:
     def buffer_dir(self) -> Path:
         return self.path / "buffer"
 
+    @property
+    def tensorboard_dir(self) -> Path:
+        return self.path / "tensorboard"
+
+    @property
+    def wandb_run_id_path(self) -> Path:
+        return self.path / "wandb_run_id"
+
     # ------------------------------------------------------------------ contents
 
     def write_config(self, config: RunConfig) -> None:
@@ -183,6 +194,15 @@ class RunDir:
         if not self.summary_path.exists():
             return None
         return json.loads(self.summary_path.read_text())
+
+    def read_wandb_run_id(self) -> str | None:
+        """The id of the run's W&B run, or None before its first session with W&B."""
+        if not self.wandb_run_id_path.exists():
+            return None
+        return self.wandb_run_id_path.read_text().strip() or None
+
+    def write_wandb_run_id(self, run_id: str) -> None:
+        self._write_atomic(self.wandb_run_id_path, run_id + "\n")
 
     def write_policy_info(self, info: dict[str, Any]) -> None:
         self._write_atomic(self.policy_info_path, json.dumps(_json_safe(info), indent=2) + "\n")

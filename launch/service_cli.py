@@ -55,15 +55,18 @@ def _namespace(args: argparse.Namespace) -> str:
         raise SystemExit(f"error: {e}") from e
 
 
-def _attach(address: str | None, timeout_s: float | None, namespace: str) -> None:
+def _attach(address: str | None, timeout_s: float | None, namespace: str,
+            runtime_env: dict | None = None) -> None:
     """Join the cluster (see the module docstring) and say which one on stderr.
 
-    Exits with one line on stderr when there is no address or the join fails."""
+    ``runtime_env`` (``serve``: the config's ``ray.runtime_env``) goes to ``ray.init``, so
+    the detached shards get the config's working dir and packages. Exits with one line on
+    stderr when there is no address or the join fails."""
     from rlfleet.buffer import init_ray
     from rlfleet.buffer.cluster import DEFAULT_CONNECT_TIMEOUT_S
 
     try:
-        info = init_ray(address, namespace=namespace,
+        info = init_ray(address, namespace=namespace, runtime_env=runtime_env,
                         timeout_s=DEFAULT_CONNECT_TIMEOUT_S if timeout_s is None else timeout_s)
     except (ConnectionError, ValueError) as e:
         raise SystemExit(f"error: {e}") from e
@@ -99,7 +102,7 @@ def serve(args: argparse.Namespace) -> int:
     buf = config.buffer
     path = (Path(buf.path) if buf.path else Path(config.run.dir) / config.name / "buffer").absolute()
     namespace = config.ray.namespace
-    _attach(args.address or config.ray.address, config.ray.connect_timeout_s, namespace)
+    _attach(args.address or config.ray.address, config.ray.connect_timeout_s, namespace, config.ray.runtime_env)
     import ray
 
     if config.name in running_buffers(namespace):

@@ -4,9 +4,10 @@ its shutdown (checkpoint, policy export, plot, summary).
 Runs on the driver, inside :func:`rlfleet.launch.run.run`, which starts the parts and
 hands them to a :class:`Session`; the session then holds everything that must be stopped
 on every exit path. ``Session.loop`` learns, polls the fleet, writes ``metrics.jsonl``
-and paces (see ``run``'s docstring); ``Session.finish`` stops the collectors, saves the
-final checkpoint and policy, stops the learners and the service, and writes
-``summary.json`` and ``returns.png``. Not thread-safe: one driver thread drives a session
+(then hands each record to the run's loggers: TensorBoard, W&B) and paces (see ``run``'s
+docstring); ``Session.finish`` stops the collectors, saves the final checkpoint and
+policy, stops the learners and the service, writes ``summary.json`` and ``returns.png``,
+and closes the loggers. Not thread-safe: one driver thread drives a session
 (``stop_event`` may be set from any thread).
 
 Split from ``job.py``: start-up (what to start, in which order) reads on its own there,
@@ -85,6 +86,8 @@ class Session:
         self.buffer_path: Path | None = None
         self.placement = None
         self.service = self.client = self.fleet = self.group = None
+        # the run's TensorBoard / W&B loggers (a LoggerGroup), opened by the job
+        self.loggers = None
         self.stop_reason = "error"
         # when the collectors were let go: start-up ends there, collection rates start there
         self.collecting_since: float | None = None
@@ -232,7 +235,9 @@ class Session:
             "learner/steps": 0,
         }
         record.update(self.learner_metrics)
-        self.run_dir.append_metrics(record)
+        self.run_dir.append_metrics(record)  # first: the file is the record of the run
+        if self.loggers is not None:
+            self.loggers.write(record)  # never raises: a failing logger is dropped
         if self.progress is not None:
             self.progress(record)
 
@@ -253,7 +258,16 @@ class Session:
         return {"buffer/size": int(stats["total"]["size"]), "buffer/restarts": self.shard_restarts}
 
     def finish(self, observation_space: Any, action_space: Any) -> dict[str, Any]:
-        """Stop what was started, write the run's files; logs (never raises) on cleanup errors."""
+        """Stop what was started, write the run's files; logs (never raises) on cleanup errors.
+
+        The loggers are closed last, whatever happens before."""
+        try:
+            return self._finish(observation_space, action_space)
+        finally:
+            if self.loggers is not None:
+                self.loggers.close(failed=self.stop_reason in ("error", "node_lost"))
+
+    def _finish(self, observation_space: Any, action_space: Any) -> dict[str, Any]:
         import torch
 
         from rlfleet.buffer import ReplayService

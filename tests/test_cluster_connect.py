@@ -10,37 +10,18 @@ Every bound is the code's own timeout; the tests only check what the error says.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
 import socket
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
 from rlfleet.buffer.cluster import version_mismatch
 
+from clusters import TOKEN, TokenCluster, env_without_ray, free_port
+
 ROOT = Path(__file__).resolve().parent.parent
-TOKEN = "0123456789abcdef" * 2
-START_CLUSTER_S = 120.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(**extra: str) -> dict[str, str]:
-    """This environment without Ray's address and auth settings, plus ``extra``."""
-    drop = {"RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"}
-    env = {k: v for k, v in os.environ.items() if k not in drop}
-    env.update(extra)
-    return env
 
 
 def _python(code: str, *args: str, env: dict[str, str], cwd: Path = ROOT) -> subprocess.CompletedProcess:
@@ -93,9 +74,9 @@ START_ONE = (
 
 
 def test_a_dead_address_fails_at_once_naming_the_address_at_every_entry_point(tmp_path):
-    port = _free_port()  # bound and released: nothing listens there
+    port = free_port()  # bound and released: nothing listens there
     address = f"127.0.0.1:{port}"
-    done = _python(ENTRY_POINTS, address, "5", env=_env(), cwd=tmp_path)
+    done = _python(ENTRY_POINTS, address, "5", env=env_without_ray(), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout.splitlines()[-1])
     message = f"could not join the Ray cluster at '{address}': nothing listens on {address} (connection refused); {START_ONE}"
@@ -107,7 +88,7 @@ def test_a_dead_address_fails_at_once_naming_the_address_at_every_entry_point(tm
 
 
 def test_no_address_is_refused_instead_of_joining_whatever_runs_here(tmp_path):
-    done = _python(ENTRY_POINTS, "-", "5", env=_env(), cwd=tmp_path)
+    done = _python(ENTRY_POINTS, "-", "5", env=env_without_ray(), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout.splitlines()[-1])
     message = (
@@ -128,7 +109,7 @@ def test_a_port_that_is_not_ray_fails_within_connect_timeout(tmp_path):
         server.bind(("127.0.0.1", 0))
         server.listen(8)
         address = f"127.0.0.1:{server.getsockname()[1]}"
-        done = _rlfleet("status", "--address", address, "--connect-timeout", "2", env=_env(), cwd=tmp_path)
+        done = _rlfleet("status", "--address", address, "--connect-timeout", "2", env=env_without_ray(), cwd=tmp_path)
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1] == (
         f"error: could not join the Ray cluster at '{address}': something listens on {address} but "
@@ -139,9 +120,9 @@ def test_a_port_that_is_not_ray_fails_within_connect_timeout(tmp_path):
 
 
 def test_run_with_a_dead_ray_address_fails_before_leaving_a_run_directory(tmp_path):
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     done = _rlfleet("run", str(ROOT / "configs" / "smoke.yaml"), f"run.dir={tmp_path / 'runs'}",
-                    f"ray.address={address}", "--connect-timeout", "5", env=_env(), cwd=tmp_path)
+                    f"ray.address={address}", "--connect-timeout", "5", env=env_without_ray(), cwd=tmp_path)
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1] == (
         f"rlfleet run: ClusterConnectError: could not join the Ray cluster at '{address}': "
@@ -158,7 +139,7 @@ def test_run_with_a_dead_ray_address_fails_before_leaving_a_run_directory(tmp_pa
     ],
 )
 def test_a_malformed_address_is_refused_before_any_connection(tmp_path, address, message):
-    done = _rlfleet("status", "--address", address, env=_env(), cwd=tmp_path)
+    done = _rlfleet("status", "--address", address, env=env_without_ray(), cwd=tmp_path)
     assert done.returncode == 1
     assert done.stderr.strip().startswith(f"error: {message}")
 
@@ -182,54 +163,6 @@ def test_version_mismatch_names_both_sides():
 # --------------------------------------------------------------------------- a second cluster
 
 
-class TokenCluster:
-    """``ray start --head --block`` with token auth in a temp dir of its own (the test's)."""
-
-    def __init__(self) -> None:
-        self.temp_dir = tempfile.mkdtemp(prefix="rlf")  # short: Ray's socket paths live under it
-        self.port = _free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        self.env = _env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=TOKEN)
-        self.proc = subprocess.Popen(
-            [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={self.port}", f"--temp-dir={self.temp_dir}",
-             "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats"],
-            env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        )
-        deadline = time.monotonic() + START_CLUSTER_S
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                break
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError(f"ray start --head on port {self.port} did not come up")
-                time.sleep(0.2)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)  # ray start --block drains and stops its processes
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        # Whatever of ours outlived it (its processes name the temp dir): end it by pid.
-        for pid_dir in Path("/proc").iterdir():
-            if not pid_dir.name.isdigit():
-                continue
-            try:
-                cmdline = (pid_dir / "cmdline").read_bytes().decode(errors="replace")
-            except OSError:
-                continue
-            if self.temp_dir in cmdline:
-                try:
-                    os.kill(int(pid_dir.name), signal.SIGKILL)
-                except OSError:
-                    pass
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
-
-
 @pytest.fixture(scope="module")
 def token_cluster():
     cluster = TokenCluster()
@@ -247,13 +180,13 @@ def _token_message(address: str, why: str, fix: str) -> str:
 
 
 def test_a_wrong_token_is_reported_as_a_token_problem(token_cluster, tmp_path):
-    wrong = _env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="f" * 32)
+    wrong = env_without_ray(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="f" * 32)
     done = _rlfleet("status", "--address", token_cluster.address, "--connect-timeout", "20", env=wrong, cwd=tmp_path)
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1] == _token_message(
         token_cluster.address, "its token differs from the cluster's", "Give")
 
-    no_mode = _env(RAY_AUTH_TOKEN=TOKEN)  # the token, but token mode not turned on
+    no_mode = env_without_ray(RAY_AUTH_TOKEN=TOKEN)  # the token, but token mode not turned on
     done = _rlfleet("status", "--address", token_cluster.address, "--connect-timeout", "20", env=no_mode, cwd=tmp_path)
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1] == _token_message(

@@ -125,6 +125,10 @@ BAD_TEXT = [
      r"^<string>:3:5: this key is indented more than the key above it, which already has a value "
      r"\(the line reads 'gamma: 0.9'\)$"),
     ("duplicate", "seed: 1\nname: a\nseed: 2\n", r"<string>:3:1: duplicated key 'seed' \(first on line 1\)"),
+    ("runtime_env_list", "ray: {runtime_env: [pip]}", r"ray.runtime_env: expected mapping \| null, got \['pip'\] \(list\)"),
+    ("wandb_project", "run: {wandb: {project: team/runs}}",
+     r"run.wandb.project: 'team/runs' is not a W&B project name; use 1-128 characters without"),
+    ("wandb_tag", "run: {wandb: {tags: ['']}}", r"run.wandb.tags\[0\]: '' is not a W&B tag; use a string of 1-64 characters"),
 ]
 
 
@@ -164,6 +168,12 @@ GOOD_OVERRIDES = [
     ("buffer.capacity=1_000GB", lambda c: c.buffer.capacity == "1_000GB"),
     ("ray.namespace=team-a", lambda c: c.ray.namespace == "team-a"),
     ("learner.sample_split=rows", lambda c: c.learner.sample_split == "rows"),
+    ("run.loggers=[tensorboard, wandb]", lambda c: c.run.loggers == ("tensorboard", "wandb")),
+    ("run.wandb.mode=offline", lambda c: c.run.wandb.mode == "offline"),
+    ("run.wandb.tags=[a, b]", lambda c: c.run.wandb.tags == ("a", "b")),
+    ("ray.runtime_env={env_vars: {A: '1'}}", lambda c: c.ray.runtime_env == {"env_vars": {"A": "1"}}),
+    # a key inside a mapping that is still null starts it
+    ("ray.runtime_env.env_vars.A=1", lambda c: c.ray.runtime_env == {"env_vars": {"A": "1"}}),
 ]
 
 
@@ -199,6 +209,9 @@ BAD_OVERRIDES = [
      r"buffer.rate_limiter.samples_per_insert=-2.0: must be a finite number > 0"),
     ("bad_namespace", "ray.namespace=../up", r"ray.namespace = '../up': use 1-64 letters"),
     ("connect_timeout", "ray.connect_timeout_s=0", r"ray.connect_timeout_s: 0.0 must be > 0"),
+    ("runtime_env_scalar", "ray.runtime_env=3", r"ray.runtime_env: expected mapping \| null, got 3 \(int\)"),
+    ("unknown_logger", "run.loggers=[mlflow]", r"run.loggers\[0\]: 'mlflow' is not one of 'tensorboard', 'wandb'"),
+    ("wandb_mode", "run.wandb.mode=cloud", r"run.wandb.mode: 'cloud' is not one of 'online', 'offline', 'disabled'"),
 ]
 
 
@@ -255,3 +268,39 @@ def test_the_limiter_section_is_the_buffers_spec_with_the_runs_default():
     assert isinstance(limiter, RateLimiterSpec) and limiter.min_size_to_sample == 5000
     assert RateLimiterSpec.from_mapping(limiter.to_mapping()).samples_per_insert == 4.0
     assert RateLimiterConfig().to_mapping() == {**RateLimiterSpec().to_mapping(), "min_size_to_sample": 5000}
+
+
+def test_ray_runtime_env_is_a_mapping_ray_checks_before_the_run_starts():
+    from rlfleet.launch.config import RayConfig
+    from rlfleet.launch.preflight import check_runtime_env
+
+    text = "ray: {runtime_env: {env_vars: {OMP_NUM_THREADS: '1'}, pip: [tqdm]}}\n"
+    config = parse_config(text)
+    assert config.ray.runtime_env == {"env_vars": {"OMP_NUM_THREADS": "1"}, "pip": ["tqdm"]}
+    assert parse_config(dump_config(config)) == config and RunConfig().ray.runtime_env is None
+    check_runtime_env(config)
+    with pytest.raises(ConfigError, match=r"^runtime_env: \['pip'\] is not a mapping of Ray runtime_env fields"):
+        RayConfig(runtime_env=["pip"])
+    # numbers in env_vars are written as Ray takes them, strings
+    assert parse_config("ray: {runtime_env: {env_vars: {N: 1, X: 0.5}}}").ray.runtime_env == {"env_vars": {"N": "1", "X": "0.5"}}
+    # the loader takes any mapping; Ray's own check refuses what ray.init would, before anything starts
+    with pytest.raises(ConfigError, match=r"^ray.runtime_env: runtime_env\['env_vars'\] must be of type Dict\[str, str\]"):
+        check_runtime_env(parse_config("ray: {runtime_env: {env_vars: {OMP_NUM_THREADS: [1]}}}"))
+    with pytest.raises(ConfigError, match=r"^ray.runtime_env: runtime_env\['pip'\] must be of type str or List\[str\]"):
+        check_runtime_env(parse_config("ray: {runtime_env: {pip: 3}}"))
+
+
+def test_loggers_and_their_wandb_settings_round_trip_and_hold_in_python():
+    from rlfleet.launch.config import WandbConfig
+
+    config = parse_config("run: {loggers: [wandb, tensorboard], wandb: {mode: offline, entity: team, tags: [a]}}")
+    assert config.run.loggers == ("wandb", "tensorboard") and config.run.wandb.tags == ("a",)
+    assert parse_config(dump_config(config)) == config
+    assert RunConfig().run.loggers == () and RunConfig().run.wandb == WandbConfig()
+    assert RunSection(loggers=["tensorboard"]).loggers == ("tensorboard",)
+    with pytest.raises(ConfigError, match=r"^loggers\[0\]: 'tb' is not one of 'tensorboard', 'wandb'$"):
+        RunSection(loggers=("tb",))
+    with pytest.raises(ConfigError, match=r"^loggers: 'wandb' is not a list; write e.g. \[tensorboard, wandb\]"):
+        RunSection(loggers="wandb")
+    with pytest.raises(ConfigError, match=r"^mode: 'cloud' is not one of 'online', 'offline', 'disabled'$"):
+        WandbConfig(mode="cloud")

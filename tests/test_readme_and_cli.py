@@ -46,7 +46,7 @@ def test_ci_script_runs_the_readme_blocks():
 
 
 def test_readme_command_table_matches_the_cli():
-    documented = set(re.findall(r"^\| `rlfleet (\w+)", README, flags=re.M))
+    documented = set(re.findall(r"^\| `rlfleet ([\w-]+)", README, flags=re.M))
     assert documented == set(COMMANDS)
 
 
@@ -79,7 +79,7 @@ def test_cli_prints_its_version():
 
 
 def test_readme_command_table_says_which_commands_need_a_running_cluster():
-    rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| `rlfleet (\w+)[^|]*\|[^|]*\| ([^|]+) \|$", README, flags=re.M)}
+    rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| `rlfleet ([\w-]+)[^|]*\|[^|]*\| ([^|]+) \|$", README, flags=re.M)}
     assert set(rows) == set(COMMANDS)
     assert {name for name, ray in rows.items() if ray == "a running cluster"} == {"serve", "status", "sample", "stop"}
     assert rows["run"].startswith("its own embedded Ray")
