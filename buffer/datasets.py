@@ -15,6 +15,12 @@ Where a dataset is found:
 - Hugging Face: a directory ``Dataset.save_to_disk`` wrote (``datasets.load_from_disk``);
   read through Arrow record batches, never as Python objects.
 
+A Hugging Face dataset's columns must be numbers or bools (lists of them) and may not
+be named ``index`` or ``weight`` (the buffer's sample output): ``open`` names the
+column and how to drop or rename it.
+
+``import_dataset`` is the body of ``ReplayBuffer.from_dataset``.
+
 Runs in the process that imports (driver, a shell via ``rlfleet import-dataset``). Not
 thread-safe: one reader per thread. minari and datasets are imported only here, when
 called (``dataset_layout.require``).
@@ -23,9 +29,10 @@ called (``dataset_layout.require``).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -33,7 +40,12 @@ from rlfleet.buffer.capacity import parse_capacity
 from rlfleet.buffer.dataset_layout import FORMATS, arrow_column_to_numpy, column_key, minari_to_rows, require
 from rlfleet.buffer.storage import rows_for_bytes, schema_from_arrays
 
-__all__ = ["DatasetReader", "detect_format", "import_capacity"]
+if TYPE_CHECKING:
+    from rlfleet.buffer.replay_buffer import ReplayBuffer
+
+__all__ = ["DatasetReader", "detect_format", "import_capacity", "import_dataset"]
+
+RESERVED_COLUMNS = ("index", "weight")  # what a buffer's samples add
 
 DEFAULT_CHUNK_ROWS = 4096
 
@@ -93,6 +105,7 @@ class DatasetReader:
                 f"dataset {name!r} holds the splits {sorted(loaded)}; pass the directory of one "
                 f"split (save each split with Dataset.save_to_disk)"
             )
+        _check_hf_columns(name, loaded)
         return cls(name, "hf", len(loaded), loaded)
 
     @classmethod
@@ -139,6 +152,67 @@ class DatasetReader:
             n = table.num_rows
             yield {column_key(name): arrow_column_to_numpy(table.column(name), n, name)
                    for name in table.column_names}
+
+
+def _check_hf_columns(name: str, dataset: Any) -> None:
+    """Refuse a column the buffer cannot hold, naming it and the fix."""
+    pa = require("pyarrow")
+    for column in dataset.data.schema:
+        fix = (f"drop it (dataset = dataset.remove_columns([{column.name!r}])) or rename it "
+               f"(dataset = dataset.rename_column({column.name!r}, 'new_name')), then dataset.save_to_disk(...)")
+        if column.name in RESERVED_COLUMNS:
+            raise ValueError(f"dataset {name!r}: column {column.name!r} is reserved: a buffer's samples add "
+                             f"{' and '.join(repr(c) for c in RESERVED_COLUMNS)}; {fix}")
+        kind = column.type
+        while True:
+            if isinstance(kind, pa.ExtensionType):
+                kind = kind.storage_type
+            elif pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
+                kind = kind.value_type
+            else:
+                break
+        if not (pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind)):
+            raise ValueError(f"dataset {name!r}: column {column.name!r} holds {kind} values; buffers hold numbers "
+                             f"and bools: drop it (dataset = dataset.remove_columns([{column.name!r}])) or "
+                             f"encode it as numbers, then dataset.save_to_disk(...)")
+
+
+def import_dataset(create: Callable[..., "ReplayBuffer"], dataset: str | os.PathLike, path: str | os.PathLike, *,
+                   capacity: int | str | None, format: str | None, truncate: bool, chunk_rows: int,
+                   **create_options: Any) -> "ReplayBuffer":
+    """``ReplayBuffer.from_dataset``'s body: open ``dataset``, ``create(path, capacity=...,
+    **create_options)`` a buffer and fill it, ``chunk_rows`` rows at a time. On failure
+    it removes what it created (the directory, or its contents when ``path`` existed,
+    empty, before).
+
+    Raises:
+        ValueError: a bad ``chunk_rows``, format or capacity; a column the buffer cannot hold.
+    """
+    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
+        raise ValueError(f"from_dataset: chunk_rows={chunk_rows!r}: must be a positive int (rows written at "
+                         f"a time); pass e.g. {DEFAULT_CHUNK_ROWS} (the default)")
+    reader = DatasetReader.open(dataset, format)
+    chunks = reader.chunks(chunk_rows)
+    first = next(chunks, None)
+    if first is None:
+        raise ValueError(f"from_dataset: dataset {reader.name!r} holds no rows; nothing to import")
+    capacity = import_capacity(capacity, reader.rows, first, truncate, reader.name)
+    existed = Path(path).exists()
+    rb = create(path, capacity=capacity, **create_options)
+    try:
+        rb.extend_arrays(first)
+        for chunk in chunks:
+            rb.extend_arrays(chunk)
+        rb.flush()
+    except BaseException:
+        rb.close()
+        if existed:  # create refused anything but an empty directory: all in it is ours
+            for p in Path(path).iterdir():
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+        raise
+    return rb
 
 
 def _join(episodes: list[Arrays]) -> Arrays:

@@ -7,6 +7,10 @@ last one done (``("next", "done")``). A ring holds some episodes whole and some 
   episode's first rows (its step 0 is gone) or, when shards wrap at different times or
   a live writer overwrote rows during the export, rows further in.
 - **unfinished**: steps ``0 .. k`` all there, none done: still running when read.
+  Also counted here, not as cut: an episode whose later rows (its done row among them)
+  one shard's ring overwrote while another shard still holds steps ``0 .. k``, since
+  shards wrap at different times. The index keeps no row counters, so it cannot tell
+  the two apart; either way the episode is not exported.
 - **inconsistent**: rows that do not form one episode (a step twice, a done row before
   the last step, two done rows). Collectors never write these.
 
@@ -175,6 +179,7 @@ class EpisodeAssembler:
     missing: int = 0
     _open: dict[int, list[Arrays]] = field(default_factory=dict)
     _got: dict[int, int] = field(default_factory=dict)
+    _ended: int = 0  # planned episodes whose rows all arrived (handed out or inconsistent)
 
     @property
     def open_episodes(self) -> int:
@@ -200,6 +205,8 @@ class EpisodeAssembler:
             eid, want = int(episodes[a]), int(self.lengths[pos[a]])
             piece = {k: v[a:b] for k, v in rows.items()}
             if eid not in self._open and b - a >= want:
+                if b - a < len(episodes):  # a view would keep the whole gather alive in a writer's batch
+                    piece = {k: v.copy() for k, v in piece.items()}
                 done = self._whole(eid, [piece], want)
             else:
                 # a copy: a view would keep the whole chunk alive while the episode is open
@@ -214,6 +221,7 @@ class EpisodeAssembler:
         return out
 
     def _whole(self, eid: int, pieces: list[Arrays], want: int) -> Arrays | None:
+        self._ended += 1
         episode = pieces[0]
         if len(pieces) > 1:
             # a piece may hold several runs of steps (a shard gets every other batch)
@@ -226,8 +234,9 @@ class EpisodeAssembler:
         return episode
 
     def finish(self) -> int:
-        """Drop the episodes still open (their rows never all arrived); returns how many."""
-        self.missing += len(self._open)
+        """Drop the episodes still open; returns how many planned episodes never had all
+        their rows arrive (those open, and those of which no row came)."""
+        self.missing = len(self.ids) - self._ended
         self._open.clear()
         self._got.clear()
         return self.missing

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import threading
 from collections.abc import Mapping
 from pathlib import Path
@@ -194,31 +193,17 @@ class ReplayBuffer:
             sampler, durability, overcommit, seed: as ``create``'s.
 
         Raises:
-            ValueError: an unknown format, or a capacity below the dataset's rows without
-                ``truncate`` (nothing is created).
+            ValueError: an unknown format, a bad ``chunk_rows``, a column a buffer cannot
+                hold, or a capacity below the dataset's rows without ``truncate`` (nothing
+                is created).
             FileNotFoundError: no dataset there. FileExistsError: ``path`` is not empty.
             ModuleNotFoundError: the format's extra (``rlfleet[minari]``, ``rlfleet[hf]``) is missing.
         """
-        from rlfleet.buffer.datasets import DatasetReader, import_capacity
+        from rlfleet.buffer.datasets import import_dataset
 
-        reader = DatasetReader.open(dataset, format)
-        chunks = reader.chunks(chunk_rows)
-        first = next(chunks, None)
-        if first is None:
-            raise ValueError(f"from_dataset: dataset {reader.name!r} holds no rows; nothing to import")
-        capacity = import_capacity(capacity, reader.rows, first, truncate, reader.name)
-        rb = cls.create(path, capacity=capacity, sampler=sampler, durability=durability,
-                        overcommit=overcommit, seed=seed)
-        try:
-            rb.extend_arrays(first)
-            for chunk in chunks:
-                rb.extend_arrays(chunk)
-            rb.flush()
-        except BaseException:
-            rb.close()
-            shutil.rmtree(path, ignore_errors=True)  # ours: create refused anything but an empty path
-            raise
-        return rb
+        return import_dataset(cls.create, dataset, path, capacity=capacity, format=format, truncate=truncate,
+                              chunk_rows=chunk_rows, sampler=sampler, durability=durability,
+                              overcommit=overcommit, seed=seed)
 
     def _attach(self, schema: Schema, *, create: bool) -> None:
         """Map the data files (creating them for the first batch) and bind the sampler."""

@@ -24,9 +24,10 @@ A ``BufferFiles`` is not thread-safe (it owns open file handles); use one per th
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -47,10 +48,12 @@ from rlfleet.buffer.storage import (
 from rlfleet.buffer.upgrade import format1_error
 from rlfleet.buffer.window import settled_window
 
-__all__ = ["BufferFiles", "Chunk", "chunk_rows_for", "scan_shards"]
+__all__ = ["BufferFiles", "Chunk", "chunk_rows_for", "least_advanced_first", "scan_shards"]
 
 CHUNK_BYTES = 16 << 20  # rows per chunk: about this many bytes, within the bounds below
 MIN_CHUNK_ROWS, MAX_CHUNK_ROWS = 64, 16384
+
+T = TypeVar("T")
 
 
 def chunk_rows_for(schema: Schema | None) -> int:
@@ -111,7 +114,8 @@ class BufferFiles:
         """
         path = Path(path)
         if not path.is_dir():
-            raise FileNotFoundError(f"{path}: no such buffer directory")
+            raise FileNotFoundError(f"{path}: no such buffer directory; pass the directory "
+                                    f"ReplayBuffer.create wrote (it holds meta.json)")
         meta = read_meta(path)
         if meta["format_version"] < FORMAT_VERSION:
             raise format1_error("read", path)
@@ -119,9 +123,9 @@ class BufferFiles:
         if meta["schema"] is None:
             return cls(path, None, int(meta["capacity"] or 0), {})
         schema = schema_from_json(meta["schema"])
-        columns = MemmapColumns(path / "data", schema, int(meta["capacity"]), read_only=True)
-        files = dict(columns.files)  # sizes checked against the schema and capacity
-        columns.close()
+        # sizes checked against the schema and capacity; nothing mapped: a copy-on-write
+        # map of the whole buffer would count as this process's memory
+        files = MemmapColumns.data_files(path / "data", schema, int(meta["capacity"]))
         return cls(path, schema, int(meta["capacity"]), files)
 
     def window(self) -> tuple[int, int]:
@@ -222,14 +226,25 @@ def scan_shards(files: Sequence[BufferFiles], *, chunk_rows: int | None = None,
     for k, f in enumerate(files):
         start, end = windows[k] if windows is not None else (None, None)
         streams.append(f.chunks(chunk_rows=chunk_rows, keys=keys, start=start, end=end))
-    progress = [0.0] * len(streams)
-    live = set(range(len(streams)))
+    for k, chunk in least_advanced_first(streams, lambda c: c.done / max(1, c.total)):
+        chunk.source = k
+        yield chunk
+
+
+def least_advanced_first(streams: Sequence[Iterable[T]], fraction: Callable[[T], float]) -> Iterator[tuple[int, T]]:
+    """``(k, item)`` from several streams, next always from the stream least far
+    through (``fraction(item)``: its last item's fraction done; ties: lowest ``k``)."""
+    iterators = [iter(s) for s in streams]
+    progress = [0.0] * len(iterators)
+    live = set(range(len(iterators)))
     while live:
         k = min(live, key=lambda i: (progress[i], i))
-        chunk = next(streams[k], None)
-        if chunk is None:
+        item = next(iterators[k], _END)
+        if item is _END:
             live.discard(k)
             continue
-        chunk.source = k
-        progress[k] = chunk.done / max(1, chunk.total)
-        yield chunk
+        progress[k] = fraction(item)
+        yield k, item
+
+
+_END = object()

@@ -319,13 +319,14 @@ class MemmapColumns:
     on disjoint slots may run concurrently (plain memory copies).
     """
 
-    def __init__(self, data_dir: Path, schema: Schema, capacity: int, *, read_only: bool = False) -> None:
-        self.data_dir = data_dir
-        self.schema = schema
-        self.capacity = capacity
-        self.arrays: dict[tuple[str, ...], np.memmap] = {}
-        self.files: dict[tuple[str, ...], Path] = {}
-        self.reserved = 0  # disk blocks of slots below this are allocated (``reserve_ahead``)
+    @staticmethod
+    def data_files(data_dir: Path, schema: Schema, capacity: int) -> dict[tuple[str, ...], Path]:
+        """Each key's data file, checked to exist at its full size (nothing is mapped).
+
+        Raises:
+            BufferFormatError: a file is missing or of another size.
+        """
+        files = {}
         for key, (shape, dtype) in schema.items():
             path = data_dir.joinpath(*key[:-1], f"{key[-1]}.memmap")
             expected = capacity * int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
@@ -334,8 +335,18 @@ class MemmapColumns:
                     f"open: data file {path} is missing or not {expected} bytes; the buffer "
                     f"directory is damaged"
                 )
-            self.files[key] = path
-            self.arrays[key] = np.memmap(path, dtype=dtype, mode="c" if read_only else "r+",
+            files[key] = path
+        return files
+
+    def __init__(self, data_dir: Path, schema: Schema, capacity: int, *, read_only: bool = False) -> None:
+        self.data_dir = data_dir
+        self.schema = schema
+        self.capacity = capacity
+        self.arrays: dict[tuple[str, ...], np.memmap] = {}
+        self.reserved = 0  # disk blocks of slots below this are allocated (``reserve_ahead``)
+        self.files = self.data_files(data_dir, schema, capacity)
+        for key, (shape, dtype) in schema.items():
+            self.arrays[key] = np.memmap(self.files[key], dtype=dtype, mode="c" if read_only else "r+",
                                          shape=(capacity, *shape))
             _advise_huge_pages(self.arrays[key])
         # plain ndarray views of the maps: slicing an np.memmap runs its Python-level

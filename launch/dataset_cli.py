@@ -41,7 +41,7 @@ def export_dataset_command_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``rlfleet export-dataset``."""
     parser.add_argument("source", metavar="BUFFER_PATH_OR_RUN_DIR",
                         help="a run directory, a buffer directory, or a sharded buffer's directory")
-    parser.add_argument("--format", required=True, metavar="{minari,hf}",
+    parser.add_argument("--format", required=True, choices=("minari", "hf"),
                         help="minari: a Minari dataset (HDF5, whole episodes); hf: a Hugging Face "
                              "`datasets` directory (Arrow shards, one row per transition)")
     parser.add_argument("out", metavar="OUT",
@@ -63,9 +63,10 @@ def export_dataset_command_arguments(parser: argparse.ArgumentParser) -> None:
                        help="require the running replay service: Ray tasks export each shard on its node")
     parser.add_argument("--address", metavar="ADDR",
                         help="the Ray cluster to look for the service on (default: RAY_ADDRESS; none: from disk)")
-    parser.add_argument("--task-per", default="node", metavar="{node,shard}",
+    parser.add_argument("--task-per", default="node", choices=("node", "shard"),
                         help="with the service: one Ray task per node (default) or per shard")
-    parser.add_argument("--plain", action="store_true", help="log lines instead of a progress bar")
+    parser.add_argument("--plain", action="store_true",
+                        help="no progress bar (one is drawn only when stderr is a terminal)")
     parser.epilog = EXPORT_EPILOG
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
 
@@ -111,7 +112,7 @@ def import_dataset_command_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a Minari dataset (directory, its data/ directory, or an id under "
                              "MINARI_DATASETS_PATH) or a Hugging Face save_to_disk directory")
     parser.add_argument("out", metavar="OUT_BUFFER", help="the buffer directory to create (absent or empty)")
-    parser.add_argument("--format", metavar="{minari,hf}", help="the dataset's format (default: told from DATASET)")
+    parser.add_argument("--format", choices=("minari", "hf"), help="the dataset's format (default: told from DATASET)")
     parser.add_argument("--capacity", metavar="ROWS_OR_SIZE",
                         help="the buffer's capacity, rows or a size such as 2GB (default: the dataset's rows)")
     parser.add_argument("--truncate", action="store_true",
@@ -125,6 +126,9 @@ def import_dataset_command(args: argparse.Namespace) -> int:
 
     from rlfleet.buffer import BufferFormatError, ReplayBuffer, SchemaMismatch
 
+    if args.chunk_rows < 1:
+        print(f"rlfleet import-dataset: --chunk-rows {args.chunk_rows}: must be >= 1", file=sys.stderr)
+        return 2
     capacity = args.capacity
     if capacity is not None and capacity.replace("_", "").isdigit():
         capacity = int(capacity.replace("_", ""))

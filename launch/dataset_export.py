@@ -53,12 +53,14 @@ from typing import Any
 from rlfleet.buffer import BufferFormatError
 from rlfleet.buffer.dataset_layout import DONE, EPISODE_ID, FORMATS, STEP, hf_features, require
 from rlfleet.buffer.dataset_layout import minari_schema_problem
-from rlfleet.buffer.episodes import INDEX_KEYS, EpisodeAssembler, EpisodeIndex, EpisodePlan
+from rlfleet.buffer.episodes import EpisodeAssembler, EpisodePlan
 from rlfleet.buffer.scan import BufferFiles, scan_shards
+from rlfleet.launch.dataset_service import ServiceRun, find_service, run_service
 from rlfleet.launch.dataset_spaces import spaces_for
-from rlfleet.launch.dataset_writers import HfWriter, MinariWriter, finish_hf, new_minari_storage
+from rlfleet.launch.dataset_writers import MinariWriter, PartCounts, PartSpec, finish_hf, finish_minari
+from rlfleet.launch.dataset_writers import index_shards, progress_bar, write_chunks
 
-__all__ = ["BufferSource", "ExportResult", "Progress", "export_dataset", "find_source"]
+__all__ = ["BufferSource", "ExportResult", "export_dataset", "find_source"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +71,9 @@ _SHARD = re.compile(r"shard-(\d+)")
 @dataclass
 class ExportResult:
     """What ``export_dataset`` did. ``cut``, ``unfinished`` and ``inconsistent`` are None
-    with ``all_rows`` (nothing is assembled then)."""
+    with ``all_rows`` (nothing is assembled then). ``evicted``: rows a live writer
+    overwrote before the export read them (their episodes are counted as ``missing``,
+    or, when gone before the first pass, not seen at all)."""
 
     out: str
     format: str
@@ -82,6 +86,7 @@ class ExportResult:
     missing: int
     seconds: float
     where: str
+    evicted: int = 0
     spaces: str = ""
     load: list[str] = field(default_factory=list)
 
@@ -135,33 +140,6 @@ def find_source(source: str | os.PathLike) -> BufferSource:
             f"buffer directories; pass a run directory, a buffer directory or a sharded buffer's directory"
         )
     return BufferSource(path, shards, env, seed, service, namespace)
-
-
-class Progress:
-    """A tqdm bar when tqdm is installed and ``show``, else a log line every 10 s."""
-
-    def __init__(self, total: int, desc: str, show: bool) -> None:
-        self.total, self.desc, self.done = total, desc, 0
-        self._bar, self._logged = None, time.monotonic()
-        if show:
-            try:
-                from tqdm import tqdm
-            except ImportError:
-                tqdm = None
-            if tqdm is not None:
-                self._bar = tqdm(total=total, desc=desc, unit="rows", unit_scale=True, leave=False)
-
-    def update(self, n: int) -> None:
-        self.done += n
-        if self._bar is not None:
-            self._bar.update(n)
-        elif time.monotonic() - self._logged >= 10.0:
-            self._logged = time.monotonic()
-            logger.info("%s: %d of %d rows", self.desc, self.done, self.total)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
 
 
 def _check_out(out: Path, format: str, dataset_id: str | None) -> str | None:
@@ -219,10 +197,11 @@ def export_dataset(
             shards' nodes); False: from disk here; None: the service when one is found.
         address: the Ray cluster to look for the service on (default ``RAY_ADDRESS``).
         task_per: with the service: one Ray task per ``"node"`` or per ``"shard"``.
-        progress: draw a progress bar (tqdm) or log progress lines.
+        progress: draw progress bars (tqdm) on stderr when it is a terminal.
 
     Raises:
-        ValueError: a bad format, option or dataset id; spaces that do not fit the rows.
+        ValueError: a bad format, option, ``chunk_rows`` or dataset id; spaces that do
+            not fit the rows.
         FileExistsError: ``out`` is not empty. FileNotFoundError / BufferFormatError:
             ``source`` holds no buffer. ModuleNotFoundError: the format's extra is missing.
     """
@@ -232,24 +211,35 @@ def export_dataset(
         raise ValueError("export-dataset: all_rows (--all-rows) is for format 'hf'; Minari datasets hold whole episodes")
     if task_per not in ("node", "shard"):
         raise ValueError(f"export-dataset: task_per={task_per!r}: choose 'node' or 'shard'")
+    if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1):
+        raise ValueError(f"export-dataset: chunk_rows={chunk_rows!r}: must be a positive int (rows read at a "
+                         f"time); pass e.g. 4096, or None for about 16 MB of rows")
     out = Path(out)
     dataset_id = _check_out(out, format, dataset_id)
     src = find_source(source)
-    from rlfleet.launch.dataset_service import find_service, run_service
-
-    service = None if use_service is False else find_service(src, address, required=bool(use_service))
+    service, why_not = (None, "") if use_service is False else find_service(src, address, required=bool(use_service))
     if service is None and not src.shards:
-        raise BufferFormatError(f"export-dataset: no buffer at {str(src.buffer_dir)!r} on this machine, and no "
-                                f"running replay service for it")
+        raise BufferFormatError(
+            f"export-dataset: no buffer at {str(src.buffer_dir)!r} on this machine, and no running replay service "
+            f"for it ({why_not or 'not looked for: --from-disk'}); run the export on the machine that holds the "
+            f"buffer, or pass --address (RAY_ADDRESS) of the cluster whose replay service runs it"
+        )
     files = [] if service is not None else [BufferFiles.open(p) for p in src.shards]
     try:
         schema = service.schema if service is not None else _one_schema(files)
         if schema is None:
-            raise ValueError(f"export-dataset: buffer {str(src.buffer_dir)!r} holds no rows; nothing to export")
-        job = _Job(src, files, format, out, schema, dataset_id, env, all_rows, chunk_rows, max_shard_size, progress)
+            raise ValueError(f"export-dataset: buffer {str(src.buffer_dir)!r} holds no rows; nothing to export "
+                             f"(export it once the run has written rows)")
+        job = _Export(src, format, out, schema, dataset_id, env, all_rows, chunk_rows, max_shard_size)
         created = not out.exists()
+        t0 = time.perf_counter()
         try:
-            return run_service(job, service, task_per) if service is not None else job.run_here()
+            if service is not None:
+                done = run_service(service, job.spec, task_per, progress)
+            else:
+                done = _run_here(job, files, progress)
+            job.finish(done.parts)
+            return job.result(done, time.perf_counter() - t0)
         except BaseException:
             shutil.rmtree(out, ignore_errors=True) if created else _empty(out)
             raise
@@ -264,7 +254,8 @@ def _one_schema(files: list[BufferFiles]) -> dict | None:
     schema = None
     for f in files:
         if f.schema is not None and schema is not None and f.schema != schema:
-            raise BufferFormatError(f"export-dataset: shards {files[0].path} and {f.path} store different keys or dtypes")
+            raise BufferFormatError(f"export-dataset: shards {files[0].path} and {f.path} store different keys or "
+                                    f"dtypes; export each shard directory on its own")
         schema = schema or f.schema
     return schema
 
@@ -274,48 +265,45 @@ def _empty(path: Path) -> None:
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
-class _Job:
-    """One export's settings and its writers (``export_dataset`` builds it)."""
+class _Export:
+    """One export's settings, checked (``export_dataset`` builds it): the parts' spec,
+    building ``out`` from the parts, and the result."""
 
-    def __init__(self, src: BufferSource, files: list[BufferFiles], format: str, out: Path, schema: dict,
-                 dataset_id: str | None, env: str | None, all_rows: bool, chunk_rows: int | None,
-                 max_shard_size: str | int, progress: bool) -> None:
-        self.src, self.files, self.format, self.out, self.schema = src, files, format, out, schema
-        self.dataset_id, self.all_rows, self.chunk_rows = dataset_id, all_rows, chunk_rows
-        self.max_shard_size, self.progress = max_shard_size, progress
+    def __init__(self, src: BufferSource, format: str, out: Path, schema: dict, dataset_id: str | None,
+                 env: str | None, all_rows: bool, chunk_rows: int | None, max_shard_size: str | int) -> None:
+        self.src, self.format, self.out, self.dataset_id = src, format, out, dataset_id
+        self.max_shard_size = max_shard_size
         self.parts_dir = out.parent / f".{out.name}.rlfleet-parts"
         self.space_note = ""
-        self.spaces: tuple[Any, Any, Any] | None = None
+        spaces = None
         if format == "minari":
             require("h5py")
             require("minari")
             problem = minari_schema_problem(schema)
             if problem:
                 raise ValueError(f"export-dataset: cannot write Minari episodes: {problem}")
-            obs, act, spec, self.space_note = spaces_for(src, env, schema)
-            self.spaces = (obs, act, spec)
+            obs, act, env_spec, self.space_note = spaces_for(src, env, schema)
+            spaces = (obs, act, env_spec)
         else:
             require("pyarrow")
             hf_features(schema)  # refuses a key part holding a "."
             if not all_rows and (EPISODE_ID not in schema or STEP not in schema or DONE not in schema):
                 raise ValueError("export-dataset: the buffer has no episode_id, step or next.done to find whole "
                                  "episodes by; pass --all-rows (all_rows=True) to export every row")
+        self.spec = PartSpec(format=format, schema=schema, parts_dir=str(self.parts_dir), chunk_rows=chunk_rows,
+                             all_rows=all_rows, spaces=spaces, description=f"rlfleet export of {src.buffer_dir}")
 
-    # ------------------------------------------------------------------ writers
-    def minari_storage(self, data_path: Path, dataset_id: str) -> Any:
-        obs, act, spec = self.spaces
-        return new_minari_storage(data_path, dataset_id, obs, act, spec,
-                                  description=f"rlfleet export of {self.src.buffer_dir}")
-
-    def new_writer(self, part: int) -> MinariWriter | HfWriter:
-        """The writer of part ``part`` (one per process or Ray task)."""
-        self.parts_dir.mkdir(parents=True, exist_ok=True)
+    def finish(self, parts: Sequence[int]) -> None:
+        """Build ``out`` from the parts ``parts`` (``PartSpec.part_writer``); none: the
+        Minari dataset was written into ``out`` directly."""
         if self.format == "hf":
-            return HfWriter(self.parts_dir / f"part-{part}.arrow", self.schema)
-        return MinariWriter(self.minari_storage(self.parts_dir / f"part-{part}" / "data", f"part-{part}-v0"))
+            finish_hf([self.parts_dir / f"part-{k}.arrow" for k in parts], self.out, self.max_shard_size)
+        elif parts:
+            storage = self.spec.minari_storage(self.out / "data", self.dataset_id)
+            finish_minari([self.parts_dir / f"part-{k}" / "data" for k in parts], storage)
 
-    def result(self, rows_read: int, rows: int, episodes: int, plan: EpisodePlan | None, inconsistent: int,
-               missing: int, seconds: float, where: str) -> ExportResult:
+    def result(self, done: ServiceRun, seconds: float) -> ExportResult:
+        plan, c = done.plan, done.counts
         counts = plan.counts if plan is not None else {}
         if self.format == "minari":
             root = self.out.resolve().as_posix()[: -len(self.dataset_id) - 1]
@@ -325,58 +313,31 @@ class _Job:
         else:
             load = [f"datasets.load_from_disk('{self.out.as_posix()}')"]
         return ExportResult(
-            out=str(self.out), format=self.format, rows_read=rows_read, rows_exported=rows, episodes=episodes,
-            cut=counts.get("cut"), unfinished=counts.get("unfinished"),
-            inconsistent=None if plan is None else counts.get("inconsistent", 0) + inconsistent,
-            missing=missing, seconds=seconds, where=where, spaces=self.space_note, load=load,
+            out=str(self.out), format=self.format, rows_read=c.rows_read, rows_exported=c.rows,
+            episodes=c.episodes, cut=counts.get("cut"), unfinished=counts.get("unfinished"),
+            inconsistent=None if plan is None else counts.get("inconsistent", 0) + c.inconsistent,
+            missing=c.missing, seconds=seconds, where=done.where, evicted=c.evicted, spaces=self.space_note,
+            load=load,
         )
 
-    def finish(self, writers_parts: Sequence[int]) -> None:
-        """Build ``out`` from the parts ``writers_parts`` wrote (``new_writer``)."""
-        if self.format == "hf":
-            finish_hf([self.parts_dir / f"part-{k}.arrow" for k in writers_parts], self.out, self.max_shard_size)
-            return
-        from rlfleet.launch.dataset_writers import finish_minari
 
-        storage = self.minari_storage(self.out / "data", self.dataset_id)
-        finish_minari([self.parts_dir / f"part-{k}" / "data" for k in writers_parts], storage)
-
-    # ------------------------------------------------------------------ from disk, here
-    def run_here(self) -> ExportResult:
-        t0 = time.perf_counter()
-        windows = [f.window() for f in self.files]
-        total = sum(max(0, e - s) for s, e in windows)
-        plan = None
-        if not self.all_rows:
-            bar = Progress(total, "indexing episodes", self.progress)
-            index = EpisodeIndex()
-            for chunk in scan_shards(self.files, keys=INDEX_KEYS, windows=windows, chunk_rows=1 << 16):
-                index.add(chunk.arrays[EPISODE_ID], chunk.arrays[STEP], chunk.arrays[DONE])
-                bar.update(len(chunk) + chunk.evicted)
-            bar.close()
-            plan = EpisodePlan.build([index.table()])
-        if self.format == "minari":
-            self.out.mkdir(parents=True, exist_ok=True)
-            writer = MinariWriter(self.minari_storage(self.out / "data", self.dataset_id))
-        else:
-            writer = self.new_writer(0)
-        assembler = None if plan is None else EpisodeAssembler(plan.ids, plan.lengths)
-        bar = Progress(total, f"exporting to {self.format}", self.progress)
-        rows_read = 0
-        for chunk in scan_shards(self.files, windows=windows, chunk_rows=self.chunk_rows):
-            rows_read += len(chunk)
-            bar.update(len(chunk) + chunk.evicted)
-            if assembler is None:
-                writer.add_rows(chunk.arrays)
-                continue
-            for episode in assembler.feed(chunk.arrays):
-                writer.add_episode(episode)
-        bar.close()
-        writer.close()
-        if self.format == "hf":
-            self.finish([0])
-        missing = assembler.finish() if assembler is not None else 0
-        inconsistent = (assembler.inconsistent if assembler else 0) + writer.inconsistent
-        rows = writer.steps if self.format == "minari" else writer.rows
-        return self.result(rows_read, rows, writer.episodes, plan, inconsistent, missing,
-                           time.perf_counter() - t0, f"from disk ({len(self.files)} shard(s), this process)")
+def _run_here(job: _Export, files: list[BufferFiles], progress: bool) -> ServiceRun:
+    """Both passes from disk, in this process, every shard interleaved."""
+    spec = job.spec
+    windows = [f.window() for f in files]
+    total = sum(max(0, e - s) for s, e in windows)
+    plan = None
+    if not spec.all_rows:
+        with progress_bar(total, "indexing episodes", "rows", progress) as bar:
+            plan = EpisodePlan.build([index_shards(files, windows, bar.update)])
+    if spec.format == "minari":
+        job.out.mkdir(parents=True, exist_ok=True)
+        writer, parts = MinariWriter(spec.minari_storage(job.out / "data", job.dataset_id)), []
+    else:
+        job.parts_dir.mkdir(parents=True, exist_ok=True)
+        writer, parts = spec.part_writer(0), [0]
+    assembler = None if plan is None else EpisodeAssembler(plan.ids, plan.lengths)
+    with progress_bar(total, f"exporting to {spec.format}", "rows", progress) as bar:
+        chunks = scan_shards(files, windows=windows, chunk_rows=spec.chunk_rows)
+        counts: PartCounts = write_chunks(chunks, writer, assembler, bar.update)
+    return ServiceRun(plan, counts, parts, f"from disk ({len(files)} shard(s), this process)")

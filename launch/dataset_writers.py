@@ -11,6 +11,12 @@
   here, record batches millions.
 - ``finish_minari`` merges Minari parts (one per Ray task of a parallel export) into
   one dataset, episode by episode.
+- ``index_shards`` (pass 1) and ``write_chunks`` (pass 2: chunks through an
+  ``EpisodeAssembler`` into a writer) are the two loops of an export, the same whether
+  it runs here from disk or in Ray tasks (``dataset_export``, ``dataset_service``);
+  ``PartSpec`` (picklable) says how to make the writer of each part, ``PartCounts``
+  what one wrote. A writer that fails is aborted: ``abort`` closes it and removes the
+  file it opened.
 
 What goes into the files (fields, infos, column names) is ``rlfleet.buffer.
 dataset_layout``'s, which ``ReplayBuffer.from_dataset`` reads back.
@@ -23,15 +29,20 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from rlfleet.buffer.dataset_layout import EpisodeMismatch, episode_to_minari, hf_features, require, rows_to_arrow
+from rlfleet.buffer.dataset_layout import DONE, EPISODE_ID, STEP, EpisodeMismatch, episode_to_minari, hf_features
+from rlfleet.buffer.dataset_layout import require, rows_to_arrow
+from rlfleet.buffer.episodes import INDEX_KEYS, EpisodeAssembler, EpisodeIndex
+from rlfleet.buffer.scan import BufferFiles, Chunk, scan_shards
 
-__all__ = ["BATCH_BYTES", "HfWriter", "MinariWriter", "finish_hf", "finish_minari", "new_minari_storage"]
+__all__ = ["BATCH_BYTES", "HfWriter", "MinariWriter", "PartCounts", "PartSpec", "finish_hf", "finish_minari",
+           "index_shards", "new_minari_storage", "progress_bar", "write_chunks"]
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +115,10 @@ class MinariWriter:
             self.storage.update_episodes(self._batch)
             self._batch, self._held = [], 0
 
+    def abort(self) -> None:
+        """Drop the queued episodes (a failed export; its caller removes the storage)."""
+        self._batch, self._held = [], 0
+
     def close(self) -> None:
         self.flush()
         if not self.episodes:
@@ -157,6 +172,129 @@ class HfWriter:
         self.flush()
         self._writer.finalize()
         self._writer.close()
+
+    def abort(self) -> None:
+        """Close the part file unfinished and remove it (a failed export)."""
+        self._batch, self._held = [], 0
+        try:
+            self._writer.close()
+        finally:
+            self.path.unlink(missing_ok=True)
+
+
+Writer = MinariWriter | HfWriter
+
+
+@dataclass(frozen=True)
+class PartSpec:
+    """How to write the parts of one export (picklable: Ray tasks get it).
+
+    Attributes:
+        format: ``"minari"`` or ``"hf"``.
+        schema: the buffer's ``{key path: (shape, dtype)}``.
+        parts_dir: where part ``k`` goes (``part-<k>.arrow``, ``part-<k>/data``).
+        chunk_rows: rows read at a time (None: about 16 MB).
+        all_rows: every row, not only whole episodes (Hugging Face).
+        spaces: Minari: ``(observation space, action space, env spec)``.
+        description: Minari: the dataset's description.
+    """
+
+    format: str
+    schema: dict
+    parts_dir: str
+    chunk_rows: int | None
+    all_rows: bool
+    spaces: tuple[Any, Any, Any] | None = None
+    description: str | None = None
+
+    def minari_storage(self, data_path: Path, dataset_id: str) -> Any:
+        obs, act, env_spec = self.spaces
+        return new_minari_storage(data_path, dataset_id, obs, act, env_spec, description=self.description)
+
+    def part_writer(self, part: int) -> Writer:
+        """The writer of part ``part`` (one per process or Ray task)."""
+        parts = Path(self.parts_dir)
+        if self.format == "hf":
+            return HfWriter(parts / f"part-{part}.arrow", self.schema)
+        return MinariWriter(self.minari_storage(parts / f"part-{part}" / "data", f"part-{part}-v0"))
+
+
+@dataclass
+class PartCounts:
+    """What writing one part did; ``+`` adds two up.
+
+    Attributes:
+        rows_read: rows read from the buffer. rows: rows (steps) written.
+        episodes: whole episodes written. missing: planned episodes whose rows never all
+        arrived. inconsistent: planned episodes refused. evicted: rows a live writer
+        overwrote before the scan read them.
+    """
+
+    rows_read: int = 0
+    rows: int = 0
+    episodes: int = 0
+    missing: int = 0
+    inconsistent: int = 0
+    evicted: int = 0
+
+    def __add__(self, other: "PartCounts") -> "PartCounts":
+        return PartCounts(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
+
+
+def index_shards(files: Sequence[BufferFiles], windows: Sequence[tuple[int, int]],
+                 on_rows: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
+    """Pass 1 over ``files`` (their ``windows``): the ``EpisodeIndex`` table of the
+    episodes they hold. ``on_rows(n)`` after each chunk (rows of the window covered)."""
+    index = EpisodeIndex()
+    for chunk in scan_shards(files, keys=INDEX_KEYS, windows=windows, chunk_rows=1 << 16):
+        index.add(chunk.arrays[EPISODE_ID], chunk.arrays[STEP], chunk.arrays[DONE])
+        if on_rows is not None:
+            on_rows(len(chunk) + chunk.evicted)
+    return index.table()
+
+
+def write_chunks(chunks: Iterable[Chunk], writer: Writer, assembler: EpisodeAssembler | None,
+                 on_rows: Callable[[int], None] | None = None) -> PartCounts:
+    """Pass 2: the chunks' rows into ``writer``, through ``assembler`` (whole episodes)
+    or, when None, every row. Closes the writer; aborts it when anything fails.
+    ``on_rows(n)`` after each chunk (rows of the window covered)."""
+    counts = PartCounts()
+    try:
+        for chunk in chunks:
+            counts.rows_read += len(chunk)
+            counts.evicted += chunk.evicted
+            if on_rows is not None:
+                on_rows(len(chunk) + chunk.evicted)
+            if assembler is None:
+                writer.add_rows(chunk.arrays)
+                continue
+            for episode in assembler.feed(chunk.arrays):
+                writer.add_episode(episode)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    counts.missing = assembler.finish() if assembler is not None else 0
+    counts.rows = writer.steps if isinstance(writer, MinariWriter) else writer.rows
+    counts.episodes = writer.episodes
+    counts.inconsistent = writer.inconsistent + (assembler.inconsistent if assembler is not None else 0)
+    return counts
+
+
+def progress_bar(total: int, desc: str, unit: str, show: bool) -> Any:
+    """A tqdm bar on stderr (``update(n)``, a context manager), drawn only when ``show``
+    and stderr is a terminal (tqdm's ``disable=None``); without tqdm, none is drawn."""
+    try:
+        from tqdm import tqdm
+    except ImportError:  # the extras that exports need all pull tqdm in
+        import contextlib
+
+        class _NoBar(contextlib.nullcontext):
+            def update(self, n: int = 1) -> None:
+                pass
+
+        return _NoBar()
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, leave=False, disable=None if show else True)
 
 
 def finish_hf(parts: Iterable[Path], out: Path, max_shard_size: str | int) -> int:

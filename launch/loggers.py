@@ -220,10 +220,13 @@ class WandbLogger:
             self.run.define_metric("frames")
             self.run.define_metric("*", step_metric="frames")
         except Exception as e:
+            auth = isinstance(e, getattr(wandb.errors, "AuthenticationError", ())) or "api key" in str(e).lower()
+            fix = ("log in with `wandb login` (or set WANDB_API_KEY), or set run.wandb.mode=offline to write "
+                   "locally only") if auth else ("check run.wandb (project, entity) and the wandb version "
+                                                  "(rlfleet needs wandb>=0.19.10), or set run.wandb.mode=offline")
             raise LoggerError(
                 f"run.loggers: wandb.init failed (run.wandb.mode={settings.mode}, "
-                f"project={settings.project!r}): {type(e).__name__}: {str(e).rstrip('.')}; log in with `wandb login` "
-                "(or set WANDB_API_KEY), or set run.wandb.mode=offline to write locally only"
+                f"project={settings.project!r}): {type(e).__name__}: {str(e).rstrip('.')}; {fix}"
             ) from e
         self.next_step = records_before
         if settings.mode == "offline":

@@ -165,10 +165,18 @@ class RunDir:
         return load_config(self.config_path, overrides)
 
     def append_metrics(self, record: dict[str, Any]) -> None:
-        """Append one JSON line to ``metrics.jsonl`` (thread-safe)."""
+        """Append one JSON line to ``metrics.jsonl`` (thread-safe).
+
+        A line torn by a killed session (no newline at the end of the file) is ended
+        first, so the new record starts a line of its own and stays readable."""
         line = json.dumps(_json_safe(record), sort_keys=False)
-        with self._lock, open(self.metrics_path, "a") as f:
-            f.write(line + "\n")
+        with self._lock, open(self.metrics_path, "a+b") as f:
+            f.seek(0, 2)
+            if f.tell() > 0:
+                f.seek(-1, 2)
+                if f.read(1) != b"\n":
+                    line = "\n" + line
+            f.write((line + "\n").encode())
 
     def read_metrics(self) -> list[dict[str, Any]]:
         """All metrics records, oldest first; a torn last line (a killed run) is skipped."""

@@ -241,9 +241,12 @@ class Session:
         if self.progress is not None:
             self.progress(record)
 
-    def _buffer_numbers(self) -> dict[str, int]:
-        """Rows in the buffer, and shard restarts seen so far (a shard answering from a
-        new process). ``stats`` never raises: a shard that does not answer is left out."""
+    def _buffer_numbers(self) -> dict[str, float]:
+        """Rows in the buffer and its fill, the rate limiter's waits so far (seconds the
+        collectors' inserts and the learners' samples were held, summed over shards),
+        priority updates skipped (overwritten rows), and shard restarts seen so far (a
+        shard answering from a new process). ``stats`` never raises: a shard that does
+        not answer is left out."""
         if self.client is None:
             return {"buffer/size": 0, "buffer/restarts": self.shard_restarts}
         stats = self.client.stats()
@@ -255,7 +258,15 @@ class Session:
                 self.shard_restarts += 1
                 logger.warning("replay shard %d was restarted (its committed rows are kept)", k)
             self.shard_pids[k] = pid
-        return {"buffer/size": int(stats["total"]["size"]), "buffer/restarts": self.shard_restarts}
+        total, limiter = stats["total"], stats["total"]["rate_limiter"]
+        return {
+            "buffer/size": int(total["size"]),
+            "buffer/fill": total["size"] / total["capacity"] if total["capacity"] else 0.0,
+            "buffer/insert_wait_s": float(limiter["insert_wait_s"]),
+            "buffer/sample_wait_s": float(limiter["sample_wait_s"]),
+            "buffer/priority_updates_skipped": int(total["priority_updates_skipped"]),
+            "buffer/restarts": self.shard_restarts,
+        }
 
     def finish(self, observation_space: Any, action_space: Any) -> dict[str, Any]:
         """Stop what was started, write the run's files; logs (never raises) on cleanup errors.

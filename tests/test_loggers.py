@@ -121,7 +121,9 @@ def test_tensorboard_holds_every_number_of_every_record_at_its_frames(logged_run
         for key, value in _numeric(record).items():
             # TensorBoard stores a scalar as float32
             expected.setdefault(key, []).append((record["frames"], float(np.float32(value))))
-    assert {"frames", "frames_per_s", "return_mean", "buffer/size", "learner/loss", "learner/policy_lag"} <= set(expected)
+    assert {"frames", "frames_per_s", "return_mean", "buffer/size", "buffer/fill", "buffer/insert_wait_s",
+            "buffer/sample_wait_s", "buffer/priority_updates_skipped", "learner/loss",
+            "learner/policy_lag"} <= set(expected)
 
     acc = ea.EventAccumulator(str(run_dir / "tensorboard"), size_guidance={ea.SCALARS: 0, ea.TENSORS: 0})
     acc.Reload()
@@ -266,3 +268,49 @@ def test_a_failing_logger_is_dropped_and_metrics_jsonl_keeps_every_record(tmp_pa
     acc = ea.EventAccumulator(str(run_dir.tensorboard_dir))
     acc.Reload()
     assert [e.step for e in acc.Scalars("frames")] == [0, 100, 200]  # the others go on
+
+
+WITHOUT_EXTRAS = r'''
+import sys, tempfile
+for name in ("wandb", "tensorboard", "torch.utils.tensorboard", "tensorboardX"):
+    sys.modules[name] = None  # as if not installed: importing it raises ImportError
+import rlfleet.launch.cli, rlfleet.launch.job, rlfleet.launch.session  # nothing imports them eagerly
+from rlfleet.launch.config import RunConfig, apply_overrides
+from rlfleet.launch.loggers import LoggerError, open_loggers
+from rlfleet.launch.preflight import check_loggers
+from rlfleet.launch.rundir import RunDir
+config = RunConfig()
+check_loggers(config)
+run_dir = RunDir.create(tempfile.mkdtemp(), "plain")
+loggers = open_loggers(config, run_dir, frames_before=0, records_before=0)
+loggers.write({"frames": 1, "fps": 2.0})
+loggers.close(failed=False)
+for name in ("tensorboard", "wandb"):
+    try:
+        check_loggers(apply_overrides(config, [f"run.loggers=[{name}]"]))
+    except LoggerError as e:
+        print(e)
+'''
+
+
+def test_a_run_without_the_logger_extras_installed_needs_none_and_says_which_to_install():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", WITHOUT_EXTRAS], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith("run.loggers includes 'tensorboard' but the tensorboard package is not installed: "
+                               'pip install "rlfleet[tensorboard]" (import torch.utils.tensorboard failed')
+    assert lines[1].startswith("run.loggers includes 'wandb' but the wandb package is not installed: "
+                               'pip install "rlfleet[wandb]" (import wandb failed')
+
+
+def test_a_record_after_a_torn_metrics_line_starts_a_line_of_its_own(tmp_path):
+    run_dir = RunDir.create(tmp_path, "torn")
+    run_dir.append_metrics({"frames": 1})
+    with open(run_dir.metrics_path, "a") as f:
+        f.write('{"frames": 2, "fp')  # a session killed mid-write
+    run_dir.append_metrics({"frames": 3})
+    assert [r["frames"] for r in run_dir.read_metrics()] == [1, 3]
