@@ -258,15 +258,18 @@ class Session:
                 self.shard_restarts += 1
                 logger.warning("replay shard %d was restarted (its committed rows are kept)", k)
             self.shard_pids[k] = pid
-        total, limiter = stats["total"], stats["total"]["rate_limiter"]
-        return {
-            "buffer/size": int(total["size"]),
-            "buffer/fill": total["size"] / total["capacity"] if total["capacity"] else 0.0,
-            "buffer/insert_wait_s": float(limiter["insert_wait_s"]),
-            "buffer/sample_wait_s": float(limiter["sample_wait_s"]),
-            "buffer/priority_updates_skipped": int(total["priority_updates_skipped"]),
-            "buffer/restarts": self.shard_restarts,
-        }
+        # rlfleet's client reports all of these; a client that reports only sizes gives only the size
+        total = stats["total"]
+        limiter = total.get("rate_limiter", {})
+        numbers = {"buffer/size": int(total["size"]), "buffer/restarts": self.shard_restarts}
+        if total.get("capacity"):
+            numbers["buffer/fill"] = total["size"] / total["capacity"]
+        for key in ("insert_wait_s", "sample_wait_s"):
+            if key in limiter:
+                numbers[f"buffer/{key}"] = float(limiter[key])
+        if "priority_updates_skipped" in total:
+            numbers["buffer/priority_updates_skipped"] = int(total["priority_updates_skipped"])
+        return numbers
 
     def finish(self, observation_space: Any, action_space: Any) -> dict[str, Any]:
         """Stop what was started, write the run's files; logs (never raises) on cleanup errors.
