@@ -74,6 +74,11 @@ class TokenCluster:
             dashboard_port = free_port()
             self.dashboard_url = f"http://127.0.0.1:{dashboard_port}"
             args += ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}"]
+            # The agents' fixed default ports (52365, ...) are taken when this session's
+            # own Ray runs: an agent that cannot bind dies, and the job server then says
+            # "No available agent" to every submission.
+            args += [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+                     f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
         else:
             args += ["--include-dashboard=false"]
         self.proc = subprocess.Popen(args, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
