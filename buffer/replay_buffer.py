@@ -213,7 +213,8 @@ class ReplayBuffer:
         self._capacity = columns.capacity
         self._columns = columns
         self._reader = RowReader(window, columns.views, columns.capacity, self._tag,
-                                 beta=getattr(self._sampler, "beta", None))
+                                 beta=getattr(self._sampler, "beta", None),
+                                 n_step=self._sampler.spec.get("n_step"))
         self._schema = schema
         columns.reserved = min(self._capacity, window.end)
 

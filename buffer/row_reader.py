@@ -23,6 +23,7 @@ import numpy as np
 
 from rlfleet.buffer.arrays import positions
 from rlfleet.buffer.indices import with_tag
+from rlfleet.buffer.nstep import DISCOUNT_KEY, REWARD_KEY, NStep
 from rlfleet.buffer.window import MAX_REDRAWS, Window
 
 __all__ = ["RowReader", "importance_weights"]
@@ -51,21 +52,26 @@ class RowReader:
         capacity: rows the ring holds (row ``i`` lives in slot ``i % capacity``).
         tag: the buffer's index tag (``indices``).
         beta: the prioritized sampler's importance exponent; None for other samplers.
+        n_step: the sampler's ``{"n": n, "gamma": g}``: samples are n-step transitions
+            (``nstep``); None: the stored one-step rows.
     """
 
     def __init__(self, window: Window, views: Mapping[tuple[str, ...], np.ndarray], capacity: int,
-                 tag: int, *, beta: float | None = None) -> None:
+                 tag: int, *, beta: float | None = None, n_step: Mapping[str, Any] | None = None) -> None:
         self.window = window
         self.beta = beta
         self.views = dict(views)
         self.capacity = capacity
         self._tag_bits = with_tag(np.int64(0), tag)
         self._layout = [(key, v, v.shape[1:], v.dtype) for key, v in self.views.items()]
+        self.nstep = None if n_step is None else NStep(n_step["n"], n_step["gamma"], self.views, capacity)
 
     def out_layout(self, lead: tuple[int, ...]) -> dict[tuple[str, ...], tuple[tuple[int, ...], np.dtype]]:
         """What a sample with batch dims ``lead`` holds: ``{key: (shape, dtype)}``."""
         layout = {key: ((*lead, *row_shape), dtype) for key, _, row_shape, dtype in self._layout}
         layout[("index",)] = (lead, np.dtype(np.int64))
+        if self.nstep is not None:
+            layout[DISCOUNT_KEY] = ((*lead, *self.views[REWARD_KEY].shape[1:]), np.dtype(np.float32))
         if self.beta is not None:
             layout[("weight",)] = (lead, np.dtype(np.float32))
         return layout
@@ -117,11 +123,10 @@ class RowReader:
         """``n`` rows plus ``("index",)``, and the sampling mass of each row (float64
         ``[n]``, prioritized sampler) or None."""
         window = self.window
-        if window.sampler.rejects:
-            idx, mass, _, _, drawn_start = window.draw_accepted(n, self.read_column)
-        else:  # the common case, a call less
-            idx, mass, _, _, drawn_start = window.draw(n)
+        idx, mass, k, drawn_start = self._draw(n)
         out = self.gather(idx, into)
+        if k is not None:
+            self.nstep.rebuild(idx, k, out)
         first_col = idx if idx.ndim == 1 else idx[:, 0]
         lock = window.lock
         for _ in range(MAX_REDRAWS):
@@ -133,10 +138,12 @@ class RowReader:
                 break
             stale = first_col < start_now
             # rows overwritten while we copied them: their copy may be torn, redraw
-            k = int(stale.sum())
-            new_idx, new_mass, _, _, _ = window.draw_accepted(k, self.read_column)
+            count = int(stale.sum())
+            new_idx, new_mass, new_k, _ = self._draw(count)
             fresh = self.gather(new_idx)
-            for key in out:
+            if new_k is not None:
+                self.nstep.rebuild(new_idx, new_k, fresh)
+            for key in fresh:  # not `out`: a caller's batch (into) also holds index and weight
                 out[key][stale] = fresh[key]
             idx[stale] = new_idx
             first_col = idx if idx.ndim == 1 else idx[:, 0]
@@ -157,3 +164,33 @@ class RowReader:
         with lock:
             window.samples += n
         return out, mass
+
+    def _draw(self, n: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, int]:
+        """Counters of ``n`` rows the sampler accepts, their masses, their n-step window
+        lengths (None without ``n_step``) and the window start of the draw."""
+        window = self.window
+        if window.sampler.rejects:
+            idx, mass, _, _, drawn_start = window.draw_accepted(n, self.read_column)
+        else:  # the common case, a call less
+            idx, mass, _, _, drawn_start = window.draw(n)
+        if self.nstep is None:
+            return idx, mass, None, drawn_start
+        # Rows whose n-step window is not complete (the episode goes on past the write
+        # cursor, or its next rows lie elsewhere) are drawn again.
+        for _ in range(MAX_REDRAWS):
+            with window.lock:
+                end = window.end
+            complete, k = self.nstep.windows(idx, end)
+            bad = ~complete if complete.ndim == 1 else ~complete.all(axis=1)
+            redo = int(bad.sum())
+            if not redo:
+                return idx, mass, k, drawn_start
+            new_idx, new_mass, _, _, _ = window.draw_accepted(redo, self.read_column)
+            idx[bad] = new_idx
+            if mass is not None:
+                mass[bad] = new_mass
+        raise ValueError(
+            f"sample: found no rows with a complete {self.nstep.n}-step window in {MAX_REDRAWS} "
+            f"redraws: each needs the next {self.nstep.n - 1} rows of its episode stored after it "
+            f"(or its episode's end); insert more rows or use a smaller n_step"
+        )

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from rlfleet.buffer.nstep import NStep
 from rlfleet.buffer.priorities import split_update
 from rlfleet.buffer.sequence_kernels import pick_slices
 from rlfleet.buffer.sumtree import SumTree
@@ -68,6 +69,8 @@ class Sampler:
 
     def check_schema(self, schema: Mapping[tuple[str, ...], Any]) -> None:
         """Raise ``ValueError`` if the schema lacks what this sampler reads."""
+        if self.spec.get("n_step") is not None:
+            NStep.check_schema(schema, self.spec["n_step"]["n"])
 
     def evict(self, old_start: int, new_start: int) -> None:
         """Indices ``[old_start, new_start)`` are leaving the window (about to be overwritten)."""
@@ -277,6 +280,7 @@ class SequenceSampler(Sampler):
                         keys.index(EPISODE_KEY), keys.index(STEP_KEY))
 
     def check_schema(self, schema: Mapping[tuple[str, ...], Any]) -> None:
+        super().check_schema(schema)
         for key in (EPISODE_KEY, STEP_KEY):
             if key not in schema:
                 raise ValueError(

@@ -18,7 +18,7 @@ __all__ = ["CollectorConfig", "EnvConfig", "ExplorationConfig", "PolicyConfig"]
 
 VECTORIZATIONS = ("sync", "async")
 EXPLORATIONS = ("epsilon_greedy", "gaussian", "sample", "greedy")
-POLICY_TYPES = ("mlp", "cnn")
+POLICY_TYPES = ("mlp", "cnn", "nature_cnn")
 
 
 def _check_int(owner: str, name: str, value: Any, minimum: int) -> None:
@@ -178,7 +178,8 @@ class PolicyConfig:
     Attributes:
         type: ``"mlp"``: an MLP on 1-D observations, or a small CNN encoder followed by
             the MLP on ``[C, H, W]`` uint8 image observations. ``"cnn"``: the same, but
-            insists on image observations. ``"package.module:factory"``: a network of
+            insists on image observations. ``"nature_cnn"``: the Nature-DQN encoder (the
+            usual one for Atari, images of at least 36x36). ``"package.module:factory"``: a network of
             your own, ``factory(observation_space, action_space, **kwargs) -> nn.Module``
             (see ``rlfleet.collector.user_policy`` for what it must return).
         hidden: Widths of the MLP's hidden layers (built-in types; SAC's critics use

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import importlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -63,6 +64,8 @@ def _env_factory(env_id: str, kwargs: Mapping[str, Any]) -> Callable[[], gymnasi
             f"{attr!r} was registered by importing it"
         )
     if env_id not in gymnasium.registry:
+        _register_namespace(env_id)
+    if env_id not in gymnasium.registry:
         by_lower = {name.lower(): name for name in gymnasium.registry}
         close = [by_lower[m] for m in difflib.get_close_matches(env_id.lower(), list(by_lower), n=5, cutoff=0.5)]
         hint = f"close matches: {close}" if close else "no close match among registered ids"
@@ -71,6 +74,25 @@ def _env_factory(env_id: str, kwargs: Mapping[str, Any]) -> Callable[[], gymnasi
             "or 'package.module:callable'"
         )
     return functools.partial(gymnasium.make, env_id, **kwargs)
+
+
+# Env namespaces whose ids a package registers when imported: ``ALE/Pong-v5`` works as
+# it is (gymnasium's own ``"ale_py:ALE/Pong-v5"`` form does too).
+NAMESPACE_PACKAGES = {"ALE": ("ale_py", "atari")}
+
+
+def _register_namespace(env_id: str) -> None:
+    namespace = env_id.partition("/")[0] if "/" in env_id else None
+    if namespace not in NAMESPACE_PACKAGES:
+        return
+    module, extra = NAMESPACE_PACKAGES[namespace]
+    try:
+        gymnasium.register_envs(importlib.import_module(module))
+    except ImportError as e:
+        raise ValueError(
+            f"env.id {env_id!r} needs the {module} package, which does not import ({e}); "
+            f'install it with: pip install "rlfleet[{extra}]"'
+        ) from None
 
 
 def _wrapper(spec: str | Mapping[str, Any], index: int) -> Callable[[gymnasium.Env], gymnasium.Env]:

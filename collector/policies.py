@@ -71,24 +71,30 @@ class _ToUnitFloat(nn.Module):
 
 
 class _ImageEncoder(nn.Module):
-    """``[B, C, H, W]`` uint8 images -> float32 ``[B, F]``: three stride-2 3x3 convs.
+    """``[B, C, H, W]`` uint8 images -> float32 ``[B, F]``.
 
-    Stride-2 3x3 convolutions with padding work for any image size (the Nature-DQN
-    8x8/stride-4 stack needs at least 36x36), which keeps small test images usable.
+    ``nature=False`` (``policy.type: cnn``): three stride-2 3x3 convolutions with padding,
+    which work for any image size and keep small test images usable. ``nature=True``
+    (``policy.type: nature_cnn``): the Nature-DQN stack (Mnih et al. 2015: 32 8x8/4, 64
+    4x4/2, 64 3x3/1), the usual Atari encoder, for images of at least 36x36.
     """
 
-    def __init__(self, obs_shape: tuple[int, ...]) -> None:
+    def __init__(self, obs_shape: tuple[int, ...], *, nature: bool = False) -> None:
         super().__init__()
         channels = int(obs_shape[0])
-        self.convs = nn.Sequential(
-            nn.Conv2d(channels, 16, 3, stride=2, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(16, 32, 3, stride=2, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(32, 32, 3, stride=2, padding=1),
-            nn.ReLU(),
-            nn.Flatten(),
-        )
+        if nature:
+            if min(obs_shape[1:]) < 36:
+                raise ValueError(
+                    f"build_policy: policy.type 'nature_cnn' needs images of at least 36x36, got "
+                    f"{list(obs_shape)}; use policy.type 'cnn' for small images"
+                )
+            layers = [nn.Conv2d(channels, 32, 8, stride=4), nn.ReLU(), nn.Conv2d(32, 64, 4, stride=2), nn.ReLU(),
+                      nn.Conv2d(64, 64, 3, stride=1), nn.ReLU()]
+        else:
+            layers = [nn.Conv2d(channels, 16, 3, stride=2, padding=1), nn.ReLU(),
+                      nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(),
+                      nn.Conv2d(32, 32, 3, stride=2, padding=1), nn.ReLU()]
+        self.convs = nn.Sequential(*layers, nn.Flatten())
         self._scale = _ToUnitFloat()
         with torch.no_grad():
             self.out_dim = int(self.convs(torch.zeros(1, *obs_shape)).shape[1])
@@ -253,10 +259,10 @@ def _encoder(policy: PolicyConfig, space: gymnasium.Space) -> nn.Module:
                 f"build_policy: image observation shape {shape} looks channels-last [H, W, C]; "
                 "the CNN takes [C, H, W]: transpose the observation with a wrapper"
             )
-        return _ImageEncoder(tuple(int(d) for d in shape))
-    if policy.type == "cnn":
+        return _ImageEncoder(tuple(int(d) for d in shape), nature=policy.type == "nature_cnn")
+    if policy.type in ("cnn", "nature_cnn"):
         raise ValueError(
-            f"build_policy: policy.type 'cnn' needs [C, H, W] uint8 image observations, got "
+            f"build_policy: policy.type {policy.type!r} needs [C, H, W] uint8 image observations, got "
             f"{space}; use policy.type 'mlp' for vector observations"
         )
     if len(shape) == 1:

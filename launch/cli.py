@@ -103,6 +103,7 @@ def run_command(args: argparse.Namespace) -> int:
     from rlfleet.launch.config import ConfigError, load_config
     from rlfleet.launch.progress import Progress
     from rlfleet.launch import run
+    from rlfleet.launch.job import RunTerminated
     from rlfleet.launch.rundir import RunDir
 
     overrides = list(args.overrides)
@@ -129,6 +130,9 @@ def run_command(args: argparse.Namespace) -> int:
     try:
         with display.keep_logs_apart():
             result = run(config, resume=args.resume, progress=display.update)
+    except RunTerminated as stopped:  # SIGTERM (`ray job stop`): show how the run ended, then exit
+        display.summary(RunDir(stopped.result.run_dir).read_summary() or dataclasses.asdict(stopped.result))
+        raise
     except (ValueError, OSError, TimeoutError, RuntimeError) as e:
         display.close_line()
         logger.debug("run failed", exc_info=True)

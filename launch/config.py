@@ -34,7 +34,7 @@ import yaml
 from rlfleet.buffer import DEFAULT_NAMESPACE, check_name, check_namespace
 from rlfleet.buffer.capacity import parse_capacity
 from rlfleet.buffer.rate_limiter import RateLimiterSpec
-from rlfleet.buffer.sampling import check_sampler
+from rlfleet.buffer.sampling import check_n_step, check_sampler
 from rlfleet.collector.config import CollectorConfig, EnvConfig, ExplorationConfig, PolicyConfig
 from rlfleet.launch.config_loader import ConfigError, apply_overrides, build, check_choices, parse_yaml
 
@@ -143,6 +143,23 @@ class RayConfig:
 
 
 @dataclass(frozen=True)
+class NStepConfig:
+    """n-step transitions rebuilt at sample time (``rlfleet.buffer.nstep``).
+
+    Attributes:
+        n: steps per transition (fewer where the episode ends sooner).
+        gamma: discount of the summed rewards and of ``next.discount``; null: ``learner.gamma``.
+    """
+
+    n: int = 3
+    gamma: float | None = None
+
+    def __post_init__(self) -> None:
+        _checked_by(check_n_step, {"n": self.n, "gamma": 0.99 if self.gamma is None else self.gamma},
+                    words=("sampler n_step ", ""))
+
+
+@dataclass(frozen=True)
 class SamplerConfig:
     """How learners draw rows. Written ``{type: prioritized, alpha: 0.6}`` or just ``uniform``.
 
@@ -153,12 +170,15 @@ class SamplerConfig:
         alpha: priority exponent (prioritized only).
         beta: importance-weight exponent (prioritized only).
         length: rows per slice (sequence only).
+        n_step: ``{n: 3, gamma: 0.99}``: every sample is an n-step transition (any type;
+            the learner bootstraps with its ``next.discount``); null: one-step rows.
     """
 
     type: Literal["uniform", "without_replacement", "prioritized", "sequence"] = "uniform"
     alpha: float = 0.6
     beta: float = 0.4
     length: int = 8
+    n_step: NStepConfig | None = None
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -173,10 +193,14 @@ class SamplerConfig:
         Only the parameters of the chosen type are included.
         """
         if self.type == "prioritized":
-            return {"type": "prioritized", "alpha": self.alpha, "beta": self.beta}
-        if self.type == "sequence":
-            return {"type": "sequence", "length": self.length}
-        return {"type": self.type}
+            out: dict[str, Any] = {"type": "prioritized", "alpha": self.alpha, "beta": self.beta}
+        elif self.type == "sequence":
+            out = {"type": "sequence", "length": self.length}
+        else:
+            out = {"type": self.type}
+        if self.n_step is not None:  # gamma is filled from learner.gamma by RunConfig
+            out["n_step"] = {"n": self.n_step.n, "gamma": self.n_step.gamma}
+        return out
 
 
 @dataclass(frozen=True)
@@ -421,10 +445,26 @@ class RunConfig:
         _checked_by(lambda: check_name(self.name, argument="name"))
         n_step = self.learner.n_step
         sampler = self.buffer.sampler
-        if n_step > 1 and (sampler.type != "sequence" or sampler.length != n_step):
+        if sampler.n_step is not None:
+            if n_step > 1:
+                raise ConfigError(
+                    f"learner.n_step: {n_step} and buffer.sampler.n_step both ask for n-step returns; "
+                    f"keep buffer.sampler.n_step (rebuilt at sample time, any sampler) and set learner.n_step: 1"
+                )
+            gamma = sampler.n_step.gamma
+            if gamma is None:  # the learner's discount
+                object.__setattr__(sampler.n_step, "gamma", float(self.learner.gamma))
+            elif gamma != self.learner.gamma:
+                raise ConfigError(
+                    f"buffer.sampler.n_step.gamma: {gamma} differs from learner.gamma: {self.learner.gamma}; "
+                    f"the rewards would be summed with one discount and bootstrapped with the other: leave "
+                    f"n_step.gamma out (it takes learner.gamma) or make them equal"
+                )
+        elif n_step > 1 and (sampler.type != "sequence" or sampler.length != n_step):
             raise ConfigError(
                 f"learner.n_step: {n_step} needs slices of {n_step} rows, but buffer.sampler is "
-                f"{sampler.to_mapping()}; set buffer.sampler to {{type: sequence, length: {n_step}}}"
+                f"{sampler.to_mapping()}; set buffer.sampler.n_step: {{n: {n_step}}} (n-step rebuilt at "
+                f"sample time, with any sampler) or buffer.sampler to {{type: sequence, length: {n_step}}}"
             )
 
 

@@ -79,9 +79,15 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             if type(None) in args:
                 return None
             raise _bad_type(path, tp, value)
-        for arg in args:
-            if arg is type(None):
-                continue
+        options = [arg for arg in args if arg is not type(None)]
+        if len(options) == 1:  # X | None: X's own message (an unknown key, a value out of range)
+            try:
+                return _coerce(value, options[0], path)
+            except ConfigError as e:
+                if str(e).startswith(f"{path}: expected "):  # not an X at all: name both choices
+                    raise _bad_type(path, tp, value) from None
+                raise
+        for arg in options:
             try:
                 return _coerce(value, arg, path)
             except ConfigError:

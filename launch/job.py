@@ -103,6 +103,17 @@ class RunResult:
     policy_path: Path | None = None
 
 
+class RunTerminated(SystemExit):
+    """SIGTERM ended a run (``ray job stop``, a scheduler, ``kill``): raised by ``run``
+    after the run finished cleanly and wrote its summary, so the process still exits as
+    the signal asked. ``result`` is the :class:`RunResult` (``stop_reason="terminated"``);
+    the CLI prints it before exiting."""
+
+    def __init__(self, code: object, result: RunResult) -> None:
+        super().__init__(code)
+        self.result = result
+
+
 # --------------------------------------------------------------------------- Ray
 
 
@@ -266,6 +277,7 @@ def run(
         A :class:`RunResult`.
 
     Raises:
+        RunTerminated: SIGTERM ended the run (after it finished cleanly; carries the result).
         ValueError: a bad env id or policy factory (before anything starts), or the
             learners or collectors cannot be placed on the cluster
             (``PlacementError`` names the bundles that do not fit).
@@ -314,6 +326,7 @@ def run(
             shutil.rmtree(run_dir.path, ignore_errors=True)
         raise
     phase(cluster.describe())
+    terminated: SystemExit | None = None
     try:
         check_placement(config, ray.cluster_resources())
         session.service_name, session.buffer_path = run_name, buffer_path
@@ -359,10 +372,10 @@ def run(
     except KeyboardInterrupt:
         session.stop_reason = "interrupted"
         logger.info("interrupted: stopping cleanly")
-    except SystemExit:
+    except SystemExit as e:
         # Ray's driver turns SIGTERM into sys.exit: finish the run, then exit as asked.
         session.stop_reason = "terminated"
-        raise
+        terminated = e
     finally:
         summary = session.finish(observation_space, action_space)
         if cluster.started:
@@ -370,7 +383,7 @@ def run(
                 ray.shutdown()
             except Exception:
                 logger.exception("while stopping the run: stopping Ray failed")
-    return RunResult(
+    result = RunResult(
         run_dir=run_dir.path,
         frames=summary["frames"],
         learner_steps=summary["learner_steps"],
@@ -383,6 +396,9 @@ def run(
         frames_per_s=summary["frames_per_s"],
         policy_path=Path(summary["policy_path"]) if summary["policy_path"] else None,
     )
+    if terminated is not None:
+        raise RunTerminated(terminated.code, result) from None
+    return result
 
 
 class _Phases:

@@ -101,7 +101,16 @@ BAD_TEXT = [
     ("bad_durability", "buffer: {durability: disk}", r"buffer.durability: 'disk' is not one of 'process', 'fsync'"),
     ("n_step_without_sequences", "learner: {n_step: 3}",
      r"learner.n_step: 3 needs slices of 3 rows, but buffer.sampler is \{'type': 'uniform'\}; "
-     r"set buffer.sampler to \{type: sequence, length: 3\}"),
+     r"set buffer.sampler.n_step: \{n: 3\} \(n-step rebuilt at sample time, with any sampler\) or "
+     r"buffer.sampler to \{type: sequence, length: 3\}"),
+    ("n_step_twice", "learner: {n_step: 3}\nbuffer: {sampler: {type: uniform, n_step: {n: 3}}}",
+     r"learner.n_step: 3 and buffer.sampler.n_step both ask for n-step returns; keep buffer.sampler.n_step"),
+    ("n_step_gamma_differs", "learner: {gamma: 0.9}\nbuffer: {sampler: {type: prioritized, n_step: {n: 3, gamma: 0.99}}}",
+     r"buffer.sampler.n_step.gamma: 0.99 differs from learner.gamma: 0.9; .* leave n_step.gamma out"),
+    ("n_step_zero", "buffer: {sampler: {type: uniform, n_step: {n: 0}}}",
+     r"buffer.sampler.n_step.n=0: must be an integer >= 1 \(steps per return\), e.g. 3"),
+    ("n_step_typo", "buffer: {sampler: {type: uniform, n_step: {n: 3, gama: 0.9}}}",
+     r"unknown key 'buffer.sampler.n_step.gama'; did you mean 'buffer.sampler.n_step.gamma'\?"),
     ("top_list", "- 1\n- 2", r"the top level must be a mapping of sections, got list"),
     ("syntax", "learner:\n  lr: [1,\n  gamma: 2\n",
      r"^<string>:2:7: this list is never closed with '\]' \(the line reads 'lr: \[1,'\)$"),

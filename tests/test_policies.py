@@ -75,6 +75,9 @@ def test_learner_and_collector_builds_share_state_dicts():
         (PolicyConfig(), gymnasium.spaces.Dict({"a": VECTOR}), Discrete(2), r"observation space Dict.*is not supported"),
         (PolicyConfig(), Box(0, 255, (64, 64, 3), np.uint8), Discrete(2), r"looks channels-last \[H, W, C\]"),
         (PolicyConfig(type="cnn"), VECTOR, Discrete(2), r"policy.type 'cnn' needs \[C, H, W\] uint8 image observations"),
+        (PolicyConfig(type="nature_cnn"), VECTOR, Discrete(2), r"policy.type 'nature_cnn' needs \[C, H, W\] uint8 image"),
+        (PolicyConfig(type="nature_cnn"), Box(0, 255, (4, 32, 32), np.uint8), Discrete(2),
+         r"policy.type 'nature_cnn' needs images of at least 36x36, got \[4, 32, 32\]"),
         (PolicyConfig(), VECTOR, gymnasium.spaces.MultiDiscrete([2, 2]), r"action space MultiDiscrete\(\[2 2\]\) is not supported"),
         (PolicyConfig(), VECTOR, Box(-np.inf, np.inf, (2,)), r"has infinite bounds.*ClipAction"),
         (PolicyConfig(), VECTOR, Box(-1, 1, (2, 2)), r"a Box action space must be 1-D"),
@@ -155,3 +158,15 @@ def test_acting_forward_returns_other_modules_unchanged():
     q = build_policy(PolicyConfig(), VECTOR, Discrete(2))
     tweaked = Tweaked(q.encoder, (64, 64), 2)
     assert acting_forward(tweaked) is tweaked
+
+
+def test_nature_cnn_is_the_nature_dqn_stack_and_acts_as_its_module_does():
+    space = Box(0, 255, (4, 84, 84), np.uint8)
+    net = build_policy(PolicyConfig(type="nature_cnn", hidden=(512,)), space, Discrete(6))
+    convs = [m for m in net.encoder.convs if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.out_channels, c.kernel_size, c.stride) for c in convs] == [(32, (8, 8), (4, 4)), (64, (4, 4), (2, 2)),
+                                                                           (64, (3, 3), (1, 1))]
+    assert net.encoder.out_dim == 64 * 7 * 7
+    obs = torch.randint(0, 256, (3, 4, 84, 84), dtype=torch.uint8)
+    with torch.no_grad():
+        assert torch.equal(acting_forward(net)(obs), net(obs)) and net(obs).shape == (3, 6)

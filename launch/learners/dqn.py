@@ -15,8 +15,11 @@ Batches are in TorchRL's layout (buffer format 2, DESIGN.md "Data"):
 - ``n_step == 1``: a TensorDict ``[B]`` with ``observation``, ``action`` (int64 ``[B]``),
   ``("next", "observation")``, ``("next", "reward")`` (``[B, 1]``) and
   ``("next", "terminated")`` (bool ``[B, 1]``); optionally ``weight`` (importance
-  weights of prioritized replay, already normalised).
-- ``n_step > 1``: a TensorDict ``[B, n]`` of ``n`` consecutive rows of one episode (the
+  weights of prioritized replay, already normalised). A sampler with ``n_step`` (the
+  buffer rebuilds n-step transitions at sample time, ``rlfleet.buffer.nstep``) adds
+  ``("next", "discount")``, ``gamma ** k`` per row, which then replaces ``gamma``: its
+  ``next.reward`` is already the discounted sum and its ``next.observation`` is k steps on.
+- ``n_step > 1`` (the older form, the loss sums the rewards itself): a TensorDict ``[B, n]`` of ``n`` consecutive rows of one episode (the
   buffer's ``sequence`` sampler with ``length=n``), additionally with
   ``("next", "done")``. The target is ``r_0 + g r_1 + ... + g^(m-1) r_(m-1) + g^m
   max Q'(s_m)`` where ``m`` stops at the first done row; a terminated end does not
@@ -216,7 +219,9 @@ class DQNLoss(nn.Module):
             reward = batch["next", "reward"].reshape(-1).float()
             terminated = batch["next", "terminated"].reshape(-1)
             next_obs = batch["next", "observation"]
-            discount = torch.full_like(reward, self.gamma)
+            # an n-step sample (buffer sampler n_step) carries its own gamma ** k per row
+            discount = batch.get(("next", "discount"), None)
+            discount = torch.full_like(reward, self.gamma) if discount is None else discount.reshape(-1).float()
         else:
             reward, terminated, next_obs, discount = self._n_step_parts(batch)
         next_value = self._next_value(next_obs)

@@ -17,7 +17,8 @@ before they enter a critic. Runs on a learner rank; not thread-safe.
 A batch is a TensorDict ``[B]`` in TorchRL's layout (buffer format 2, DESIGN.md
 "Data") with ``observation``, ``action`` (box units, ``[B, A]``), ``("next",
 "observation")``, ``("next", "reward")`` (``[B, 1]``), ``("next", "terminated")``
-(bool ``[B, 1]``), optionally ``weight`` (prioritized replay). Only ``terminated``
+(bool ``[B, 1]``), optionally ``weight`` (prioritized replay) and ``("next",
+"discount")`` (an n-step sample: ``gamma ** k`` per row, used in place of ``gamma``). Only ``terminated``
 stops the bootstrap; truncation does not.
 """
 
@@ -190,7 +191,10 @@ class SACLoss(nn.Module):
             next_action, next_log_prob = self._sample_action(self.actor, batch["next", "observation"].float())
             q1_next, q2_next = self.target_critic(batch["next", "observation"], next_action)
             soft_value = torch.min(q1_next, q2_next) - self.alpha * next_log_prob
-            target = reward + self.gamma * not_terminated * soft_value
+            # an n-step sample (buffer sampler n_step) carries its own gamma ** k per row
+            discount = batch.get(("next", "discount"), None)
+            discount = self.gamma if discount is None else discount.reshape(-1).float()
+            target = reward + discount * not_terminated * soft_value
         q1, q2 = self._critic_forward(obs, action)
         per_row = F.mse_loss(q1, target, reduction="none") + F.mse_loss(q2, target, reduction="none")
         weight = batch.get("weight", None)

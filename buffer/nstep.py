@@ -1,0 +1,118 @@
+"""n-step returns rebuilt at sample time from the stored one-step rows.
+
+A sampler given ``n_step: {"n": n, "gamma": g}`` returns, for each drawn row ``i``, the
+transition from row ``i`` to ``k`` steps on, where ``k`` is ``n`` or fewer when the
+episode ends sooner (its ``next.done`` row, terminated or truncated):
+
+- the row's own keys (``observation``, ``action``, ``episode_id``, ...) from row ``i``;
+- ``next.reward``: ``sum_{j<k} g**j * reward[i + j]``;
+- every other ``next`` key (``observation``, ``done``, ``terminated``, ``truncated``,
+  and any of the user's) from row ``i + k - 1``: the observation ``k`` steps on, or the
+  episode's true final one, with the flags of that last step;
+- ``next.discount`` (float32, shaped as ``next.reward``): ``g**k``, the factor a loss
+  bootstraps with (``reward + discount * (1 - terminated) * V(next.observation)``).
+
+Nothing is stored twice: the rows ``i .. i + k - 1`` are read where they lie. They must
+be rows of one episode, in order (``episode_id`` equal, ``step`` rising by 1), inside
+the committed window; a row whose ``n``-step window is not complete yet (the episode
+goes on past the write cursor) or is broken (the episode's next rows were written into
+another shard, or elsewhere in the ring, see ``write_plan``) is not returned and is
+drawn again. Rows past ``i`` are younger than ``i``, so a row whose own copy survived
+the overwrite check has an intact window too.
+
+Runs wherever the buffer lives, inside ``row_reader.RowReader``; holds read-only views.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+__all__ = ["DISCOUNT_KEY", "NStep"]
+
+DISCOUNT_KEY = ("next", "discount")
+REWARD_KEY = ("next", "reward")
+NEEDED = (("episode_id",), ("step",), ("next", "done"), REWARD_KEY)
+
+
+class NStep:
+    """The n-step rebuild over one buffer's column views ``[capacity, *shape]``.
+
+    Args:
+        n: steps per window (>= 1).
+        gamma: discount per step, in ``[0, 1]``.
+        views: the buffer's mapped columns; must hold ``NEEDED``.
+        capacity: rows of the ring.
+    """
+
+    def __init__(self, n: int, gamma: float, views: Mapping[tuple[str, ...], np.ndarray], capacity: int) -> None:
+        self.n, self.gamma, self.capacity = int(n), float(gamma), capacity
+        self.episode = views[("episode_id",)]
+        self.step = views[("step",)]
+        self.done = views[("next", "done")].reshape(len(views[("next", "done")]), -1)
+        self.reward = views[REWARD_KEY]
+        # the later row's copy of every "next" key but the reward (summed) and the discount
+        self.next_views = [(key, v) for key, v in views.items()
+                           if key[0] == "next" and key not in (REWARD_KEY, DISCOUNT_KEY)]
+        self.powers = self.gamma ** np.arange(self.n + 1, dtype=np.float64)
+
+    @staticmethod
+    def check_schema(schema: Mapping[tuple[str, ...], tuple[tuple[int, ...], np.dtype]], n: int) -> None:
+        """Raise ``ValueError`` if ``schema`` lacks a column the rebuild reads, or
+        already holds ``next.discount``."""
+        missing = [".".join(k) for k in NEEDED if k not in schema]
+        if missing:
+            raise ValueError(
+                f"sampler n_step={{'n': {n}, ...}} reads {', '.join(missing)} of every row, which the "
+                f"buffer schema lacks (it has {sorted('.'.join(k) for k in schema)}); insert rows in "
+                f"rlfleet's layout (collectors write them) or drop n_step"
+            )
+        if DISCOUNT_KEY in schema:
+            raise ValueError(
+                "sampler n_step: the rows already hold a 'next.discount' column, which n-step "
+                "samples write; rename that column or drop n_step"
+            )
+
+    def windows(self, idx: np.ndarray, end: int) -> tuple[np.ndarray, np.ndarray]:
+        """For row counters ``idx`` (any shape), below ``end`` (the committed window's
+        end): ``(complete, k)``, bool and int64 of ``idx``'s shape. ``k`` is the number of
+        rows the window takes (where ``complete``)."""
+        flat = idx.reshape(-1)
+        cap = self.capacity
+        slots = flat % cap
+        episode0, step0 = self.episode[slots], self.step[slots]
+        k = np.zeros(len(flat), dtype=np.int64)
+        complete = np.zeros(len(flat), dtype=bool)
+        open_ = np.ones(len(flat), dtype=bool)
+        for j in range(self.n):
+            rows = flat + j
+            slots = rows % cap
+            if j:
+                open_ &= (rows < end) & (self.episode[slots] == episode0) & (self.step[slots] == step0 + j)
+            finish = open_ & (self.done[slots].any(axis=1) | (j == self.n - 1))
+            k[finish] = j + 1
+            complete |= finish
+            open_ &= ~finish
+        return complete.reshape(idx.shape), k.reshape(idx.shape)
+
+    def rebuild(self, idx: np.ndarray, k: np.ndarray, out: dict[tuple[str, ...], np.ndarray]) -> None:
+        """Turn the one-step rows gathered in ``out`` (at counters ``idx``) into their
+        ``k``-step transitions, in place; adds ``next.discount``."""
+        cap = self.capacity
+        last = (idx + k - 1) % cap
+        for key, view in self.next_views:
+            view.take(last, 0, out[key], "clip")
+        reward = out[REWARD_KEY]
+        tail = (1,) * (reward.ndim - idx.ndim)
+        total = np.zeros(reward.shape, dtype=np.float64)
+        for j in range(self.n):
+            step_reward = self.reward.take((idx + j) % cap, 0)
+            weight = np.where(j < k, self.powers[j], 0.0).reshape(idx.shape + tail)
+            total += weight * step_reward
+        reward[...] = total
+        discount = self.powers[k].astype(np.float32).reshape(idx.shape + tail)
+        if DISCOUNT_KEY in out:
+            out[DISCOUNT_KEY][...] = discount
+        else:
+            out[DISCOUNT_KEY] = np.broadcast_to(discount, reward.shape).copy()
