@@ -41,7 +41,7 @@ def test_lists_and_mappings_from_yaml_are_coerced():
         (lambda: ExplorationConfig(type="boltzmann"), r"collector.exploration.type = 'boltzmann': must be one of"),
         (lambda: ExplorationConfig(start=1.5), r"collector.exploration.start = 1.5: must be a number in \[0.0, 1.0\]"),
         (lambda: ExplorationConfig(sigma=-0.1), r"collector.exploration.sigma = -0.1"),
-        (lambda: PolicyConfig(type="transformer"), r"policy.type = 'transformer': must be one of \['mlp', 'cnn'\]"),
+        (lambda: PolicyConfig(type="transformer"), r"policy.type = 'transformer': must be one of \['mlp', 'cnn', 'nature_cnn'\]"),
         (lambda: PolicyConfig(hidden=(64, 0)), r"policy.hidden\[1\] = 0: must be an integer >= 1"),
     ],
 )

@@ -147,7 +147,7 @@ def test_a_module_that_is_nowhere_names_the_working_directory(user_dir):
 def test_policy_config_refuses_unknown_types_and_stray_kwargs():
     with pytest.raises(ValueError) as raised:
         PolicyConfig(type="transformer")
-    assert str(raised.value) == ("policy.type = 'transformer': must be one of ['mlp', 'cnn'] or "
+    assert str(raised.value) == ("policy.type = 'transformer': must be one of ['mlp', 'cnn', 'nature_cnn'] or "
                                  "'package.module:factory' naming a function that returns your own nn.Module")
     with pytest.raises(ValueError) as raised:
         PolicyConfig(type="mlp", kwargs={"width": 3})
