@@ -10,6 +10,9 @@ Runs on the driver. One call of :func:`run` does, in order::
     stop (total_frames | target_return | time_limit | Ctrl-C)  ->  Session.finish: checkpoint,
     export, plot, summary  ->  shut down what this call started, also on errors
 
+It runs past 400 lines because that sequence, with each step's failure handling, reads
+best in one place; the loop itself is ``session``.
+
 The loop paces learning when ``run.learner_steps_per_frame`` is set: collectors and
 learners take turns (the collectors are paused while the learners take the steps the
 new frames paid for), so the ratio is exact to one collector batch and a run's result
