@@ -177,18 +177,22 @@ class RowReader:
             return idx, mass, None, drawn_start
         # Rows whose n-step window is not complete (the episode goes on past the write
         # cursor, or its next rows lie elsewhere) are drawn again.
+        # Only the redrawn rows are checked again.
+        with window.lock:
+            end = window.end
+        complete, k = self.nstep.windows(idx, end)
+        bad = np.flatnonzero(~complete if complete.ndim == 1 else ~complete.all(axis=1))
         for _ in range(MAX_REDRAWS):
-            with window.lock:
-                end = window.end
-            complete, k = self.nstep.windows(idx, end)
-            bad = ~complete if complete.ndim == 1 else ~complete.all(axis=1)
-            redo = int(bad.sum())
-            if not redo:
+            if not len(bad):
                 return idx, mass, k, drawn_start
-            new_idx, new_mass, _, _, _ = window.draw_accepted(redo, self.read_column)
+            new_idx, new_mass, _, _, _ = window.draw_accepted(len(bad), self.read_column)
             idx[bad] = new_idx
             if mass is not None:
                 mass[bad] = new_mass
+            with window.lock:
+                end = window.end
+            new_complete, k[bad] = self.nstep.windows(new_idx, end)
+            bad = bad[~new_complete if new_complete.ndim == 1 else ~new_complete.all(axis=1)]
         raise ValueError(
             f"sample: found no rows with a complete {self.nstep.n}-step window in {MAX_REDRAWS} "
             f"redraws: each needs the next {self.nstep.n - 1} rows of its episode stored after it "
