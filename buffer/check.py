@@ -8,6 +8,13 @@ match the schema), every live row readable, and live priorities finite and
 non-negative. It never writes, so it may run beside a live writer (then the counters it
 reports are a snapshot).
 
+A frame-stack buffer (``frames``) also has its links checked: every ``frame_stack.prev``
+in the window is an older row's counter, ``START`` or ``UNKNOWN``, and exactly the rows
+linked ``START`` (the reset rows) have step -1. A row the window start passed while the
+check read it (a live writer overwriting it) is not judged. The report counts the
+reset rows. Whether each row's stacks can be rebuilt is not a question of damage (an
+old row's frames are overwritten as the ring turns) and is not checked.
+
 Header states. A writer killed at any instant leaves the window words as one of the
 states the commit protocol passes through (``window``'s docstring); with
 ``durability="fsync"`` the same states reach the disk, each header msync writing the
@@ -47,6 +54,7 @@ import numpy as np
 from tensordict import TensorDict
 
 from rlfleet.buffer.errors import BufferFormatError
+from rlfleet.buffer.frames import FRAME_KEY, PREV_KEY, START, UNKNOWN
 from rlfleet.buffer.indices import MAX_COUNTER
 from rlfleet.buffer.samplers import slot_ranges
 from rlfleet.buffer.storage import (
@@ -89,6 +97,8 @@ class CheckReport:
     schema: dict[str, str] = field(default_factory=dict)
     rows_checked: int = 0
     bytes_on_disk: int = 0
+    frame_stack: dict[str, Any] | None = None
+    reset_rows: int = 0
 
     @property
     def ok(self) -> bool:
@@ -102,6 +112,8 @@ class CheckReport:
             "capacity": self.capacity, "total_inserted": self.total_inserted,
             "sampler": self.sampler, "schema": dict(self.schema),
             "rows_checked": self.rows_checked, "bytes_on_disk": self.bytes_on_disk,
+            "frame_stack": None if self.frame_stack is None else dict(self.frame_stack),
+            "reset_rows": self.reset_rows,
         }
 
     def __str__(self) -> str:
@@ -121,6 +133,13 @@ class CheckReport:
                 f"  format {self.format_version} (reward and flags at the root): opens read-only; "
                 f"run `rlfleet check --upgrade {self.path}` to migrate it in place to format "
                 f"{FORMAT_VERSION}"
+            )
+        if self.frame_stack is not None:
+            f = self.frame_stack
+            lines.append(
+                f"  frame stack: '{'.'.join(f['key'])}' and its next twin are stacks of {f.get('size', '?')} frames "
+                f"(padding {f['padding']}) rebuilt on read from 'frame_stack.frame'; {self.reset_rows:,} of the "
+                f"rows are reset rows (one per episode start)"
             )
         lines += [f"  {key}: {desc}" for key, desc in self.schema.items()]
         lines += [f"  problem: {p}" for p in self.problems]
@@ -177,6 +196,9 @@ def check_buffer(path: str | os.PathLike) -> CheckReport:
                 np.asarray(arr[a : min(hi, a + step)]).sum()  # touch every page of the rows
         report.rows_checked += hi - lo
     report.bytes_on_disk = sum(f.stat().st_blocks * 512 for f in (path / "data").rglob("*.memmap"))
+    if meta.get("frame_stack") is not None:
+        report.frame_stack = dict(meta["frame_stack"])
+        _check_frame_links(path / "header.bin", arrays, start, end, capacity, report)
 
     if report.sampler == "prioritized":
         _check_priorities(path / "priorities.bin", capacity, start, end, max_priority, report)
@@ -256,6 +278,45 @@ def _check_data(data: Path, schema, capacity: int, report: CheckReport) -> dict 
                 f"meta.json says {dtype.name}{[capacity, *shape]}"
             )
     return None if report.problems else arrays
+
+
+def _check_frame_links(header: Path, arrays: dict, start: int, end: int, capacity: int,
+                       report: CheckReport) -> None:
+    """The links of a frame-stack buffer's rows (module docstring)."""
+    if FRAME_KEY not in arrays or PREV_KEY not in arrays or ("step",) not in arrays or "size" not in report.frame_stack:
+        report.problems.append(
+            "meta.json says frame_stack but the schema lacks 'frame_stack.frame', 'frame_stack.prev' or "
+            "'step', or frame_stack lacks 'size': the buffer's metadata is damaged"
+        )
+        return
+    prev, step = arrays[PREV_KEY], arrays[("step",)]
+    found: list[tuple[int, str]] = []
+    for lo, hi in slot_ranges(start, end, capacity):
+        for a in range(lo, hi, 1 << 20):
+            b = min(hi, a + (1 << 20))
+            link, steps = np.asarray(prev[a:b]), np.asarray(step[a:b])
+            counter = np.arange(a, b, dtype=np.int64) + _slot_base(a, start, capacity)
+            reset = link == START
+            report.reset_rows += int(reset.sum())
+            bad = ~(reset | (link == UNKNOWN) | ((link >= 0) & (link < counter)))
+            if bad.any():
+                i = int(np.flatnonzero(bad)[0])
+                found.append((int(counter[i]), f"row {int(counter[i])} has frame_stack.prev {int(link[i])}: not "
+                              f"the counter of an older row, {START} (a reset row) or {UNKNOWN} (unknown)"))
+            odd = reset != (steps == -1)
+            if odd.any():
+                i = int(np.flatnonzero(odd)[0])
+                found.append((int(counter[i]), f"row {int(counter[i])} has frame_stack.prev {int(link[i])} and step "
+                              f"{int(steps[i])}: reset rows (prev {START}), and only they, have step -1"))
+    # a live writer may have overwritten the oldest rows while they were read: not damage
+    start_now = int(np.fromfile(header, dtype=np.int64)[H_START])
+    report.problems += [why for row, why in found if row >= start_now][:2]
+
+
+def _slot_base(slot: int, start: int, capacity: int) -> int:
+    """What to add to a slot of the window ``[start, ...)`` to get its row counter."""
+    base = start - start % capacity
+    return base if slot >= start % capacity else base + capacity
 
 
 def _check_priorities(f: Path, capacity: int, start: int, end: int, max_priority: float,

@@ -69,7 +69,7 @@ from rlfleet.buffer.priority_routing import check_update
 from rlfleet.buffer.sample_fanout import SampleFanout, check_split
 from rlfleet.buffer.shard_table import ShardEntry, ShardTable, answers, gather, totals, with_stored
 from rlfleet.buffer.storage import check_arrays
-from rlfleet.buffer.write_plan import plan_write
+from rlfleet.buffer.write_plan import home_shard, plan_write
 
 __all__ = ["BufferClient"]
 
@@ -99,6 +99,7 @@ class BufferClient:
         self._shards: ShardTable | None = None
         self._generation = 0  # counts the times the shards were forgotten
         self._turn = itertools.count()
+        self._home: int | None = None  # a frame-stack buffer's shard for this client (write_plan)
         self._schema: dict | None = None
         self._fanout = SampleFanout(self.name, self._ensure, self._forget_if_gone,
                                     np.random.default_rng(seed), check_split(split))
@@ -234,9 +235,12 @@ class BufferClient:
         if self._schema is not None:
             check_arrays(self._schema, arrays, "extend")
         wait = table.default_timeout_s if timeout_s is None else float(timeout_s)
+        if table.frame_stack and self._home is None:
+            self._home = home_shard(table.writers, arrays.get(("collector_id",)))
         plan = plan_write(n, sum(a.nbytes for a in arrays.values()), table.writers,
                           [e.total_inserted for e in table.entries], next(self._turn),
-                          split=not table.inserts_wait, episode_id=arrays.get(("episode_id",)))
+                          split=not table.inserts_wait and not table.frame_stack,
+                          episode_id=arrays.get(("episode_id",)), home=self._home)
         refs = []
         for k, first, end in plan:
             entry = table[k]
@@ -263,7 +267,8 @@ class BufferClient:
         parts = []
         for (k, _, _), out in zip(plan, outs):
             table.note_state(k, out["state"])
-            parts.append(with_shard(np.arange(out["first"], out["last"], dtype=np.int64), k))
+            local = out["index"] if "index" in out else np.arange(out["first"], out["last"], dtype=np.int64)
+            parts.append(with_shard(local, k))
         if self._schema is None:
             self._schema = {key: (tuple(a.shape[1:]), a.dtype) for key, a in arrays.items()}
         return torch.from_numpy(np.concatenate(parts) if len(parts) > 1 else parts[0])

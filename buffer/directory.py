@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from rlfleet.buffer.capacity import free_disk_bytes, human_bytes, parse_capacity
+from rlfleet.buffer.frames import SAMPLERS as FRAME_SAMPLERS
+from rlfleet.buffer.frames import check_frame_stack
 from rlfleet.buffer.indices import MAX_TAG
 from rlfleet.buffer.samplers import Sampler, make_sampler
 from rlfleet.buffer.sampling import check_sampler
@@ -42,7 +44,8 @@ DURABILITIES = ("process", "fsync")
 
 
 def create_directory(path: Path, capacity: int | str, sampler: str | Mapping[str, Any],
-                     durability: str, overcommit: bool) -> tuple[dict[str, Any], Header]:
+                     durability: str, overcommit: bool,
+                     frame_stack: Any = None) -> tuple[dict[str, Any], Header]:
     """Validate ``create``'s arguments, then write an empty buffer directory at ``path``:
     the header first, ``meta.json`` last (its presence is what makes it a buffer). The
     meta records a random 12-bit ``index_tag`` that every index of the buffer carries
@@ -59,6 +62,8 @@ def create_directory(path: Path, capacity: int | str, sampler: str | Mapping[str
         )
     rows, nbytes = parse_capacity(capacity)
     spec = check_sampler(sampler)
+    frames = check_frame_stack(frame_stack)
+    check_frames_sampler(frames, spec)
     if durability not in DURABILITIES:
         raise ValueError(f"durability={durability!r}: choose one of {', '.join(DURABILITIES)}")
     if nbytes is not None and not overcommit:
@@ -76,6 +81,8 @@ def create_directory(path: Path, capacity: int | str, sampler: str | Mapping[str
         "index_tag": secrets.randbelow(MAX_TAG),
         "schema": None,
     }
+    if frames is not None:  # absent otherwise: directories without it read as before
+        meta["frame_stack"] = frames
     write_meta(path, meta)
     return meta, header
 
@@ -102,6 +109,11 @@ def open_directory(path: Path, sampler: str | Mapping[str, Any] | None) -> tuple
             if read_only:
                 header.close()
                 raise format1_error(f"open: sampler={sampler!r}", path)
+            try:
+                check_frames_sampler(meta.get("frame_stack"), spec)
+            except ValueError:
+                header.close()
+                raise
             if meta.get("schema") is not None:
                 make_sampler(spec).check_schema(schema_from_json(meta["schema"]))
             if spec["type"] == "prioritized" and meta["sampler"]["type"] != "prioritized":
@@ -145,6 +157,17 @@ def map_files(path: Path, meta: dict[str, Any], schema: Schema, sampler: Sampler
         write_meta(path, meta)  # the schema is recorded only once the files exist
     sampler.bind_columns(columns.views)
     return meta, columns
+
+
+def check_frames_sampler(frames: Mapping[str, Any] | None, sampler: Mapping[str, Any]) -> None:
+    """Raise ``ValueError`` for a frame-stack buffer with a sampler that cannot serve it yet."""
+    if frames is not None and sampler["type"] not in FRAME_SAMPLERS:
+        raise ValueError(
+            f"sampler={sampler['type']!r} with frame_stack: a frame-stack buffer samples with "
+            f"{' or '.join(FRAME_SAMPLERS)} (with or without n_step); the {sampler['type']} "
+            f"sampler does not rebuild stacks yet. Choose one of those, or create the buffer "
+            f"without frame_stack"
+        )
 
 
 def check_free_disk(path: Path, nbytes: int, capacity: int | str) -> None:

@@ -29,6 +29,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from rlfleet.buffer.frame_kernels import nstep_windows
+
 __all__ = ["DISCOUNT_KEY", "NStep"]
 
 DISCOUNT_KEY = ("next", "discount")
@@ -77,31 +79,17 @@ class NStep:
     def windows(self, idx: np.ndarray, end: int) -> tuple[np.ndarray, np.ndarray]:
         """For row counters ``idx`` (any shape), below ``end`` (the committed window's
         end): ``(complete, k)``, bool and int64 of ``idx``'s shape. ``k`` is the number of
-        rows the window takes (where ``complete``)."""
-        flat = idx.reshape(-1)
-        cap = self.capacity
-        slots = flat % cap
-        episode0, step0 = self.episode[slots], self.step[slots]
-        k = np.zeros(len(flat), dtype=np.int64)
-        complete = np.zeros(len(flat), dtype=bool)
-        open_ = np.ones(len(flat), dtype=bool)
-        for j in range(self.n):
-            rows = flat + j
-            slots = rows % cap
-            if j:
-                open_ &= (rows < end) & (self.episode[slots] == episode0) & (self.step[slots] == step0 + j)
-            finish = open_ & (self.done[slots].any(axis=1) | (j == self.n - 1))
-            k[finish] = j + 1
-            complete |= finish
-            open_ &= ~finish
+        rows the window takes (where ``complete``). One compiled call (``frame_kernels``)."""
+        complete, k = nstep_windows(self.episode, self.step, self.done, idx.reshape(-1), end, self.capacity, self.n)
         return complete.reshape(idx.shape), k.reshape(idx.shape)
 
-    def rebuild(self, idx: np.ndarray, k: np.ndarray, out: dict[tuple[str, ...], np.ndarray]) -> None:
+    def rebuild(self, idx: np.ndarray, k: np.ndarray, out: dict[tuple[str, ...], np.ndarray]) -> np.ndarray:
         """Turn the one-step rows gathered in ``out`` (at counters ``idx``) into their
-        ``k``-step transitions, in place; adds ``next.discount``."""
+        ``k``-step transitions, in place; adds ``next.discount``. Returns the counters of
+        the windows' last rows (a frame-stack buffer rebuilds the next stack from them)."""
         cap = self.capacity
         last = (idx + k - 1) % cap
-        for key, view in self.next_views:
+        for key, view in self.next_views:  # a frame-stack buffer's next stacks are no view
             view.take(last, 0, out[key], "clip")
         reward = out[REWARD_KEY]
         tail = (1,) * (reward.ndim - idx.ndim)
@@ -116,3 +104,4 @@ class NStep:
             out[DISCOUNT_KEY][...] = discount
         else:
             out[DISCOUNT_KEY] = np.broadcast_to(discount, reward.shape).copy()
+        return idx + k - 1

@@ -33,6 +33,7 @@ from rlfleet.buffer.arrays import tune_allocator
 from rlfleet.buffer.capacity import human_bytes
 from rlfleet.buffer.directory import create_directory, map_files, open_directory
 from rlfleet.buffer.errors import SchemaMismatch
+from rlfleet.buffer.frames import FRAME_KEY, FrameStack
 from rlfleet.buffer.indices import with_tag
 from rlfleet.buffer.priorities import apply_update, parse_update, priority_limit
 from rlfleet.buffer.row_reader import RowReader
@@ -107,6 +108,7 @@ class ReplayBuffer:
         durability: str = "process",
         overcommit: bool = False,
         seed: int | None = None,
+        frame_stack: str | Mapping[str, Any] | None = None,
     ) -> "ReplayBuffer":
         """Create an empty buffer directory at ``path`` (which must be absent or empty).
 
@@ -122,13 +124,22 @@ class ReplayBuffer:
             overcommit: allow a capacity above the free disk space (files stay sparse and
                 blocks are reserved as rows arrive).
             seed: seeds the sampler's random generator.
+            frame_stack: ``"observation"`` or ``{"key": "observation", "padding": "reset"}``
+                when that key and its ``next`` twin are frame stacks ``[k, *frame]`` (as
+                gymnasium's ``FrameStackObservation`` emits, ``padding`` as its
+                ``padding_type``: ``"reset"`` or ``"zero"``): each frame is stored once and
+                the stacks are rebuilt wherever rows are read (``frames``). Batches keep
+                their keys and shapes. Rows must carry ``episode_id``, ``step`` and
+                ``next.done``; each episode adds one stored row (its reset frame), which
+                ``len`` and ``total_inserted`` count. Uniform and prioritized samplers.
 
         Raises:
             FileExistsError: ``path`` exists and is not an empty directory.
-            ValueError: bad capacity, sampler or durability; capacity above free disk.
+            ValueError: bad capacity, sampler, durability or frame_stack; capacity above
+                free disk.
         """
         path = Path(path)
-        meta, header = create_directory(path, capacity, sampler, durability, overcommit)
+        meta, header = create_directory(path, capacity, sampler, durability, overcommit, frame_stack)
         logger.info("created replay buffer %s (capacity %s, sampler %s)", path, capacity, meta["sampler"]["type"])
         return cls(path, meta, header, seed)
 
@@ -205,17 +216,19 @@ class ReplayBuffer:
                               chunk_rows=chunk_rows, sampler=sampler, durability=durability,
                               overcommit=overcommit, seed=seed)
 
-    def _attach(self, schema: Schema, *, create: bool) -> None:
-        """Map the data files (creating them for the first batch) and bind the sampler."""
+    def _attach(self, stored: Schema, *, create: bool) -> None:
+        """Map the data files of the ``stored`` schema (creating them for the first batch)
+        and bind the sampler."""
         window = self._window
-        self._meta, columns = map_files(self.path, self._meta, schema, self._sampler, window.start, window.end,
+        self._meta, columns = map_files(self.path, self._meta, stored, self._sampler, window.start, window.end,
                                         self._header.max_priority, create=create, read_only=self._read_only)
         self._capacity = columns.capacity
         self._columns = columns
+        frames = self._meta.get("frame_stack")
         self._reader = RowReader(window, columns.views, columns.capacity, self._tag,
                                  beta=getattr(self._sampler, "beta", None),
-                                 n_step=self._sampler.spec.get("n_step"))
-        self._schema = schema
+                                 n_step=self._sampler.spec.get("n_step"), frame_stack=frames)
+        self._schema = stored if frames is None else FrameStack.logical_schema(frames, stored)
         columns.reserved = min(self._capacity, window.end)
 
     # ------------------------------------------------------------------ properties
@@ -244,6 +257,12 @@ class ReplayBuffer:
     def format_version(self) -> int:
         """The directory's format: 2, or 1 for a read-only buffer of the old layout."""
         return int(self._meta["format_version"])
+
+    @property
+    def frame_stack(self) -> dict[str, Any] | None:
+        """``{"key", "padding", "size"}`` of a buffer that stores each frame once, else None."""
+        frames = self._meta.get("frame_stack")
+        return None if frames is None else dict(frames)
 
     @property
     def sampler_type(self) -> str:
@@ -314,18 +333,38 @@ class ReplayBuffer:
             if first_batch and not flat:
                 raise SchemaMismatch("extend: the first batch has no keys; it fixes the schema")
             schema = schema_from_arrays(flat) if first_batch else self._schema
-            n = self._window.check_room(check_arrays(schema, flat, "extend"))
+            n = check_arrays(schema, flat, "extend")
+            frames_spec = self._meta.get("frame_stack")
+            if frames_spec is None:
+                self._window.check_room(n)
             if first_batch:
+                stored = schema
                 try:
                     self._sampler.check_schema(schema)
+                    if frames_spec is not None:
+                        stored, size = FrameStack.stored_schema(frames_spec, schema)
+                        self._meta = dict(self._meta, frame_stack=dict(frames_spec, size=size))
                 except ValueError as e:
                     raise SchemaMismatch(str(e)) from None
-                self._attach(schema, create=True)
+                self._attach(stored, create=True)
             if n == 0:
                 return np.empty(0, dtype=np.int64)
-            first, last = self._window.append(self._columns, flat, n, self._durability == "fsync")
-        # with_tag(arange(first, last)) in one op: the tag's bits lie above every counter's
-        return np.arange(first + self._tag_bits, last + self._tag_bits, dtype=np.int64)
+            frames = self._reader.frames
+            if frames is None:
+                first, last = self._window.append(self._columns, flat, n, self._durability == "fsync")
+                # with_tag(arange(first, last)) in one op: the tag's bits lie above every counter's
+                return np.arange(first + self._tag_bits, last + self._tag_bits, dtype=np.int64)
+            # each frame once: the transitions land at `pos` among the stored rows
+            window = self._window
+            rows, pos = frames.compact(flat, n, window.end, window.start)
+            m = window.check_room(len(rows[FRAME_KEY]))
+            try:
+                first, _ = window.append(self._columns, rows, m, self._durability == "fsync")
+            except BaseException:
+                frames.forget()
+                raise
+            frames.commit(window.start)
+        return pos + (first + self._tag_bits)
 
     # ------------------------------------------------------------------ sampling
     def sample(self, n: int, *, out: TensorDict | None = None) -> TensorDict:

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from rlfleet.buffer.arrays import positions
+from rlfleet.buffer.frames import FRAME_KEY, FrameStack
 from rlfleet.buffer.indices import with_tag
 from rlfleet.buffer.nstep import DISCOUNT_KEY, REWARD_KEY, NStep
 from rlfleet.buffer.window import MAX_REDRAWS, Window
@@ -57,19 +58,27 @@ class RowReader:
     """
 
     def __init__(self, window: Window, views: Mapping[tuple[str, ...], np.ndarray], capacity: int,
-                 tag: int, *, beta: float | None = None, n_step: Mapping[str, Any] | None = None) -> None:
+                 tag: int, *, beta: float | None = None, n_step: Mapping[str, Any] | None = None,
+                 frame_stack: Mapping[str, Any] | None = None) -> None:
         self.window = window
         self.beta = beta
         self.views = dict(views)
         self.capacity = capacity
         self._tag_bits = with_tag(np.int64(0), tag)
-        self._layout = [(key, v, v.shape[1:], v.dtype) for key, v in self.views.items()]
+        # a frame-stack buffer's stored frames and links are not keys of its rows
+        self._layout = [(key, v, v.shape[1:], v.dtype) for key, v in self.views.items()
+                        if frame_stack is None or key[0] != FRAME_KEY[0]]
         self.nstep = None if n_step is None else NStep(n_step["n"], n_step["gamma"], self.views, capacity)
+        self.frames = None if frame_stack is None else FrameStack(frame_stack, self.views, capacity)
 
     def out_layout(self, lead: tuple[int, ...]) -> dict[tuple[str, ...], tuple[tuple[int, ...], np.dtype]]:
         """What a sample with batch dims ``lead`` holds: ``{key: (shape, dtype)}``."""
         layout = {key: ((*lead, *row_shape), dtype) for key, _, row_shape, dtype in self._layout}
         layout[("index",)] = (lead, np.dtype(np.int64))
+        if self.frames is not None:
+            frame = self.views[FRAME_KEY]
+            stack = ((*lead, self.frames.size, *frame.shape[1:]), frame.dtype)
+            layout[self.frames.key] = layout[self.frames.next_key] = stack
         if self.nstep is not None:
             layout[DISCOUNT_KEY] = ((*lead, *self.views[REWARD_KEY].shape[1:]), np.dtype(np.float32))
         if self.beta is not None:
@@ -80,7 +89,8 @@ class RowReader:
         return np.take(self.views[key], idx % self.capacity, axis=0)
 
     def gather(self, idx: np.ndarray, into: Arrays | None = None) -> Arrays:
-        """The rows of counters ``idx`` (any shape): fresh arrays, or written into ``into``."""
+        """The stored columns of counters ``idx`` (any shape): fresh arrays, or written
+        into ``into``. A frame-stack buffer's stacks are not among them (``rows``)."""
         slots = idx % self.capacity
         lead = slots.shape
         out = {} if into is None else into
@@ -91,9 +101,22 @@ class RowReader:
                 out[key] = dst
         return out
 
+    def rows(self, idx: np.ndarray, k: np.ndarray | None, into: Arrays | None = None) -> tuple[Arrays, np.ndarray]:
+        """The rows of counters ``idx`` as samples hold them: ``gather``, then the n-step
+        windows of lengths ``k`` (None: one-step rows) and the frame stacks rebuilt.
+        Returns them and the oldest counter each row read (what the overwrite check
+        compares with the window start)."""
+        out = self.gather(idx, into)
+        last = None if k is None else self.nstep.rebuild(idx, k, out)
+        if self.frames is not None:
+            return out, self.frames.rebuild(idx, last, out)
+        return out, idx if idx.ndim == 1 else idx[:, 0]
+
     def at_positions(self, pos: Any, write_lock: threading.Lock) -> tuple[Arrays, int, bool]:
         """The committed rows at positions ``pos`` (0 the oldest live row, -1 the newest;
-        ``arrays.positions`` says what ``pos`` may be): ``(arrays, rows, scalar)``.
+        ``arrays.positions`` says what ``pos`` may be): ``(arrays, rows, scalar)``. In a
+        frame-stack buffer positions count only the rows whose stacks rebuild (reset rows
+        and rows whose chain left the window are skipped).
 
         ``write_lock`` is the buffer's: positions count from a settled window, not one
         that an in-flight extend has shrunk while it overwrites the oldest rows. A read
@@ -103,9 +126,17 @@ class RowReader:
         for _ in range(MAX_REDRAWS):
             with write_lock:
                 start, end = window.bounds()
-            pos_array, scalar = positions(pos, end - start)
-            out = self.gather(pos_array + start)
-            if window.bounds()[0] <= start:
+            if self.frames is None:
+                pos_array, scalar = positions(pos, end - start)
+                out = self.gather(pos_array + start)
+                oldest = start
+            else:  # positions count the rows that read back: not reset rows, not broken chains
+                counters = np.arange(start, end, dtype=np.int64)
+                readable = counters[self.frames.readable(counters, start, end)]
+                pos_array, scalar = positions(pos, len(readable))
+                out, oldest_read = self.rows(readable[pos_array], None)
+                oldest = int(oldest_read.min()) if len(oldest_read) else start
+            if window.bounds()[0] <= oldest:
                 return out, len(pos_array), scalar
         raise RuntimeError("getitem: rows were overwritten while being read, too many times")
 
@@ -124,29 +155,26 @@ class RowReader:
         ``[n]``, prioritized sampler) or None."""
         window = self.window
         idx, mass, k, drawn_start = self._draw(n)
-        out = self.gather(idx, into)
-        if k is not None:
-            self.nstep.rebuild(idx, k, out)
-        first_col = idx if idx.ndim == 1 else idx[:, 0]
+        out, oldest = self.rows(idx, k, into)
         lock = window.lock
         for _ in range(MAX_REDRAWS):
             with lock:  # inline, not bounds(): a call less on the hot path
                 start_now = window.start
-            # rows drawn from [start, end) are intact unless the window start passed them
-            # (the common case, a window that did not move, needs no scan of the draw)
-            if start_now == drawn_start or first_col.min() >= start_now:
+            # rows drawn from [start, end) are intact unless the window start passed the
+            # oldest row each read (the common case, a window that did not move, needs no
+            # scan of the draw)
+            if start_now == drawn_start or oldest.min() >= start_now:
                 break
-            stale = first_col < start_now
+            stale = oldest < start_now
             # rows overwritten while we copied them: their copy may be torn, redraw
             count = int(stale.sum())
             new_idx, new_mass, new_k, _ = self._draw(count)
-            fresh = self.gather(new_idx)
-            if new_k is not None:
-                self.nstep.rebuild(new_idx, new_k, fresh)
+            fresh, new_oldest = self.rows(new_idx, new_k)
             for key in fresh:  # not `out`: a caller's batch (into) also holds index and weight
                 out[key][stale] = fresh[key]
-            idx[stale] = new_idx
-            first_col = idx if idx.ndim == 1 else idx[:, 0]
+            idx[stale] = new_idx  # without frame stacks `oldest` is (a view of) idx
+            if self.frames is not None:
+                oldest[stale] = new_oldest
             if mass is not None:
                 mass[stale] = new_mass
         else:
@@ -173,14 +201,13 @@ class RowReader:
             idx, mass, _, _, drawn_start = window.draw_accepted(n, self.read_column)
         else:  # the common case, a call less
             idx, mass, _, _, drawn_start = window.draw(n)
-        if self.nstep is None:
+        if self.nstep is None and self.frames is None:
             return idx, mass, None, drawn_start
         # Rows whose n-step window is not complete (the episode goes on past the write
-        # cursor, or its next rows lie elsewhere) are drawn again.
-        # Only the redrawn rows are checked again.
-        with window.lock:
-            end = window.end
-        complete, k = self.nstep.windows(idx, end)
+        # cursor, or its next rows lie elsewhere) or whose frame stacks cannot be rebuilt
+        # (reset rows, chains that left the window) are drawn again. Only the redrawn
+        # rows are checked again.
+        complete, k = self._accept(idx)
         bad = np.flatnonzero(~complete if complete.ndim == 1 else ~complete.all(axis=1))
         for _ in range(MAX_REDRAWS):
             if not len(bad):
@@ -189,12 +216,30 @@ class RowReader:
             idx[bad] = new_idx
             if mass is not None:
                 mass[bad] = new_mass
-            with window.lock:
-                end = window.end
-            new_complete, k[bad] = self.nstep.windows(new_idx, end)
+            new_complete, new_k = self._accept(new_idx)
+            if k is not None:
+                k[bad] = new_k
             bad = bad[~new_complete if new_complete.ndim == 1 else ~new_complete.all(axis=1)]
+        if self.nstep is None:
+            raise ValueError(
+                f"sample: found no row whose frame stacks can be rebuilt in {MAX_REDRAWS} "
+                f"redraws: every row's {self.frames.size} frames before it must still be "
+                f"stored; insert more rows"
+            )
         raise ValueError(
             f"sample: found no rows with a complete {self.nstep.n}-step window in {MAX_REDRAWS} "
             f"redraws: each needs the next {self.nstep.n - 1} rows of its episode stored after it "
             f"(or its episode's end); insert more rows or use a smaller n_step"
         )
+
+    def _accept(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Which drawn counters a sample may return, and their n-step window lengths."""
+        window = self.window
+        with window.lock:
+            start, end = window.start, window.end
+        if self.nstep is None:
+            return self.frames.readable(idx, start, end), None
+        complete, k = self.nstep.windows(idx, end)
+        if self.frames is not None:
+            complete &= self.frames.readable(idx, start, end)
+        return complete, k

@@ -17,6 +17,11 @@ while the scan runs; after copying a chunk the scan re-reads the window start (t
 commit protocol moves it past rows before they are overwritten: ``window``), drops the
 rows it passed (their copy may be torn) and counts them as ``evicted``.
 
+A frame-stack buffer (``frames``) yields its rows as its readers return them:
+``schema`` is the logical one, and ``chunks`` rebuilds the ``observation`` stacks while
+the stored rows stream by (``frame_scan``), leaving out the reset rows and, counted as
+``unreadable``, the rows whose stacks cannot be rebuilt. ``read`` reads stored columns.
+
 Runs in any process that sees the directory (driver, a Ray task on the shard's node).
 A ``BufferFiles`` is not thread-safe (it owns open file handles); use one per thread.
 """
@@ -32,6 +37,8 @@ from typing import TypeVar
 import numpy as np
 
 from rlfleet.buffer.errors import BufferFormatError
+from rlfleet.buffer.frame_scan import FrameScan
+from rlfleet.buffer.frames import FrameStack
 from rlfleet.buffer.samplers import slot_ranges
 from rlfleet.buffer.storage import (
     FORMAT_VERSION,
@@ -65,7 +72,8 @@ def chunk_rows_for(schema: Schema | None) -> int:
 
 @dataclass
 class Chunk:
-    """Rows ``[first, first + len)`` by row counter (some may be dropped: ``evicted``).
+    """The rows of stored counters ``[first, first + covered - evicted)``, some dropped
+    (``evicted``; in a frame-stack buffer also ``resets`` and ``unreadable``).
 
     Attributes:
         arrays: ``{key path: [n, ...]}`` of the rows kept, oldest first.
@@ -75,6 +83,10 @@ class Chunk:
         done: rows of the scan's window covered so far, this chunk included.
         total: rows in the scan's window.
         source: which directory of ``scan_shards`` it came from (0 for a single scan).
+        resets: frame-stack buffers: the reset rows read, left out (they are no rows of
+            the buffer's, only the frame each episode starts from).
+        unreadable: frame-stack buffers: the rows read whose stacks cannot be rebuilt
+            (their chain reaches a row not read, or an ``UNKNOWN`` link), left out.
     """
 
     arrays: dict[tuple[str, ...], np.ndarray]
@@ -83,21 +95,36 @@ class Chunk:
     done: int
     total: int
     source: int = 0
+    resets: int = 0
+    unreadable: int = 0
 
     def __len__(self) -> int:
         return len(next(iter(self.arrays.values()))) if self.arrays else 0
+
+    @property
+    def covered(self) -> int:
+        """Stored rows of the window this chunk accounts for: returned, evicted or left out."""
+        return len(self) + self.evicted + self.resets + self.unreadable
 
 
 class BufferFiles:
     """The committed rows of one buffer directory, for reading only (see the module docstring).
 
     Build it with :meth:`open`; close it (or use it as a context manager) when done.
+
+    Attributes:
+        schema: the rows' ``{key path: (shape, dtype)}`` (None before the first extend).
+        stored_schema: the columns stored; differs from ``schema`` in a frame-stack buffer.
+        frame_stack: ``meta.json``'s ``"frame_stack"`` or None.
     """
 
-    def __init__(self, path: Path, schema: Schema | None, capacity: int, files: dict[tuple[str, ...], Path]) -> None:
+    def __init__(self, path: Path, schema: Schema | None, capacity: int, files: dict[tuple[str, ...], Path],
+                 frame_stack: dict | None = None) -> None:
         # private: use BufferFiles.open
         self.path = path
-        self.schema = schema
+        self.stored_schema = schema
+        self.frame_stack = frame_stack if schema is not None else None
+        self.schema = schema if self.frame_stack is None else FrameStack.logical_schema(frame_stack, schema)
         self.capacity = capacity
         self._files = files
         self._handles: dict[tuple[str, ...], io.BufferedReader] = {}
@@ -126,7 +153,7 @@ class BufferFiles:
         # sizes checked against the schema and capacity; nothing mapped: a copy-on-write
         # map of the whole buffer would count as this process's memory
         files = MemmapColumns.data_files(path / "data", schema, int(meta["capacity"]))
-        return cls(path, schema, int(meta["capacity"]), files)
+        return cls(path, schema, int(meta["capacity"]), files, meta.get("frame_stack"))
 
     def window(self) -> tuple[int, int]:
         """The committed window ``[start, end)`` of row counters, as stored now."""
@@ -134,12 +161,13 @@ class BufferFiles:
         return settled_window(start, end, self.capacity)
 
     def read(self, first: int, last: int, keys: Sequence[tuple[str, ...]] | None = None) -> dict[tuple[str, ...], np.ndarray]:
-        """Rows of counters ``[first, last)`` (at most a capacity), fresh arrays. Rows the
-        writer overwrites meanwhile may come back torn: ``chunks`` checks the window."""
+        """Stored rows of counters ``[first, last)`` (at most a capacity), fresh arrays of
+        ``keys`` of ``stored_schema`` (default all). Rows the writer overwrites meanwhile
+        may come back torn: ``chunks`` checks the window."""
         n = last - first
         out = {}
-        for key in keys if keys is not None else self.schema:
-            shape, dtype = self.schema[key]
+        for key in keys if keys is not None else self.stored_schema:
+            shape, dtype = self.stored_schema[key]
             array = np.empty((n, *shape), dtype=dtype)
             row = array.itemsize * int(np.prod(shape, dtype=np.int64))
             view = memoryview(array.reshape(-1).view(np.uint8)) if n else memoryview(b"")
@@ -154,10 +182,11 @@ class BufferFiles:
 
     def chunks(self, *, chunk_rows: int | None = None, keys: Sequence[tuple[str, ...]] | None = None,
                start: int | None = None, end: int | None = None) -> Iterator[Chunk]:
-        """The window's rows, oldest first, ``chunk_rows`` at a time (default: about 16 MB).
+        """The window's rows, oldest first, ``chunk_rows`` stored rows at a time (default:
+        about 16 MB); a frame-stack buffer's rebuilt (module docstring).
 
         Args:
-            keys: the keys to read (default all).
+            keys: the keys of ``schema`` to read (default all).
             start, end: read counters ``[max(start, window start), end)`` instead of the
                 window as it is now (another pass over a window an earlier one read).
         """
@@ -168,16 +197,21 @@ class BufferFiles:
         start = max(asked, now_start)
         end = now_end if end is None else min(end, now_end)
         total = max(0, end - start)
-        rows = chunk_rows or chunk_rows_for(self.schema)
+        rows = chunk_rows or chunk_rows_for(self.stored_schema)
+        frames = None if self.frame_stack is None else FrameScan(self.frame_stack, self.stored_schema, keys)
+        read_keys = keys if frames is None else frames.stored_keys
         cursor, skipped = start, max(0, min(start, end) - asked)  # gone since an earlier pass
         while cursor < end:
             last = min(cursor + rows, end)
-            arrays = self.read(cursor, last, keys)
+            arrays = self.read(cursor, last, read_keys)
             first_live = self.window()[0]
             drop = min(max(first_live - cursor, 0), last - cursor)  # the writer passed them
             if drop:
                 arrays = {k: v[drop:] for k, v in arrays.items()}
-            yield Chunk(arrays, cursor + drop, skipped + drop, last - start, total)
+            resets = unreadable = 0
+            if frames is not None:
+                arrays, resets, unreadable = frames.feed(arrays, cursor + drop)
+            yield Chunk(arrays, cursor + drop, skipped + drop, last - start, total, 0, resets, unreadable)
             skipped = max(0, min(first_live, end) - last)  # passed before we got there
             cursor = last + skipped
 

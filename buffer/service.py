@@ -37,7 +37,9 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from rlfleet.buffer.capacity import split_capacity
 from rlfleet.buffer.client import BufferClient
 from rlfleet.buffer.cluster import DEFAULT_CONNECT_TIMEOUT_S, init_ray
+from rlfleet.buffer.directory import check_frames_sampler
 from rlfleet.buffer.errors import ShardUnavailable
+from rlfleet.buffer.frames import check_frame_stack
 from rlfleet.buffer.indices import MAX_SHARDS
 from rlfleet.buffer.naming import (
     DEFAULT_NAMESPACE,
@@ -50,6 +52,7 @@ from rlfleet.buffer.naming import (
 )
 from rlfleet.buffer.rate_limiter import RateLimiterSpec
 from rlfleet.buffer.remote import DEFAULT_CONCURRENCY, shard_actor_class
+from rlfleet.buffer.sampling import check_sampler
 
 __all__ = ["MAX_SHARDS", "ReplayService"]
 
@@ -105,6 +108,7 @@ class ReplayService:
         seed: int | None = None,
         timeout_s: float = 120.0,
         namespace: str = DEFAULT_NAMESPACE,
+        frame_stack: str | Mapping[str, Any] | None = None,
     ) -> "ReplayService":
         """Start the shards of buffer ``name``, or reattach to them if they run.
 
@@ -139,6 +143,9 @@ class ReplayService:
             timeout_s: how long to wait for every shard to open its directory.
             namespace: the Ray namespace of the shard actors; clients and ``shutdown``
                 name the same one.
+            frame_stack: store each frame of stacked observations once
+                (``ReplayBuffer.create``'s ``frame_stack``); each client then writes all
+                its batches to one shard (``write_plan``).
 
         Raises:
             ValueError: a bad argument, or running shards that differ from the request.
@@ -163,6 +170,7 @@ class ReplayService:
         if durability not in ("process", "fsync"):
             raise ValueError(f"durability={durability!r}: must be 'process' or 'fsync'")
         limiter = RateLimiterSpec.from_mapping(rate_limiter).to_mapping()
+        check_frames_sampler(check_frame_stack(frame_stack), check_sampler(sampler))
         capacities = split_capacity(capacity, num_shards)
         # Ray not initialised: join RAY_ADDRESS's cluster, bounded, as BufferClient.connect
         # does; with no RAY_ADDRESS this raises, naming ray.init(address=...) as the fix.
@@ -190,7 +198,7 @@ class ReplayService:
             handles.append(actor_class.options(**options).remote(
                 name, k, num_shards, str(root / f"shard-{k}"), capacities[k], sampler,
                 limiter, durability, overcommit, None if seed is None else seed + k,
-                namespace=namespace,
+                namespace=namespace, frame_stack=frame_stack,
             ))
         service = cls(name, num_shards, handles, namespace)
         service._wait_ready(timeout_s)

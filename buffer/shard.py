@@ -92,6 +92,8 @@ class ReplayShard:
         export_metrics: export ``rlfleet_buffer_*`` through ``ray.util.metrics``.
         namespace: the Ray namespace of the service's shard actors (where shard 0, the
             keeper of a buffer-wide limiter, is found).
+        frame_stack: store each frame of the stacked observations once
+            (``ReplayBuffer.create``'s ``frame_stack``).
     """
 
     def __init__(
@@ -108,6 +110,7 @@ class ReplayShard:
         seed: int | None = None,
         export_metrics: bool = True,
         namespace: str = DEFAULT_NAMESPACE,
+        frame_stack: str | Mapping[str, Any] | None = None,
     ) -> None:
         self.name = buffer
         self.namespace = namespace
@@ -129,7 +132,7 @@ class ReplayShard:
             _clear_interrupted_create(self.path)
             self.buffer = ReplayBuffer.create(
                 self.path, capacity=capacity, sampler=sampler, durability=durability,
-                overcommit=overcommit, seed=seed,
+                overcommit=overcommit, seed=seed, frame_stack=frame_stack,
             )
         self.limiter: RateLimiter | SharedLimiter
         if uses_shared_limiter(self.limiter_spec, num_shards):
@@ -167,6 +170,7 @@ class ReplayShard:
             "sampler_type": self.buffer.sampler_type,
             "sampler": self.buffer.sampler,
             "schema": self.buffer.schema,
+            "frame_stack": self.buffer.frame_stack,
             "rate_limiter": self.limiter_spec.to_mapping(),
             "buffer_wide_limiter": isinstance(self.limiter, SharedLimiter),
             # what a client checks a priority update against before sending it
@@ -188,7 +192,9 @@ class ReplayShard:
         """Insert a flat batch (waits for the rate limiter).
 
         Returns ``{"first", "last", "state"}``: the batch got the local indices
-        ``first .. last - 1`` (an extend writes one contiguous run), and the shard's state.
+        ``first .. last - 1`` (an extend writes one contiguous run), and the shard's state;
+        or ``{"index", "state"}`` where the indices are not one run (a frame-stack buffer
+        writes a reset row before each episode's first step).
         Two ints instead of an index array: an array in a Ray reply costs about 0.2 ms
         per call, a seventh of a whole cartpole insert.
 
@@ -214,6 +220,9 @@ class ReplayShard:
         if self.metrics is not None:
             self.metrics.inserted(m, wait_s)
         first = int(index[0]) if len(index) else self.buffer.total_inserted
+        if len(index) and int(index[-1]) - first + 1 != len(index):
+            # a frame-stack buffer writes a reset row before each step 0: not one run
+            return {"index": index, "state": self.state()}
         return {"first": first, "last": first + len(index), "state": self.state()}
 
     def sample(self, n: int, timeout_s: float | None = None) -> dict[str, Any]:

@@ -103,6 +103,8 @@ class ShardTable:
         # whether a shard's limiter may hold an insert (samples_per_insert set)
         self.inserts_wait = first["rate_limiter"].get("samples_per_insert") is not None
         self.schema = next((e.info["schema"] for e in entries if e.info["schema"]), None)
+        # a frame-stack buffer: each client writes to one shard (write_plan's home)
+        self.frame_stack = first.get("frame_stack") is not None
         self._polls: dict[Any, int] = {}  # state calls in flight -> shard
         self._polled_at = time.monotonic()  # connect just read every state
         self._poll_lock = threading.Lock()

@@ -29,6 +29,14 @@ contiguous chunk keeps every segment whole except at its cuts, and each cut move
 the nearest change of ``episode_id`` within an eighth of a chunk (an env boundary when
 the envs divide evenly, the end of an episode otherwise).
 
+Why one shard per client for a frame-stack buffer (``home``): its rows link to the row
+before them in their episode, in the same shard (``frames``), and a collector's envs
+carry their episodes from batch to batch. So every batch of one client goes whole to its
+home shard (``home_shard``): collector ``c``'s is writer ``c mod W``, so a fleet's
+collectors spread evenly over the W shards of their node. A batch sent elsewhere (the home shard is not a writer of
+this node any more) starts its episodes' chains anew there: their first rows cannot be
+rebuilt and are never sampled, nothing wrong is returned.
+
 Why whole batches when the limiter may hold inserts: it admits each call on its own, so
 chunks of one batch could be stored in part when the wait times out, and a timed-out
 extend must store nothing.
@@ -36,11 +44,12 @@ extend must store nothing.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["MIN_CHUNK_BYTES", "chunk_count", "cut_points", "plan_write"]
+__all__ = ["MIN_CHUNK_BYTES", "chunk_count", "cut_points", "home_shard", "plan_write"]
 
 MIN_CHUNK_BYTES = 16 << 20
 
@@ -73,8 +82,18 @@ def cut_points(rows: int, parts: int, episode_id: np.ndarray | None = None) -> l
     return cuts
 
 
+def home_shard(writers: Sequence[int], collector_id: np.ndarray | None) -> int:
+    """The shard every batch of a client of a frame-stack buffer goes to: writer
+    ``collector_id mod len(writers)`` for the collector that wrote the first batch (its
+    first row's ``collector_id``), a random writer for rows without one."""
+    if collector_id is not None and np.asarray(collector_id).size:
+        return writers[int(np.asarray(collector_id).reshape(-1)[0]) % len(writers)]
+    return writers[int.from_bytes(os.urandom(2), "little") % len(writers)]
+
+
 def plan_write(rows: int, nbytes: int, writers: Sequence[int], inserted: Sequence[int], turn: int,
-               *, split: bool, episode_id: np.ndarray | None = None) -> list[tuple[int, int, int]]:
+               *, split: bool, episode_id: np.ndarray | None = None,
+               home: int | None = None) -> list[tuple[int, int, int]]:
     """The calls of one extend: ``[(shard, first row, end row), ...]`` in batch order.
 
     Args:
@@ -85,7 +104,11 @@ def plan_write(rows: int, nbytes: int, writers: Sequence[int], inserted: Sequenc
         turn: a counter that advances per extend, to break ties in turn.
         split: whether the batch may be cut (inserts never wait).
         episode_id: the batch's ``episode_id`` ``[rows]``, where cuts prefer to fall.
+        home: the shard every batch of this client goes to whole (a frame-stack buffer),
+            when it is one of ``writers``.
     """
+    if home is not None and home in writers:
+        return [(home, 0, rows)]
     n = len(writers)
     # least filled first; among equals, the one whose turn it is
     order = sorted(range(n), key=lambda i: (inserted[writers[i]], (i - turn) % n))

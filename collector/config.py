@@ -16,7 +16,7 @@ from typing import Any
 
 __all__ = ["CollectorConfig", "EnvConfig", "ExplorationConfig", "PolicyConfig"]
 
-VECTORIZATIONS = ("sync", "async")
+VECTORIZATIONS = ("sync", "async", "envpool")
 EXPLORATIONS = ("epsilon_greedy", "gaussian", "sample", "greedy")
 POLICY_TYPES = ("mlp", "cnn", "nature_cnn")
 
@@ -41,11 +41,15 @@ class EnvConfig:
 
     Attributes:
         id: A registered gymnasium id (``"CartPole-v1"``) or ``"package.module:callable"``
-            naming a function (or class) that returns a ``gymnasium.Env``.
-        kwargs: Keyword arguments passed to ``gymnasium.make`` or to the callable.
+            naming a function (or class) that returns a ``gymnasium.Env``; with
+            ``vectorization: envpool``, an EnvPool task id (``"Pong-v5"``).
+        kwargs: Keyword arguments passed to ``gymnasium.make``, to the callable, or to
+            ``envpool.make`` (Atari preprocessing, ``num_threads``: see ``envpool_env``).
         num_envs: Envs per collector actor, stepped together as one vector env.
         vectorization: ``"sync"`` (all envs in the actor's process; fastest for cheap
-            envs such as CartPole) or ``"async"`` (one subprocess per env).
+            envs such as CartPole), ``"async"`` (one subprocess per env) or ``"envpool"``
+            (one EnvPool pool of C++ envs stepped in one batched call; needs
+            ``rlfleet[envpool]`` and no wrappers).
         wrappers: Applied in order to each single env. Each entry is a name from
             ``gymnasium.wrappers`` (``"FlattenObservation"``), a ``"package.module:callable"``
             path, or a mapping ``{"type": <either of those>, **kwargs}``.
@@ -76,6 +80,12 @@ class EnvConfig:
                     f"env.wrappers[{i}] = {w!r}: must be a wrapper name, 'package.module:callable', "
                     "or a mapping with a 'type' key"
                 )
+        if self.vectorization == "envpool" and self.wrappers:
+            raise ValueError(
+                f"env.wrappers = {list(self.wrappers)!r} with env.vectorization = 'envpool': "
+                "EnvPool envs take no gymnasium wrappers; set env.wrappers to [] and configure "
+                "EnvPool's own preprocessing through env.kwargs (e.g. stack_num, frame_skip)"
+            )
         # Lists from YAML become tuples so the config stays immutable.
         object.__setattr__(self, "wrappers", tuple(self.wrappers))
 

@@ -23,6 +23,10 @@ K envs in a plain Python loop with the same ``SAME_STEP`` semantics. That skips 
 vector wrapper adds per env and step (re-iterating the actions through the vector action
 space, merging every info dict, stacking): with 32 CartPole envs the loop steps as fast
 as bare envs do, and a whole collector measured about 30 % more frames per CPU second.
+
+``vectorization: envpool`` builds an EnvPool pool instead (``envpool_env``, which also
+keeps EnvPool's next-step autoreset out of sight); ``VectorStepper`` steps it with one
+batched call.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import gymnasium
 import numpy as np
 
 from rlfleet.collector.config import EnvConfig
+from rlfleet.collector.envpool_env import EnvPoolEnv, EnvPoolVectorEnv, reset_envpool
 from rlfleet.collector.user_code import import_attr
 
 __all__ = ["VectorStepper", "derive_seeds", "make_env", "make_vector_env"]
@@ -125,7 +130,8 @@ def make_env(env: EnvConfig, *, seed: int | None = None) -> gymnasium.Env:
     """Build one env from the config, wrappers applied.
 
     Args:
-        env: Which env, its kwargs and wrappers (``num_envs`` is ignored here).
+        env: Which env, its kwargs and wrappers (``num_envs`` is ignored here). With
+            ``vectorization: envpool``, a one-env EnvPool pool (``EnvPoolEnv``).
         seed: If given, the env is reset once with it and its action and observation
             spaces are seeded with it.
 
@@ -137,6 +143,12 @@ def make_env(env: EnvConfig, *, seed: int | None = None) -> gymnasium.Env:
             import, an unknown wrapper, or a callable that does not return an Env.
     """
     _check_config(env)
+    if env.vectorization == "envpool":
+        made: gymnasium.Env = EnvPoolEnv(env.id, env.kwargs, seed=0 if seed is None else seed)
+        if seed is not None:
+            made.action_space.seed(seed)
+            made.observation_space.seed(seed)
+        return made
     factory = _env_factory(env.id, env.kwargs)
     wrappers = [_wrapper(w, i) for i, w in enumerate(env.wrappers)]
     made = factory()
@@ -168,6 +180,10 @@ def make_vector_env(env: EnvConfig, *, seed: int) -> gymnasium.vector.VectorEnv:
 def reset_vector_env(env: EnvConfig, *, seed: int) -> tuple[gymnasium.vector.VectorEnv, np.ndarray]:
     """Like ``make_vector_env``, also returning the first observation ``[num_envs, *obs_shape]``."""
     _check_config(env)
+    if env.vectorization == "envpool":
+        venv, obs = reset_envpool(env, derive_seeds(seed, env.num_envs))
+        venv.action_space.seed(seed)
+        return venv, obs
     # Checks id and wrappers in this process before any subprocess starts.
     _env_factory(env.id, env.kwargs)
     for i, w in enumerate(env.wrappers):
@@ -197,8 +213,9 @@ class VectorStepper:
 
     Runs in the collector's process; not thread-safe (one per vector env). For a
     ``SyncVectorEnv`` it steps ``venv.envs`` itself in a loop, exactly as the vector env
-    would in ``SAME_STEP`` mode (env j that ends is reset in the same call); any other
-    vector env (``AsyncVectorEnv``) is stepped through its own ``step``. The vector env
+    would in ``SAME_STEP`` mode (env j that ends is reset in the same call); an EnvPool
+    pool in one batched call (``EnvPoolVectorEnv.step_into``); any other vector env
+    (``AsyncVectorEnv``) through its own ``step``. The vector env
     stays the owner of the envs: close it, not this.
 
     Args:
@@ -215,6 +232,7 @@ class VectorStepper:
         self.venv = venv
         self.num_envs = venv.num_envs
         self._envs = list(venv.envs) if isinstance(venv, gymnasium.vector.SyncVectorEnv) else None
+        self._step_into = venv.step_into if isinstance(venv, EnvPoolVectorEnv) else None
 
     def step(self, actions: Any, next_obs: np.ndarray) -> _StepResult:
         """One step of every env.
@@ -231,6 +249,8 @@ class VectorStepper:
             where ``resets`` maps each env that ended to the first observation of its
             next episode.
         """
+        if self._step_into is not None:
+            return self._step_into(actions, next_obs)
         if self._envs is None:
             return self._step_vector(actions, next_obs)
         rewards, terminations, truncations = [], [], []

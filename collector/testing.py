@@ -92,8 +92,10 @@ class PixelCountingEnv(CountingEnv):
     """``CountingEnv`` with uint8 image observations ``[C, H, W]``: channel ``c`` of every
     frame is filled with byte ``c`` of ``tag``, ``episode`` and ``step`` written as three
     little-endian 16-bit numbers (so ``C >= 6``; the numbers wrap at 65,536), and pixel
-    ``(c, 0, 0)`` of channel ``c >= 6`` holds ``c``. :func:`decode_pixels` reads frames back
-    to ``[tag, episode, step]``. Importable by Ray workers as
+    ``(c, 0, 0)`` of channel ``c >= 6`` holds ``c``. With a grey ``shape`` ``[H, W]``
+    (``W >= 6``, as Atari frames before stacking) row 0 holds those 6 bytes and the other
+    rows are filled with them. :func:`decode_pixels` reads frames back to ``[tag, episode,
+    step]``. Importable by Ray workers as
     ``"rlfleet.collector.testing:PixelCountingEnv"``; the policy sees an image and builds
     its CNN, so rows, datasets and samplers meet real pixel rows.
 
@@ -105,23 +107,32 @@ class PixelCountingEnv(CountingEnv):
     def __init__(self, max_length: int = 7, num_actions: int = 2, shape: tuple[int, int, int] = (6, 16, 16)) -> None:
         super().__init__(max_length=max_length, num_actions=num_actions)
         shape = tuple(int(d) for d in shape)
-        if len(shape) != 3 or shape[0] < 6 or min(shape) < 1:
-            raise ValueError(f"PixelCountingEnv: shape = {shape}: must be [C, H, W] with C >= 6")
+        if not ((len(shape) == 3 and shape[0] >= 6) or (len(shape) == 2 and shape[1] >= 6)) or min(shape) < 1:
+            raise ValueError(
+                f"PixelCountingEnv: shape = {shape}: must be [C, H, W] with C >= 6, or grey [H, W] with W >= 6"
+            )
         self.observation_space = gymnasium.spaces.Box(0, 255, shape, np.uint8)
 
     def _obs(self) -> np.ndarray:
+        numbers = np.array([self.tag, self.episode, self.step_count], dtype=np.int64).astype("<u2")  # mod 65,536
+        if len(self.observation_space.shape) == 2:
+            h, w = self.observation_space.shape
+            frame = np.zeros((h, w), dtype=np.uint8)
+            frame[:, :6] = numbers.view(np.uint8)
+            return frame
         c, h, w = self.observation_space.shape
         frame = np.zeros((c, h, w), dtype=np.uint8)
-        numbers = np.array([self.tag, self.episode, self.step_count], dtype=np.int64).astype("<u2")  # mod 65,536
         frame[:6] = numbers.view(np.uint8)[:, None, None]
         frame[6:, 0, 0] = np.arange(6, c, dtype=np.uint8)
         return frame
 
 
-def decode_pixels(frames: np.ndarray) -> np.ndarray:
+def decode_pixels(frames: np.ndarray, *, grey: bool = False) -> np.ndarray:
     """``[..., C, H, W]`` uint8 frames of ``PixelCountingEnv`` -> int64 ``[..., 3]``
-    ``[tag, episode, step]`` (each modulo 65,536), read from pixel ``(0, 0)``."""
-    corner = np.ascontiguousarray(np.asarray(frames)[..., :6, 0, 0])
+    ``[tag, episode, step]`` (each modulo 65,536), read from pixel ``(0, 0)``; with
+    ``grey``, ``[..., H, W]`` frames, read from row 0."""
+    frames = np.asarray(frames)
+    corner = np.ascontiguousarray(frames[..., 0, :6] if grey else frames[..., :6, 0, 0])
     return corner.view("<u2").astype(np.int64)
 
 

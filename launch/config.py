@@ -287,6 +287,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _checked_by(lambda: check_name(self.name, argument="name"))
+        self.buffer.frame_stack_spec(self.env)  # raises ConfigError for what the buffer cannot store
         n_step = self.learner.n_step
         sampler = self.buffer.sampler
         if sampler.n_step is not None:

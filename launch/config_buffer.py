@@ -19,7 +19,22 @@ from rlfleet.buffer.rate_limiter import RateLimiterSpec
 from rlfleet.buffer.sampling import check_n_step, check_sampler
 from rlfleet.launch.config_loader import ConfigError, check_choices
 
-__all__ = ["BufferConfig", "NStepConfig", "RateLimiterConfig", "SamplerConfig"]
+__all__ = ["BufferConfig", "NStepConfig", "RateLimiterConfig", "SamplerConfig", "stacking_wrapper"]
+
+FRAME_STACK_WRAPPERS = ("FrameStackObservation", "gymnasium.wrappers:FrameStackObservation")
+
+
+def stacking_wrapper(env: Any) -> dict[str, Any] | None:
+    """The kwargs of the env's last wrapper when it is gymnasium's ``FrameStackObservation``
+    (its observations are then ``[stack_size, *frame]`` stacks), else None."""
+    wrappers = tuple(getattr(env, "wrappers", ()) or ())
+    if not wrappers:
+        return None
+    last = wrappers[-1]
+    name = last.get("type") if isinstance(last, dict) or hasattr(last, "get") else last
+    if name not in FRAME_STACK_WRAPPERS:
+        return None
+    return {k: v for k, v in last.items() if k != "type"} if hasattr(last, "items") else {}
 
 
 def _checked_by(check: Callable[..., Any], *args: Any, words: tuple[str, str] = ("", "")) -> Any:
@@ -144,6 +159,10 @@ class BufferConfig:
         node_resource: a custom Ray resource naming the nodes that may hold shards
             (e.g. ``rlfleet_buffer``, as the cluster files declare it); None: any node.
         overcommit: allow a capacity beyond the free disk (sparse files).
+        frame_stack: whether observations are frame stacks stored one frame per row
+            (``rlfleet.buffer.frames``): ``auto`` (when the env's wrappers end in
+            gymnasium's ``FrameStackObservation``, with its ``padding_type``), ``reset`` or
+            ``zero`` (declared, with that padding), or ``off`` (stacks stored as they come).
     """
 
     path: str | None = None
@@ -155,6 +174,7 @@ class BufferConfig:
     placement: Literal["spread", "pack"] = "spread"
     node_resource: str | None = None
     overcommit: bool = False
+    frame_stack: Literal["auto", "reset", "zero", "off"] = "auto"
 
     def __post_init__(self) -> None:
         # one grammar for YAML, overrides and the Python API: the buffer's
@@ -166,10 +186,13 @@ class BufferConfig:
                 f"node_resource: {self.node_resource!r} is not a Ray resource name (e.g. 'rlfleet_buffer')"
             )
 
-    def service_kwargs(self) -> dict[str, Any]:
+    def service_kwargs(self, env: Any = None, observation_space: Any = None) -> dict[str, Any]:
         """Keyword arguments for ``ReplayService.launch`` besides ``name``, ``path`` and
-        where the shards run (``nodes``, ``detached``, ``seed``, ``namespace``)."""
+        where the shards run (``nodes``, ``detached``, ``seed``, ``namespace``);
+        ``env`` (the run's ``EnvConfig``) and its ``observation_space`` decide
+        ``frame_stack: auto`` (``frame_stack_spec``)."""
         return {
+            "frame_stack": self.frame_stack_spec(env, observation_space),
             "capacity": self.capacity,
             "num_shards": self.num_shards,
             "sampler": self.sampler.to_mapping(),
@@ -178,3 +201,46 @@ class BufferConfig:
             "placement": self.placement,
             "overcommit": self.overcommit,
         }
+
+    def frame_stack_spec(self, env: Any = None, observation_space: Any = None) -> dict[str, Any] | None:
+        """``ReplayBuffer.create``'s ``frame_stack`` for this config and the run's env.
+
+        ``auto`` is on for an env whose last wrapper is ``FrameStackObservation``, and
+        for an EnvPool env (``vectorization: envpool``) whose ``observation_space`` (when
+        given) is uint8 ``[stack_num, H, W]`` with ``stack_num`` (``env.kwargs``, EnvPool's
+        Atari default 4) above 1: EnvPool's Atari stacks pad a reset with its first frame.
+
+        Raises:
+            ConfigError: ``auto`` meets a ``FrameStackObservation`` whose padding the
+                buffer cannot rebuild (a custom padding observation).
+        """
+        if self.frame_stack == "off":
+            return None
+        if self.frame_stack in ("reset", "zero"):
+            spec = {"key": "observation", "padding": self.frame_stack}
+        elif getattr(env, "vectorization", None) == "envpool":
+            stack = int(dict(env.kwargs).get("stack_num", 4))
+            shape = getattr(observation_space, "shape", None)
+            if stack < 2 or shape is None or len(shape) != 3 or shape[0] != stack \
+                    or getattr(observation_space, "dtype", None) != "uint8":
+                return None
+            spec = {"key": "observation", "padding": "reset"}
+        else:
+            stacking = stacking_wrapper(env)
+            if stacking is None:
+                return None
+            spec = {"key": "observation", "padding": stacking.get("padding_type", "reset")}
+        if spec["padding"] not in ("reset", "zero"):
+            raise ConfigError(
+                f"buffer.frame_stack: auto found FrameStackObservation with padding_type={spec['padding']!r}, "
+                f"which the buffer cannot rebuild; use padding_type 'reset' or 'zero', or set "
+                f"buffer.frame_stack=off to store the stacks as they come"
+            )
+        if self.sampler.type not in ("uniform", "prioritized"):
+            how = "the env's FrameStackObservation" if self.frame_stack == "auto" else "frame_stack"
+            raise ConfigError(
+                f"buffer.sampler.type={self.sampler.type!r}: {how} makes the buffer store each frame "
+                f"once, which the uniform and prioritized samplers rebuild, not this one yet; choose "
+                f"one of those, or set buffer.frame_stack=off to store the stacks as they come"
+            )
+        return spec

@@ -97,6 +97,8 @@ def export_dataset_command(args: argparse.Namespace) -> int:
         print(f"skipped episodes: {result.cut} cut by the ring (first rows overwritten), "
               f"{result.unfinished} unfinished (no done row yet), {result.inconsistent} inconsistent, "
               f"{result.missing} overwritten during the export")
+    if result.unreadable:
+        print(f"left out {result.unreadable} rows whose frame stacks reach frames no longer stored")
     print(f"read {result.rows_read} rows in {result.seconds:.1f} s: {result.rows_per_s:,.0f} rows/s; {result.where}")
     if result.spaces:
         print(f"spaces: {result.spaces}")

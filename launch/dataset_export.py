@@ -26,6 +26,13 @@ Where it runs:
   process already has Ray or ``RAY_ADDRESS`` is set: looking never starts a cluster),
   Ray tasks read the shards on their own nodes (``dataset_service``).
 
+Frame-stack buffers (``frame_stack``): the rows go out as the buffer's readers return
+them, ``observation`` and ``next.observation`` stacks rebuilt (``rlfleet.buffer.
+frame_scan``), without the stored ``frame_stack`` columns and reset rows. Rows whose
+stacks cannot be rebuilt (their frames no longer stored, or stored in another shard or
+before a reopen) are left out and counted as ``unreadable``; an episode that loses one
+is cut.
+
 Spaces (Minari): the run's env (``config.yaml``), or ``env`` (an id, for a buffer
 without a run directory), else Box spaces of each key's stored shape and dtype over the
 dtype's range (uint8: 0..255; an integer action becomes a Box, not a Discrete).
@@ -73,7 +80,9 @@ class ExportResult:
     """What ``export_dataset`` did. ``cut``, ``unfinished`` and ``inconsistent`` are None
     with ``all_rows`` (nothing is assembled then). ``evicted``: rows a live writer
     overwrote before the export read them (their episodes are counted as ``missing``,
-    or, when gone before the first pass, not seen at all)."""
+    or, when gone before the first pass, not seen at all). ``unreadable``: rows of a
+    frame-stack buffer whose stacks could not be rebuilt, left out (their episodes are
+    counted as ``cut``)."""
 
     out: str
     format: str
@@ -87,6 +96,7 @@ class ExportResult:
     seconds: float
     where: str
     evicted: int = 0
+    unreadable: int = 0
     spaces: str = ""
     load: list[str] = field(default_factory=list)
 
@@ -316,8 +326,8 @@ class _Export:
             out=str(self.out), format=self.format, rows_read=c.rows_read, rows_exported=c.rows,
             episodes=c.episodes, cut=counts.get("cut"), unfinished=counts.get("unfinished"),
             inconsistent=None if plan is None else counts.get("inconsistent", 0) + c.inconsistent,
-            missing=c.missing, seconds=seconds, where=done.where, evicted=c.evicted, spaces=self.space_note,
-            load=load,
+            missing=c.missing, seconds=seconds, where=done.where, evicted=c.evicted, unreadable=c.unreadable,
+            spaces=self.space_note, load=load,
         )
 
 

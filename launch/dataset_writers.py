@@ -227,7 +227,8 @@ class PartCounts:
         rows_read: rows read from the buffer. rows: rows (steps) written.
         episodes: whole episodes written. missing: planned episodes whose rows never all
         arrived. inconsistent: planned episodes refused. evicted: rows a live writer
-        overwrote before the scan read them.
+        overwrote before the scan read them. unreadable: frame-stack buffers: rows read
+        whose stacks could not be rebuilt (``scan.Chunk``), left out.
     """
 
     rows_read: int = 0
@@ -236,6 +237,7 @@ class PartCounts:
     missing: int = 0
     inconsistent: int = 0
     evicted: int = 0
+    unreadable: int = 0
 
     def __add__(self, other: "PartCounts") -> "PartCounts":
         return PartCounts(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
@@ -249,7 +251,7 @@ def index_shards(files: Sequence[BufferFiles], windows: Sequence[tuple[int, int]
     for chunk in scan_shards(files, keys=INDEX_KEYS, windows=windows, chunk_rows=1 << 16):
         index.add(chunk.arrays[EPISODE_ID], chunk.arrays[STEP], chunk.arrays[DONE])
         if on_rows is not None:
-            on_rows(len(chunk) + chunk.evicted)
+            on_rows(chunk.covered)
     return index.table()
 
 
@@ -263,8 +265,9 @@ def write_chunks(chunks: Iterable[Chunk], writer: Writer, assembler: EpisodeAsse
         for chunk in chunks:
             counts.rows_read += len(chunk)
             counts.evicted += chunk.evicted
+            counts.unreadable += chunk.unreadable
             if on_rows is not None:
-                on_rows(len(chunk) + chunk.evicted)
+                on_rows(chunk.covered)
             if assembler is None:
                 writer.add_rows(chunk.arrays)
                 continue

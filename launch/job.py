@@ -340,7 +340,8 @@ def run(
         phase("placement groups reserved")
         session.service = ReplayService.launch(
             run_name, buffer_path, detached=False, seed=config.seed, namespace=namespace,
-            nodes=list(session.placement.shard_nodes), **config.buffer.service_kwargs()
+            nodes=list(session.placement.shard_nodes),
+            **config.buffer.service_kwargs(config.env, observation_space),
         )
         session.client = session.service.client(seed=config.seed)
         phase("replay service ready")

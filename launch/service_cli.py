@@ -128,7 +128,7 @@ def serve(args: argparse.Namespace) -> int:
     try:
         service = ReplayService.launch(
             config.name, path.absolute(), nodes=nodes, detached=True, seed=config.seed,
-            namespace=namespace, **buf.service_kwargs(),
+            namespace=namespace, **buf.service_kwargs(config.env),
         )
     except (ValueError, OSError) as e:
         return _fail(str(e))

@@ -28,7 +28,7 @@ def test_lists_and_mappings_from_yaml_are_coerced():
     [
         (lambda: EnvConfig(num_envs=0), r"env.num_envs = 0: must be an integer >= 1"),
         (lambda: EnvConfig(num_envs=2.5), r"env.num_envs = 2.5: must be an integer >= 1"),
-        (lambda: EnvConfig(vectorization="threads"), r"env.vectorization = 'threads': must be one of \['sync', 'async'\]"),
+        (lambda: EnvConfig(vectorization="threads"), r"env.vectorization = 'threads': must be one of \['sync', 'async', 'envpool'\]"),
         (lambda: EnvConfig(id=""), r"env.id = '': must be a gymnasium id"),
         (lambda: EnvConfig(wrappers=[{"max_episode_steps": 3}]), r"env.wrappers\[0\] = .*mapping with a 'type' key"),
         (lambda: CollectorConfig(num_workers=0), r"collector.num_workers = 0: must be an integer >= 1"),

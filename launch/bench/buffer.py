@@ -14,7 +14,9 @@ Every figure is printed beside a limit measured in the same run on the same shap
   like a sampler they reach rows all over the files (a pool of 64 batches touched 16k
   cartpole rows, 0.7 MB, which stay in a core's L2 cache: a limit no sampler meets);
 - prioritized sample + ``update_priority`` against the uniform sample rate;
-- sequence samples (32 slices of 8) in a 10M-row buffer against a 100k-row one.
+- sequence samples (32 slices of 8) in a 10M-row buffer against a 100k-row one;
+- for ``atari``, real Pong rows stored one frame per row: bytes per transition, and
+  stacked 3-step samples against a gather of the same frames (``frames``).
 
 Figures are medians over repeats after a warm-up; within a repeat each figure and its
 limits take turns, so a busy machine slows them alike and the ratios stay meaningful.
@@ -66,7 +68,12 @@ QUICK_ROWS = {"cartpole": 20_000, "atari": 2_000}
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run, not a measurement")
     parser.add_argument("--dir", default=None, help="scratch directory (default: the system temp dir)")
-    parser.add_argument("--schemas", default="cartpole,atari", help="comma-separated: cartpole, atari")
+    parser.add_argument("--schemas", "--schema", default="cartpole,atari", help="comma-separated: cartpole, atari")
+    parser.add_argument("--frame-rows", type=int, default=None,
+                        help="transitions of the Pong frame-stack buffer (atari; default 1,000,000)")
+    parser.add_argument("--cold", action="store_true",
+                        help="Pong frame stacks: sample with the page cache dropped, against cold pread "
+                             "(for a --frame-rows buffer larger than RAM)")
     parser.add_argument("--repeats", type=int, default=5, help="repeats per figure (the median is printed)")
 
 
@@ -299,6 +306,11 @@ def main(args: argparse.Namespace) -> int:
             if name not in SCHEMAS:
                 raise SystemExit(f"bench buffer: unknown schema {name!r}; choose from {', '.join(SCHEMAS)}")
             _bench_schema(name, root, rows_for[name], repeats, args.quick, report)
+            if name == "atari":
+                from rlfleet.launch.bench.frames import bench_frames
+
+                frame_rows = args.frame_rows or (20_000 if args.quick else 1_000_000)
+                bench_frames(root, frame_rows, repeats, args.quick, report, _interleaved, cold=args.cold)
         sizes = (10_000, 100_000) if args.quick else (100_000, 10_000_000)
         _bench_sequence(root, sizes, repeats, args.quick, report)
     finally:
