@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from rlfleet.buffer.capacity import free_disk_bytes, human_bytes, parse_capacity
-from rlfleet.buffer.frames import SAMPLERS as FRAME_SAMPLERS
 from rlfleet.buffer.frames import check_frame_stack
 from rlfleet.buffer.indices import MAX_TAG
 from rlfleet.buffer.samplers import Sampler, make_sampler
@@ -63,7 +62,6 @@ def create_directory(path: Path, capacity: int | str, sampler: str | Mapping[str
     rows, nbytes = parse_capacity(capacity)
     spec = check_sampler(sampler)
     frames = check_frame_stack(frame_stack)
-    check_frames_sampler(frames, spec)
     if durability not in DURABILITIES:
         raise ValueError(f"durability={durability!r}: choose one of {', '.join(DURABILITIES)}")
     if nbytes is not None and not overcommit:
@@ -109,11 +107,6 @@ def open_directory(path: Path, sampler: str | Mapping[str, Any] | None) -> tuple
             if read_only:
                 header.close()
                 raise format1_error(f"open: sampler={sampler!r}", path)
-            try:
-                check_frames_sampler(meta.get("frame_stack"), spec)
-            except ValueError:
-                header.close()
-                raise
             if meta.get("schema") is not None:
                 make_sampler(spec).check_schema(schema_from_json(meta["schema"]))
             if spec["type"] == "prioritized" and meta["sampler"]["type"] != "prioritized":
@@ -155,19 +148,8 @@ def map_files(path: Path, meta: dict[str, Any], schema: Schema, sampler: Sampler
     if create:
         meta = dict(meta, schema=schema_to_json(schema), capacity=capacity)
         write_meta(path, meta)  # the schema is recorded only once the files exist
-    sampler.bind_columns(columns.views)
+    sampler.bind_columns(columns.read_views)
     return meta, columns
-
-
-def check_frames_sampler(frames: Mapping[str, Any] | None, sampler: Mapping[str, Any]) -> None:
-    """Raise ``ValueError`` for a frame-stack buffer with a sampler that cannot serve it yet."""
-    if frames is not None and sampler["type"] not in FRAME_SAMPLERS:
-        raise ValueError(
-            f"sampler={sampler['type']!r} with frame_stack: a frame-stack buffer samples with "
-            f"{' or '.join(FRAME_SAMPLERS)} (with or without n_step); the {sampler['type']} "
-            f"sampler does not rebuild stacks yet. Choose one of those, or create the buffer "
-            f"without frame_stack"
-        )
 
 
 def check_free_disk(path: Path, nbytes: int, capacity: int | str) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-__all__ = ["chains", "nstep_windows", "stack_slots"]
+__all__ = ["chains", "nstep_returns", "nstep_windows", "stack_slots"]
 
 START = -1  # as frames.START / frames.UNKNOWN (numba reads module globals as constants)
 UNKNOWN = -2
@@ -113,3 +113,17 @@ def nstep_windows(episode: np.ndarray, step: np.ndarray, done: np.ndarray, idx: 
                 ks[r] = j + 1
                 break
     return complete, ks
+
+
+@numba.njit(cache=True, nogil=True)
+def nstep_returns(reward: np.ndarray, idx: np.ndarray, k: np.ndarray, powers: np.ndarray, cap: int,
+                  total: np.ndarray) -> None:
+    """``total[r] = sum_{j < k[r]} powers[j] * reward[(idx[r] + j) % cap]``; ``reward`` is
+    ``[cap, d]``, ``total`` float64 ``[n, d]``."""
+    for r in range(idx.shape[0]):
+        for c in range(total.shape[1]):
+            total[r, c] = 0.0
+        for j in range(k[r]):
+            slot = (idx[r] + j) % cap
+            for c in range(total.shape[1]):
+                total[r, c] += powers[j] * reward[slot, c]

@@ -59,7 +59,6 @@ START = -1  # the link of a reset row
 UNKNOWN = -2  # the link of a row whose predecessor is not in this buffer
 PADDINGS = ("reset", "zero")
 NEEDED = (("episode_id",), ("step",), ("next", "done"))
-SAMPLERS = ("uniform", "prioritized")
 
 
 def check_frame_stack(spec: Any) -> dict[str, Any] | None:
@@ -279,9 +278,11 @@ class FrameStack:
 
     # ------------------------------------------------------------------ the readers
     def readable(self, idx: np.ndarray, start: int, end: int) -> np.ndarray:
-        """Which row counters ``idx`` ``[n]`` are transitions whose stacks can be rebuilt
-        from rows in ``[start, end)``."""
-        return frame_kernels.chains(self.prev, self.step, idx, self.capacity, start, end, self.size + 1, True)
+        """Which row counters ``idx`` (any shape) are transitions whose stacks can be
+        rebuilt from rows in ``[start, end)``."""
+        flat = idx.reshape(-1)
+        ok = frame_kernels.chains(self.prev, self.step, flat, self.capacity, start, end, self.size + 1, True)
+        return ok.reshape(idx.shape)
 
     def _next_stacks(self, idx: np.ndarray, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
         """The next stacks of stored rows ``idx`` ``[n]`` and whether they rebuild."""
@@ -291,23 +292,30 @@ class FrameStack:
         return out[self.next_key], valid
 
     def rebuild(self, idx: np.ndarray, last: np.ndarray | None, out: dict[tuple[str, ...], np.ndarray]) -> np.ndarray:
-        """Write the ``observation`` and ``next.observation`` stacks of rows ``idx`` ``[n]``
-        into ``out`` (fresh arrays unless ``out`` holds them); the next stack is that of
-        row ``last`` (n-step: the window's last row, ``idx + k - 1``; None: ``idx``).
-        Returns the oldest counter each row read (``[n]``), for the overwrite check."""
-        n, k = len(idx), self.size
+        """Write the ``observation`` and ``next.observation`` stacks of rows ``idx`` (any
+        shape: ``[n]``, or ``[n, L]`` slices) into ``out`` (fresh arrays unless ``out``
+        holds them); the next stack is that of row ``last`` (n-step: the window's last
+        row, ``idx + k - 1``; None: ``idx``). Returns the oldest counter each row read
+        (``idx``'s shape), for the overwrite check."""
+        lead, k = idx.shape, self.size
+        flat = idx.reshape(-1)
+        n = len(flat)
         obs_slots = np.empty((n, k), dtype=np.int64)
         next_slots = np.empty((n, k), dtype=np.int64)
         obs_pad = np.empty((n, k), dtype=bool)
         next_pad = np.empty((n, k), dtype=bool)
         oldest = np.empty(n, dtype=np.int64)
-        frame_kernels.stack_slots(self.prev, idx, idx if last is None else last, self.capacity, k,
+        frame_kernels.stack_slots(self.prev, flat, flat if last is None else last.reshape(-1), self.capacity, k,
                                   obs_slots, next_slots, obs_pad, next_pad, oldest)
+        shape = (n, k, *self.frame.shape[1:])
         for key, slots, pads in ((self.key, obs_slots, obs_pad), (self.next_key, next_slots, next_pad)):
             dst = out.get(key)
             if dst is None:
-                dst = out[key] = np.empty((n, k, *self.frame.shape[1:]), dtype=self.frame.dtype)
-            self.frame.take(slots, 0, dst, "clip")  # 'clip': unbuffered into dst
+                dst = out[key] = np.empty(lead + shape[1:], dtype=self.frame.dtype)
+            rows = dst.reshape(shape)  # a view: fresh arrays and a caller's batch are contiguous
+            if not np.shares_memory(rows, dst):
+                raise ValueError(f"sample(out=): the batch's '{'.'.join(key)}' is not contiguous")
+            self.frame.take(slots, 0, rows, "clip")  # 'clip': unbuffered into rows
             if self.zero_padding:
-                dst[pads] = 0
-        return oldest
+                rows[pads] = 0
+        return oldest.reshape(lead)

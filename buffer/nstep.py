@@ -29,7 +29,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from rlfleet.buffer.frame_kernels import nstep_windows
+from rlfleet.buffer.frame_kernels import nstep_returns, nstep_windows
 
 __all__ = ["DISCOUNT_KEY", "NStep"]
 
@@ -54,6 +54,7 @@ class NStep:
         self.step = views[("step",)]
         self.done = views[("next", "done")].reshape(len(views[("next", "done")]), -1)
         self.reward = views[REWARD_KEY]
+        self.reward2d = self.reward.reshape(len(self.reward), -1)
         # the later row's copy of every "next" key but the reward (summed) and the discount
         self.next_views = [(key, v) for key, v in views.items()
                            if key[0] == "next" and key not in (REWARD_KEY, DISCOUNT_KEY)]
@@ -93,12 +94,9 @@ class NStep:
             view.take(last, 0, out[key], "clip")
         reward = out[REWARD_KEY]
         tail = (1,) * (reward.ndim - idx.ndim)
-        total = np.zeros(reward.shape, dtype=np.float64)
-        for j in range(self.n):
-            step_reward = self.reward.take((idx + j) % cap, 0)
-            weight = np.where(j < k, self.powers[j], 0.0).reshape(idx.shape + tail)
-            total += weight * step_reward
-        reward[...] = total
+        total = np.empty((idx.size, self.reward2d.shape[1]), dtype=np.float64)
+        nstep_returns(self.reward2d, idx.reshape(-1), k.reshape(-1), self.powers, cap, total)
+        reward[...] = total.reshape(reward.shape)
         discount = self.powers[k].astype(np.float32).reshape(idx.shape + tail)
         if DISCOUNT_KEY in out:
             out[DISCOUNT_KEY][...] = discount

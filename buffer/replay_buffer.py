@@ -131,7 +131,9 @@ class ReplayBuffer:
                 the stacks are rebuilt wherever rows are read (``frames``). Batches keep
                 their keys and shapes. Rows must carry ``episode_id``, ``step`` and
                 ``next.done``; each episode adds one stored row (its reset frame), which
-                ``len`` and ``total_inserted`` count. Uniform and prioritized samplers.
+                ``len`` and ``total_inserted`` count. Every sampler: a sequence's rows
+                each get their stacks; without replacement, a reset row or a row whose
+                stacks left the window is skipped for the epoch.
 
         Raises:
             FileExistsError: ``path`` exists and is not an empty directory.
@@ -225,7 +227,7 @@ class ReplayBuffer:
         self._capacity = columns.capacity
         self._columns = columns
         frames = self._meta.get("frame_stack")
-        self._reader = RowReader(window, columns.views, columns.capacity, self._tag,
+        self._reader = RowReader(window, columns.read_views, columns.capacity, self._tag,
                                  beta=getattr(self._sampler, "beta", None),
                                  n_step=self._sampler.spec.get("n_step"), frame_stack=frames)
         self._schema = stored if frames is None else FrameStack.logical_schema(frames, stored)

@@ -109,7 +109,8 @@ class RowReader:
         out = self.gather(idx, into)
         last = None if k is None else self.nstep.rebuild(idx, k, out)
         if self.frames is not None:
-            return out, self.frames.rebuild(idx, last, out)
+            oldest = self.frames.rebuild(idx, last, out)
+            return out, oldest if idx.ndim == 1 else oldest.min(axis=1)
         return out, idx if idx.ndim == 1 else idx[:, 0]
 
     def at_positions(self, pos: Any, write_lock: threading.Lock) -> tuple[Arrays, int, bool]:

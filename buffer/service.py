@@ -37,7 +37,6 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from rlfleet.buffer.capacity import split_capacity
 from rlfleet.buffer.client import BufferClient
 from rlfleet.buffer.cluster import DEFAULT_CONNECT_TIMEOUT_S, init_ray
-from rlfleet.buffer.directory import check_frames_sampler
 from rlfleet.buffer.errors import ShardUnavailable
 from rlfleet.buffer.frames import check_frame_stack
 from rlfleet.buffer.indices import MAX_SHARDS
@@ -52,7 +51,6 @@ from rlfleet.buffer.naming import (
 )
 from rlfleet.buffer.rate_limiter import RateLimiterSpec
 from rlfleet.buffer.remote import DEFAULT_CONCURRENCY, shard_actor_class
-from rlfleet.buffer.sampling import check_sampler
 
 __all__ = ["MAX_SHARDS", "ReplayService"]
 
@@ -170,7 +168,7 @@ class ReplayService:
         if durability not in ("process", "fsync"):
             raise ValueError(f"durability={durability!r}: must be 'process' or 'fsync'")
         limiter = RateLimiterSpec.from_mapping(rate_limiter).to_mapping()
-        check_frames_sampler(check_frame_stack(frame_stack), check_sampler(sampler))
+        check_frame_stack(frame_stack)
         capacities = split_capacity(capacity, num_shards)
         # Ray not initialised: join RAY_ADDRESS's cluster, bounded, as BufferClient.connect
         # does; with no RAY_ADDRESS this raises, naming ray.init(address=...) as the fix.

@@ -236,11 +236,4 @@ class BufferConfig:
                 f"which the buffer cannot rebuild; use padding_type 'reset' or 'zero', or set "
                 f"buffer.frame_stack=off to store the stacks as they come"
             )
-        if self.sampler.type not in ("uniform", "prioritized"):
-            how = "the env's FrameStackObservation" if self.frame_stack == "auto" else "frame_stack"
-            raise ConfigError(
-                f"buffer.sampler.type={self.sampler.type!r}: {how} makes the buffer store each frame "
-                f"once, which the uniform and prioritized samplers rebuild, not this one yet; choose "
-                f"one of those, or set buffer.frame_stack=off to store the stacks as they come"
-            )
         return spec

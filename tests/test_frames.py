@@ -60,7 +60,12 @@ class Envs:
         return to_td(rows)
 
     def check(self, td: TensorDict, n_step: int | None = None, gamma: float = 0.9) -> None:
-        """Every row of ``td`` equals the record of what the env emitted."""
+        """Every row of ``td`` (``[n]``, or ``[n, L]`` slices) equals the record of what the
+        env emitted."""
+        if td.batch_dims == 2:  # slices: consecutive steps of one episode
+            assert (td["episode_id"] == td["episode_id"][:, :1]).all()
+            assert (td["step"][:, 1:] - td["step"][:, :-1] == 1).all()
+            td = td.reshape(-1)
         for i in range(len(td)):
             episode, step = int(td["episode_id"][i]), int(td["step"][i])
             row = self.truth[(episode, step)]
@@ -114,7 +119,11 @@ def readable_transitions(envs: Envs, rb: ReplayBuffer) -> int:
     {"type": "prioritized", "alpha": 0.6, "beta": 0.4},
     {"type": "uniform", "n_step": {"n": 3, "gamma": 0.9}},
     {"type": "prioritized", "n_step": {"n": 3, "gamma": 0.9}},
-], ids=["uniform", "prioritized", "uniform-3step", "prioritized-3step"])
+    {"type": "sequence", "length": 3},
+    {"type": "sequence", "length": 3, "n_step": {"n": 3, "gamma": 0.9}},
+    "without_replacement",
+], ids=["uniform", "prioritized", "uniform-3step", "prioritized-3step", "sequence", "sequence-3step",
+        "without-replacement"])
 def test_every_sampled_and_read_row_equals_what_the_env_emitted(tmp_path, padding, sampler):
     envs = Envs(padding=padding)
     rb = ReplayBuffer.create(tmp_path / "b", capacity=60, sampler=sampler, seed=1,
@@ -125,8 +134,10 @@ def test_every_sampled_and_read_row_equals_what_the_env_emitted(tmp_path, paddin
         assert index.shape == (15,)
     assert rb.total_inserted > 180  # the reset rows count
     assert rb.frame_stack == {"key": ["observation"], "padding": padding, "size": STACK}
-    batch = rb.sample(300)
-    assert batch["observation"].shape == (300, STACK, *FRAME) and batch["observation"].dtype == torch.uint8
+    draws = 20 if sampler == "without_replacement" else 300  # without replacement: fewer than the rows
+    batch = rb.sample(draws)
+    lead = (draws, 3) if isinstance(sampler, dict) and sampler["type"] == "sequence" else (draws,)
+    assert batch["observation"].shape == (*lead, STACK, *FRAME) and batch["observation"].dtype == torch.uint8
     envs.check(batch, n_step)
     assert (batch["step"] >= 0).all()  # reset rows are never sampled
     rows = rb[:]
@@ -138,10 +149,10 @@ def test_every_sampled_and_read_row_equals_what_the_env_emitted(tmp_path, paddin
     envs.check(rb[-1:])
     rb.close()
     rb = ReplayBuffer.open(tmp_path / "b", seed=2)
-    envs.check(rb.sample(100), n_step)
+    envs.check(rb.sample(draws // 3), n_step)
     for _ in range(3):
         rb.extend(envs.batch(5))
-    envs.check(rb.sample(200), n_step)
+    envs.check(rb.sample(draws), n_step)
     envs.check(rb[:])
 
 
@@ -227,9 +238,6 @@ def test_bad_frame_stack_options_name_the_fix(tmp_path):
         ReplayBuffer.create(tmp_path / "a", capacity=10, frame_stack={"key": "observation", "padding": "edge"})
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['axis'\]"):
         ReplayBuffer.create(tmp_path / "a", capacity=10, frame_stack={"axis": 0})
-    with pytest.raises(ValueError, match="sampler='sequence' with frame_stack: .*uniform or prioritized"):
-        ReplayBuffer.create(tmp_path / "a", capacity=10, sampler={"type": "sequence", "length": 4},
-                            frame_stack="observation")
     assert not (tmp_path / "a").exists()
     rb = ReplayBuffer.create(tmp_path / "b", capacity=10, frame_stack="observation")
     flat = Envs().batch(2)
@@ -238,11 +246,6 @@ def test_bad_frame_stack_options_name_the_fix(tmp_path):
     with pytest.raises(SchemaMismatch, match=r"per-row shape \[128\]: a frame stack needs \[k >= 2, \*frame\]"):
         rb.extend(flat)
     rb.close()
-    rb = ReplayBuffer.create(tmp_path / "c", capacity=10, frame_stack="observation")
-    rb.extend(Envs().batch(2))
-    rb.close()
-    with pytest.raises(ValueError, match="sampler='without_replacement' with frame_stack"):
-        ReplayBuffer.open(tmp_path / "c", sampler="without_replacement")
 
 
 def test_priority_updates_reach_the_rows_sampled(tmp_path):

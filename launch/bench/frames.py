@@ -104,6 +104,16 @@ def _episode_batch(recorded: dict[tuple[str, ...], np.ndarray]) -> dict[tuple[st
     return batch
 
 
+def _rss() -> str:
+    """This process's resident memory now, anonymous and file-backed (Linux), as text."""
+    try:
+        fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    except OSError:
+        return "unknown"
+    kib = {k: int(fields[k].split()[0]) for k in ("RssAnon", "RssFile") if k in fields}
+    return ", ".join(f"{k} {v / 2**20:.2f} GiB" for k, v in kib.items()) or "unknown"
+
+
 def _drop_cache(path: Path) -> None:
     for file in path.rglob("*"):
         if file.is_file():
@@ -211,7 +221,8 @@ def bench_frames(root: Path, rows: int, repeats: int, quick: bool, report: Any,
     if fd is not None:
         os.close(fd)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(f"pong sample buffer: {count:,} rows; peak RSS of this process {peak / 2**30:.2f} GiB", flush=True)
+    print(f"pong sample buffer: {count:,} rows; RSS of this process: peak {peak / 2**30:.2f} GiB, now "
+          f"{_rss()} (file pages are the page cache's, mapped by the buffer's and the baseline's maps)", flush=True)
     uniform.close()
     prioritized.close()
     shutil.rmtree(path)
