@@ -49,81 +49,102 @@ def chains(prev: np.ndarray, step: np.ndarray, idx: np.ndarray, cap: int, start:
 
 
 @numba.njit(cache=True, nogil=True)
+def _walk(prev: np.ndarray, row: int, cap: int, length: int, chain: np.ndarray, padded: np.ndarray) -> None:
+    """``chain[j]``: the row ``j`` links back from ``row`` (staying on the reset row, from
+    where ``padded``); unknown links are not followed (readers checked them first)."""
+    cur = row
+    pad = False
+    chain[0] = cur
+    padded[0] = False
+    for j in range(1, length):
+        if not pad:
+            link = prev[cur % cap]
+            if link == START:
+                pad = True
+            elif link >= 0:
+                cur = link
+        chain[j] = cur
+        padded[j] = pad
+
+
+@numba.njit(cache=True, nogil=True)
 def stack_slots(prev: np.ndarray, idx: np.ndarray, last: np.ndarray, cap: int, size: int,
                 obs_slots: np.ndarray, next_slots: np.ndarray, obs_pad: np.ndarray,
                 next_pad: np.ndarray, oldest: np.ndarray) -> None:
     """The ring slots of the frames of each row's stacks, oldest first: ``obs_slots`` and
     ``next_slots`` ``[n, size]`` (the next stack is row ``last``'s, the end of its n-step
-    window: consecutive counters after ``idx``), which entries lie before the episode's
-    reset row (``*_pad``), and the oldest counter each row reads (``oldest``)."""
+    window), which entries lie before the episode's reset row (``*_pad``), and the oldest
+    counter each row reads (``oldest``)."""
     n = idx.shape[0]
     chain = np.empty(size + 1, dtype=np.int64)
     padded = np.empty(size + 1, dtype=np.bool_)
     for r in range(n):
-        cur = idx[r]
-        pad = False
-        chain[0] = cur
-        padded[0] = False
-        for j in range(1, size + 1):
-            if not pad:
-                link = prev[cur % cap]
-                if link == START:
-                    pad = True
-                elif link >= 0:
-                    cur = link
-            chain[j] = cur
-            padded[j] = pad
+        _walk(prev, idx[r], cap, size + 1, chain, padded)
         for m in range(size):  # m-th newest frame of the observation stack: chain[m + 1]
             obs_slots[r, size - 1 - m] = chain[m + 1] % cap
             obs_pad[r, size - 1 - m] = padded[m + 1]
-        window = last[r] - idx[r] + 1
-        for m in range(size):
-            if m < window:
-                next_slots[r, size - 1 - m] = (last[r] - m) % cap
-                next_pad[r, size - 1 - m] = False
-            else:
-                next_slots[r, size - 1 - m] = chain[m - window + 1] % cap
-                next_pad[r, size - 1 - m] = padded[m - window + 1]
         oldest[r] = chain[size]
+        if last[r] != idx[r]:
+            _walk(prev, last[r], cap, size, chain, padded)
+            for m in range(size):
+                next_slots[r, size - 1 - m] = chain[m] % cap
+                next_pad[r, size - 1 - m] = padded[m]
+        else:
+            for m in range(size):
+                next_slots[r, size - 1 - m] = chain[m] % cap
+                next_pad[r, size - 1 - m] = padded[m]
 
 
 @numba.njit(cache=True, nogil=True)
-def nstep_windows(episode: np.ndarray, step: np.ndarray, done: np.ndarray, idx: np.ndarray, end: int,
-                  cap: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(complete, k)`` of each row counter of ``idx`` (``nstep.NStep.windows``): the
-    window takes rows ``i .. i + k - 1`` of one episode, in order, below ``end``, ending at
-    the n-th row or the first done one. ``done`` is ``[cap, d]``."""
+def nstep_windows(episode: np.ndarray, step: np.ndarray, done: np.ndarray, next_link: np.ndarray,
+                  idx: np.ndarray, end: int, cap: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(complete, rows)`` of each row counter of ``idx`` (``nstep.NStep.windows``): the
+    window takes ``rows[r, :k]`` (``-1`` after), rows of one episode with ``step`` rising
+    by 1, below ``end``, ending at the n-th row or the first done one. The row after
+    ``i`` is ``i + 1`` when that continues the episode, else ``next_link[i]`` (a
+    frame-stack buffer's forward links; an empty array where there are none). ``done``
+    is ``[cap, d]``."""
     count = idx.shape[0]
     complete = np.zeros(count, dtype=np.bool_)
-    ks = np.zeros(count, dtype=np.int64)
+    rows = np.full((count, n), -1, dtype=np.int64)
+    linked = next_link.shape[0] > 0
     for r in range(count):
-        i = idx[r]
-        slot = i % cap
+        cur = idx[r]
+        slot = cur % cap
         episode0, step0 = episode[slot], step[slot]
         for j in range(n):
-            row = i + j
-            slot = row % cap
-            if j and (row >= end or episode[slot] != episode0 or step[slot] != step0 + j):
-                break
+            if j:
+                nxt = cur + 1
+                ok = nxt < end and episode[nxt % cap] == episode0 and step[nxt % cap] == step0 + j
+                if not ok and linked:
+                    nxt = next_link[cur % cap]
+                    ok = cur < nxt < end and episode[nxt % cap] == episode0 and step[nxt % cap] == step0 + j
+                if not ok:
+                    break
+                cur = nxt
+                slot = cur % cap
+            rows[r, j] = cur
             ended = j == n - 1
             for c in range(done.shape[1]):
                 ended = ended or done[slot, c]
             if ended:
                 complete[r] = True
-                ks[r] = j + 1
                 break
-    return complete, ks
+        if not complete[r]:
+            rows[r, :] = -1
+    return complete, rows
 
 
 @numba.njit(cache=True, nogil=True)
-def nstep_returns(reward: np.ndarray, idx: np.ndarray, k: np.ndarray, powers: np.ndarray, cap: int,
-                  total: np.ndarray) -> None:
-    """``total[r] = sum_{j < k[r]} powers[j] * reward[(idx[r] + j) % cap]``; ``reward`` is
-    ``[cap, d]``, ``total`` float64 ``[n, d]``."""
-    for r in range(idx.shape[0]):
+def nstep_returns(reward: np.ndarray, rows: np.ndarray, powers: np.ndarray, cap: int, total: np.ndarray) -> None:
+    """``total[r] = sum_j powers[j] * reward[rows[r, j] % cap]`` over the window's rows
+    (``rows[r, j] >= 0``); ``reward`` is ``[cap, d]``, ``total`` float64 ``[n, d]``."""
+    for r in range(rows.shape[0]):
         for c in range(total.shape[1]):
             total[r, c] = 0.0
-        for j in range(k[r]):
-            slot = (idx[r] + j) % cap
+        for j in range(rows.shape[1]):
+            if rows[r, j] < 0:
+                break
+            slot = rows[r, j] % cap
             for c in range(total.shape[1]):
                 total[r, c] += powers[j] * reward[slot, c]

@@ -11,6 +11,10 @@ frames of which one is new (56.4 KB for 7 KB of news). A buffer created with
 - ``frame_stack.prev`` int64: the counter of the row before it in its episode, in this
   buffer: ``START`` on a reset row, ``UNKNOWN`` where that row is not in this buffer
   (the episode began in another shard, or before a reopen);
+- ``frame_stack.next`` int64: the counter of the row after it in its episode, once that
+  row is stored (-1 before). Written into the older row after the
+  newer one is committed (an aligned 8-byte store: a reader sees -1 or the link), so
+  n-step windows (``nstep``) go on across a collector's batches;
 
 and every other key as it comes. An episode costs one row more: a *reset row*, written
 just before its step 0 row, holding the newest frame of the reset observation. It has
@@ -51,10 +55,11 @@ from rlfleet.buffer import frame_kernels
 from rlfleet.buffer.errors import SchemaMismatch
 from rlfleet.buffer.storage import Schema, format_key
 
-__all__ = ["FRAME_KEY", "PREV_KEY", "START", "UNKNOWN", "FrameStack", "check_frame_stack"]
+__all__ = ["FRAME_KEY", "NEXT_KEY", "PREV_KEY", "START", "UNKNOWN", "FrameStack", "check_frame_stack"]
 
 FRAME_KEY = ("frame_stack", "frame")
 PREV_KEY = ("frame_stack", "prev")
+NEXT_KEY = ("frame_stack", "next")
 START = -1  # the link of a reset row
 UNKNOWN = -2  # the link of a row whose predecessor is not in this buffer
 PADDINGS = ("reset", "zero")
@@ -122,6 +127,7 @@ class FrameStack:
         # writer state: episode id -> (counter, step) of its newest row, while it goes on
         self._open: dict[int, tuple[int, int]] = {}
         self._pending: dict[int, tuple[int, int]] | None = None
+        self._links: tuple[np.ndarray, np.ndarray] = (np.empty(0, np.int64), np.empty(0, np.int64))
 
     # ------------------------------------------------------------------ schemas
     @staticmethod
@@ -160,6 +166,7 @@ class FrameStack:
         stored = {k: v for k, v in schema.items() if k not in (key, next_key)}
         stored[FRAME_KEY] = (shape[1:], dtype)
         stored[PREV_KEY] = ((), np.dtype(np.int64))
+        stored[NEXT_KEY] = ((), np.dtype(np.int64))
         return stored, int(shape[0])
 
     @staticmethod
@@ -249,14 +256,26 @@ class FrameStack:
             self._refuse(np.isin(np.arange(n), bad_rows),
                          "its stack is not the next stack of the stored row before it in its episode")
         out[PREV_KEY] = prev
+        # forward links: within the batch now, to earlier batches' rows once stored (commit)
+        nxt = np.full(m, -1, dtype=np.int64)
+        linked = np.flatnonzero(prev >= first)
+        nxt[prev[linked] - first] = first + linked
+        out[NEXT_KEY] = nxt
+        back = np.flatnonzero((prev >= 0) & (prev < first))
+        self._links = (prev[back], first + back)
         self._pending = pending
         return out, pos
 
-    def commit(self, start: int) -> None:
-        """The rows ``compact`` made are stored: keep their open episodes (those whose
-        newest row has left the window since are forgotten)."""
+    def commit(self, start: int, next_view: np.ndarray) -> None:
+        """The rows ``compact`` made are stored: link the rows of earlier batches they
+        continue to them (through the writer's map ``next_view``; rows since overwritten
+        are left alone) and keep their open episodes (those whose newest row has left the
+        window since are forgotten)."""
         if self._pending is None:
             return
+        older, newer = self._links
+        live = older >= start
+        next_view[older[live] % self.capacity] = newer[live]
         self._open, self._pending = self._pending, None
         if len(self._open) > 4096:  # episodes abandoned mid-way (a collector died)
             self._open = {e: v for e, v in self._open.items() if v[0] >= start}

@@ -12,12 +12,14 @@ episode ends sooner (its ``next.done`` row, terminated or truncated):
 - ``next.discount`` (float32, shaped as ``next.reward``): ``g**k``, the factor a loss
   bootstraps with (``reward + discount * (1 - terminated) * V(next.observation)``).
 
-Nothing is stored twice: the rows ``i .. i + k - 1`` are read where they lie. They must
-be rows of one episode, in order (``episode_id`` equal, ``step`` rising by 1), inside
-the committed window; a row whose ``n``-step window is not complete yet (the episode
-goes on past the write cursor) or is broken (the episode's next rows were written into
-another shard, or elsewhere in the ring, see ``write_plan``) is not returned and is
-drawn again. Rows past ``i`` are younger than ``i``, so a row whose own copy survived
+Nothing is stored twice: the window's ``k`` rows are read where they lie. They must be
+rows of one episode, in order (``episode_id`` equal, ``step`` rising by 1), inside the
+committed window. The row after ``i`` is ``i + 1``; in a frame-stack buffer, where a
+collector's batch ends, the row its forward link ``frame_stack.next`` names (``frames``).
+A row whose ``n``-step window is not complete yet (the episode goes on past the write
+cursor) or is broken (the episode's next rows were written into another shard, or
+elsewhere in the ring without a link, see ``write_plan``) is not returned and is drawn
+again. Rows past ``i`` are younger than ``i``, so a row whose own copy survived
 the overwrite check has an intact window too.
 
 Runs wherever the buffer lives, inside ``row_reader.RowReader``; holds read-only views.
@@ -30,12 +32,14 @@ from collections.abc import Mapping
 import numpy as np
 
 from rlfleet.buffer.frame_kernels import nstep_returns, nstep_windows
+from rlfleet.buffer.frames import NEXT_KEY
 
 __all__ = ["DISCOUNT_KEY", "NStep"]
 
 DISCOUNT_KEY = ("next", "discount")
 REWARD_KEY = ("next", "reward")
 NEEDED = (("episode_id",), ("step",), ("next", "done"), REWARD_KEY)
+
 
 
 class NStep:
@@ -59,6 +63,9 @@ class NStep:
         self.next_views = [(key, v) for key, v in views.items()
                            if key[0] == "next" and key not in (REWARD_KEY, DISCOUNT_KEY)]
         self.powers = self.gamma ** np.arange(self.n + 1, dtype=np.float64)
+        # a frame-stack buffer's forward links (``frames``): windows follow them across the
+        # batches of one episode; elsewhere the next row of a window is the next counter
+        self.next_link = views.get(NEXT_KEY, np.empty(0, dtype=np.int64))
 
     @staticmethod
     def check_schema(schema: Mapping[tuple[str, ...], tuple[tuple[int, ...], np.dtype]], n: int) -> None:
@@ -79,27 +86,32 @@ class NStep:
 
     def windows(self, idx: np.ndarray, end: int) -> tuple[np.ndarray, np.ndarray]:
         """For row counters ``idx`` (any shape), below ``end`` (the committed window's
-        end): ``(complete, k)``, bool and int64 of ``idx``'s shape. ``k`` is the number of
-        rows the window takes (where ``complete``). One compiled call (``frame_kernels``)."""
-        complete, k = nstep_windows(self.episode, self.step, self.done, idx.reshape(-1), end, self.capacity, self.n)
-        return complete.reshape(idx.shape), k.reshape(idx.shape)
+        end): ``(complete, rows)``: bool of ``idx``'s shape, and the counters of each
+        window's rows, int64 ``[*idx.shape, n]``, ``-1`` past its end (and where not
+        complete). One compiled call (``frame_kernels``)."""
+        complete, rows = nstep_windows(self.episode, self.step, self.done, self.next_link, idx.reshape(-1),
+                                       end, self.capacity, self.n)
+        return complete.reshape(idx.shape), rows.reshape(*idx.shape, self.n)
 
-    def rebuild(self, idx: np.ndarray, k: np.ndarray, out: dict[tuple[str, ...], np.ndarray]) -> np.ndarray:
-        """Turn the one-step rows gathered in ``out`` (at counters ``idx``) into their
-        ``k``-step transitions, in place; adds ``next.discount``. Returns the counters of
-        the windows' last rows (a frame-stack buffer rebuilds the next stack from them)."""
+    def rebuild(self, idx: np.ndarray, rows: np.ndarray, out: dict[tuple[str, ...], np.ndarray]) -> np.ndarray:
+        """Turn the one-step rows gathered in ``out`` (at counters ``idx``) into the
+        transitions of their windows (``rows``, as ``windows`` gave them), in place; adds
+        ``next.discount``. Returns the counters of the windows' last rows (a frame-stack
+        buffer rebuilds the next stack from them)."""
         cap = self.capacity
-        last = (idx + k - 1) % cap
+        k = (rows >= 0).sum(axis=-1)
+        last = np.take_along_axis(rows, (k - 1)[..., None], axis=-1)[..., 0]
+        slots = last % cap
         for key, view in self.next_views:  # a frame-stack buffer's next stacks are no view
-            view.take(last, 0, out[key], "clip")
+            view.take(slots, 0, out[key], "clip")
         reward = out[REWARD_KEY]
         tail = (1,) * (reward.ndim - idx.ndim)
         total = np.empty((idx.size, self.reward2d.shape[1]), dtype=np.float64)
-        nstep_returns(self.reward2d, idx.reshape(-1), k.reshape(-1), self.powers, cap, total)
+        nstep_returns(self.reward2d, rows.reshape(-1, self.n), self.powers, cap, total)
         reward[...] = total.reshape(reward.shape)
         discount = self.powers[k].astype(np.float32).reshape(idx.shape + tail)
         if DISCOUNT_KEY in out:
             out[DISCOUNT_KEY][...] = discount
         else:
             out[DISCOUNT_KEY] = np.broadcast_to(discount, reward.shape).copy()
-        return idx + k - 1
+        return last

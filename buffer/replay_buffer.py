@@ -33,7 +33,7 @@ from rlfleet.buffer.arrays import tune_allocator
 from rlfleet.buffer.capacity import human_bytes
 from rlfleet.buffer.directory import create_directory, map_files, open_directory
 from rlfleet.buffer.errors import SchemaMismatch
-from rlfleet.buffer.frames import FRAME_KEY, FrameStack
+from rlfleet.buffer.frames import FRAME_KEY, NEXT_KEY, FrameStack
 from rlfleet.buffer.indices import with_tag
 from rlfleet.buffer.priorities import apply_update, parse_update, priority_limit
 from rlfleet.buffer.row_reader import RowReader
@@ -365,7 +365,7 @@ class ReplayBuffer:
             except BaseException:
                 frames.forget()
                 raise
-            frames.commit(window.start)
+            frames.commit(window.start, self._columns.views[NEXT_KEY])
         return pos + (first + self._tag_bits)
 
     # ------------------------------------------------------------------ sampling

@@ -103,7 +103,8 @@ class RowReader:
 
     def rows(self, idx: np.ndarray, k: np.ndarray | None, into: Arrays | None = None) -> tuple[Arrays, np.ndarray]:
         """The rows of counters ``idx`` as samples hold them: ``gather``, then the n-step
-        windows of lengths ``k`` (None: one-step rows) and the frame stacks rebuilt.
+        windows ``k`` (their rows, ``NStep.windows``; None: one-step rows) and the frame
+        stacks rebuilt.
         Returns them and the oldest counter each row read (what the overwrite check
         compares with the window start)."""
         out = self.gather(idx, into)
@@ -195,8 +196,8 @@ class RowReader:
         return out, mass
 
     def _draw(self, n: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, int]:
-        """Counters of ``n`` rows the sampler accepts, their masses, their n-step window
-        lengths (None without ``n_step``) and the window start of the draw."""
+        """Counters of ``n`` rows the sampler accepts, their masses, their n-step windows'
+        rows (None without ``n_step``) and the window start of the draw."""
         window = self.window
         if window.sampler.rejects:
             idx, mass, _, _, drawn_start = window.draw_accepted(n, self.read_column)
@@ -234,7 +235,8 @@ class RowReader:
         )
 
     def _accept(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """Which drawn counters a sample may return, and their n-step window lengths."""
+        """Which drawn counters a sample may return, and their n-step windows' rows
+        (``NStep.windows``; None without n-step)."""
         window = self.window
         with window.lock:
             start, end = window.start, window.end

@@ -19,7 +19,7 @@ import torch
 from tensordict import TensorDict
 
 from rlfleet.buffer import ReplayBuffer, ReplayService, SchemaMismatch
-from rlfleet.buffer.frames import FRAME_KEY, PREV_KEY, UNKNOWN
+from rlfleet.buffer.frames import FRAME_KEY, NEXT_KEY, PREV_KEY, UNKNOWN
 from rlfleet.buffer.indices import shard_of
 from rlfleet.collector.testing import PixelCountingEnv, decode_pixels
 
@@ -177,7 +177,37 @@ def test_rows_store_the_newest_frame_once_and_link_to_the_row_before(tmp_path):
     assert decoded.tolist() == [[0, 0], [0, 1], [1, 0], [1, 1], [1, 2], [2, 0], [2, 1], [2, 2], [2, 3]]
     row_bytes = sum(int(np.prod(e["shape"], dtype=np.int64)) * np.dtype(e["dtype"]).itemsize
                     for e in meta["schema"])
-    assert row_bytes == 4 * 8 + 8 * 5 + 4 + 3  # frame; prev, action, episode_id, step, collector_id; reward; flags
+    assert data[NEXT_KEY][:count].tolist() == [1, -1, 3, 4, -1, 6, 7, 8, -1]
+    assert row_bytes == 4 * 8 + 8 * 6 + 4 + 3  # frame; prev, next, action, episode_id, step, collector_id; reward; flags
+
+
+def test_n_step_windows_go_on_across_a_collectors_batches(tmp_path):
+    # batches of 2 steps per env: most 3-step windows reach into the env's next batch,
+    # which lies after the other envs' rows; the forward links carry the window there
+    envs = Envs(count=3)
+    rb = ReplayBuffer.create(tmp_path / "b", capacity=1000, frame_stack="observation", seed=0,
+                             sampler={"type": "uniform", "n_step": {"n": 3, "gamma": 0.9}})
+    for _ in range(30):
+        rb.extend(envs.batch(2))
+    seen: set[tuple[int, int]] = set()
+    for _ in range(20):
+        batch = rb.sample(500)
+        envs.check(batch, n_step=3)
+        seen |= set(zip(batch["episode_id"].tolist(), batch["step"].tolist()))
+
+    def complete(episode: int, step: int) -> bool:
+        for j in range(3):
+            row = envs.truth.get((episode, step + j))
+            if row is None:
+                return False  # goes on past the write cursor
+            if row["terminated"] or row["truncated"]:
+                return True
+        return True
+
+    expected = {key for key in envs.truth if complete(*key)}
+    assert len(expected) == len(envs.truth) - sum(len({s for e, s in envs.truth if e == ep and not complete(ep, s)})
+                                                  for ep in envs.episodes)
+    assert seen == expected  # every row with a complete window, and no other
 
 
 def test_a_batch_that_is_not_a_frame_stack_is_refused_and_nothing_is_stored(tmp_path):

@@ -65,6 +65,9 @@ def verify(path: Path, committed: int, trial: int, figures: Figures) -> None:
         assert rb.total_inserted >= committed, "an extend that had returned was lost"
         assert len(rb) <= CAPACITY
         rows = rb[:]
+        if rb.schema is None:  # killed before its first extend committed: nothing stored
+            assert committed == 0 and rb.total_inserted == 0 and len(rows) == 0
+            return
         assert_rows_are_true(rows, f"trial {trial}, rb[:]")
         pairs = rows["episode_id"].numpy() * 100 + rows["step"].numpy()
         assert len(np.unique(pairs)) == len(pairs), f"trial {trial}: a row read twice"
@@ -182,7 +185,7 @@ def test_sigkill_mid_extend_of_a_frame_stack_buffer_leaves_exact_stacks(tmp_path
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("durability, trials", [("process", 200), ("fsync", 60)])
+@pytest.mark.parametrize("durability, trials", [("process", 100), ("fsync", 30)])
 def test_sigkill_many_trials_of_a_frame_stack_buffer(tmp_path, capsys, durability, trials):
     f = run_trials(tmp_path / "b", trials, durability=durability, seed=2)
     report(capsys, durability, f)
