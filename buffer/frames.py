@@ -331,9 +331,9 @@ class FrameStack:
             dst = out.get(key)
             if dst is None:
                 dst = out[key] = np.empty(lead + shape[1:], dtype=self.frame.dtype)
-            rows = dst.reshape(shape)  # a view: fresh arrays and a caller's batch are contiguous
-            if not np.shares_memory(rows, dst):
+            if not dst.flags.c_contiguous:  # then the reshape below would copy, not view
                 raise ValueError(f"sample(out=): the batch's '{'.'.join(key)}' is not contiguous")
+            rows = dst.reshape(shape)
             self.frame.take(slots, 0, rows, "clip")  # 'clip': unbuffered into rows
             if self.zero_padding:
                 rows[pads] = 0

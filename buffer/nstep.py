@@ -100,7 +100,8 @@ class NStep:
         buffer rebuilds the next stack from them)."""
         cap = self.capacity
         k = (rows >= 0).sum(axis=-1)
-        last = np.take_along_axis(rows, (k - 1)[..., None], axis=-1)[..., 0]
+        flat = rows.reshape(-1, self.n)
+        last = flat[np.arange(len(flat)), k.reshape(-1) - 1].reshape(k.shape)
         slots = last % cap
         for key, view in self.next_views:  # a frame-stack buffer's next stacks are no view
             view.take(slots, 0, out[key], "clip")

@@ -88,15 +88,18 @@ class RowReader:
     def read_column(self, key: tuple[str, ...], idx: np.ndarray) -> np.ndarray:
         return np.take(self.views[key], idx % self.capacity, axis=0)
 
-    def gather(self, idx: np.ndarray, into: Arrays | None = None) -> Arrays:
+    def gather(self, idx: np.ndarray, into: Arrays | None = None, *, skip_next: bool = False) -> Arrays:
         """The stored columns of counters ``idx`` (any shape): fresh arrays, or written
-        into ``into``. A frame-stack buffer's stacks are not among them (``rows``)."""
+        into ``into``. A frame-stack buffer's stacks are not among them (``rows``).
+        ``skip_next``: the ``next`` keys are only allocated, not read (n-step fills them
+        from the windows' rows)."""
         slots = idx % self.capacity
         lead = slots.shape
         out = {} if into is None else into
         for key, src, row_shape, dtype in self._layout:
             dst = np.empty(lead + row_shape, dtype=dtype) if into is None else into[key]
-            src.take(slots, 0, dst, "clip")  # 'clip': unbuffered into out (positional: cheaper)
+            if not (skip_next and key[0] == "next"):
+                src.take(slots, 0, dst, "clip")  # 'clip': unbuffered into out (positional: cheaper)
             if into is None:
                 out[key] = dst
         return out
@@ -107,7 +110,7 @@ class RowReader:
         stacks rebuilt.
         Returns them and the oldest counter each row read (what the overwrite check
         compares with the window start)."""
-        out = self.gather(idx, into)
+        out = self.gather(idx, into, skip_next=k is not None)
         last = None if k is None else self.nstep.rebuild(idx, k, out)
         if self.frames is not None:
             oldest = self.frames.rebuild(idx, last, out)
