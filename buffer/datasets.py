@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,7 +43,7 @@ from rlfleet.buffer.storage import rows_for_bytes, schema_from_arrays
 if TYPE_CHECKING:
     from rlfleet.buffer.replay_buffer import ReplayBuffer
 
-__all__ = ["DatasetReader", "detect_format", "import_capacity", "import_dataset"]
+__all__ = ["DatasetReader", "detect_format", "from_dataset", "import_capacity", "import_dataset"]
 
 RESERVED_COLUMNS = ("index", "weight")  # what a buffer's samples add
 
@@ -175,6 +175,47 @@ def _check_hf_columns(name: str, dataset: Any) -> None:
             raise ValueError(f"dataset {name!r}: column {column.name!r} holds {kind} values; buffers hold numbers "
                              f"and bools: drop it (dataset = dataset.remove_columns([{column.name!r}])) or "
                              f"encode it as numbers, then dataset.save_to_disk(...)")
+
+
+def from_dataset(
+    cls: type["ReplayBuffer"],
+    dataset: str | os.PathLike,
+    path: str | os.PathLike,
+    *,
+    capacity: int | str | None = None,
+    format: str | None = None,
+    truncate: bool = False,
+    chunk_rows: int = 4096,
+    sampler: str | Mapping[str, Any] = "uniform",
+    durability: str = "process",
+    overcommit: bool = False,
+    seed: int | None = None,
+) -> "ReplayBuffer":
+    """``ReplayBuffer.from_dataset``: a new buffer at ``path`` holding the rows of an
+    offline dataset, in its order.
+
+    ``dataset``: a Minari dataset (directory, ``data/`` directory, or an id
+    ``minari.load_dataset`` finds) or a Hugging Face ``save_to_disk`` directory. What
+    ``rlfleet export-dataset`` wrote comes back key for key, ``episode_id`` and
+    ``step`` included (this module's docstring says how others map). Rows go in
+    ``chunk_rows`` at a time: memory stays bounded.
+
+    Args:
+        capacity: as ``create``'s; None: the dataset's row count.
+        format: ``"minari"`` or ``"hf"``; None tells it from the directory.
+        truncate: allow a capacity below the dataset's rows (the newest are kept).
+        sampler, durability, overcommit, seed: as ``create``'s.
+
+    Raises:
+        ValueError: an unknown format, a bad ``chunk_rows``, a column a buffer cannot
+            hold, or a capacity below the dataset's rows without ``truncate`` (nothing
+            is created).
+        FileNotFoundError: no dataset there. FileExistsError: ``path`` is not empty.
+        ModuleNotFoundError: the format's extra (``rlfleet[minari]``, ``rlfleet[hf]``) is missing.
+    """
+    return import_dataset(cls.create, dataset, path, capacity=capacity, format=format, truncate=truncate,
+                          chunk_rows=chunk_rows, sampler=sampler, durability=durability,
+                          overcommit=overcommit, seed=seed)
 
 
 def import_dataset(create: Callable[..., "ReplayBuffer"], dataset: str | os.PathLike, path: str | os.PathLike, *,

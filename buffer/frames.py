@@ -266,6 +266,25 @@ class FrameStack:
         self._pending = pending
         return out, pos
 
+    def append(self, window: Any, columns: Any, arrays: Mapping[tuple[str, ...], np.ndarray], n: int,
+               sync: bool) -> np.ndarray:
+        """Store a checked logical batch of ``n`` rows through ``window.append`` (the commit
+        protocol) into ``columns``; returns the transitions' row counters (``[n]``; reset
+        rows lie between them). Under the buffer's write lock.
+
+        Raises:
+            SchemaMismatch: as ``compact`` (nothing stored).
+        """
+        rows, pos = self.compact(arrays, n, window.end, window.start)
+        m = window.check_room(len(rows[FRAME_KEY]))
+        try:
+            first, _ = window.append(columns, rows, m, sync)
+        except BaseException:
+            self.forget()
+            raise
+        self.commit(window.start, columns.views[NEXT_KEY])
+        return pos + first
+
     def commit(self, start: int, next_view: np.ndarray) -> None:
         """The rows ``compact`` made are stored: link the rows of earlier batches they
         continue to them (through the writer's map ``next_view``; rows since overwritten

@@ -31,9 +31,10 @@ from tensordict import TensorDict, TensorDictBase
 from rlfleet.buffer.arrays import OutBatches, arrays_to_tensordict, normalise_key, positions, tensordict_to_arrays
 from rlfleet.buffer.arrays import tune_allocator
 from rlfleet.buffer.capacity import human_bytes
+from rlfleet.buffer.datasets import from_dataset
 from rlfleet.buffer.directory import create_directory, map_files, open_directory
 from rlfleet.buffer.errors import SchemaMismatch
-from rlfleet.buffer.frames import FRAME_KEY, NEXT_KEY, FrameStack
+from rlfleet.buffer.frames import FrameStack
 from rlfleet.buffer.indices import with_tag
 from rlfleet.buffer.priorities import apply_update, parse_update, priority_limit
 from rlfleet.buffer.row_reader import RowReader
@@ -125,15 +126,10 @@ class ReplayBuffer:
                 blocks are reserved as rows arrive).
             seed: seeds the sampler's random generator.
             frame_stack: ``"observation"`` or ``{"key": "observation", "padding": "reset"}``
-                when that key and its ``next`` twin are frame stacks ``[k, *frame]`` (as
-                gymnasium's ``FrameStackObservation`` emits, ``padding`` as its
-                ``padding_type``: ``"reset"`` or ``"zero"``): each frame is stored once and
-                the stacks are rebuilt wherever rows are read (``frames``). Batches keep
-                their keys and shapes. Rows must carry ``episode_id``, ``step`` and
-                ``next.done``; each episode adds one stored row (its reset frame), which
-                ``len`` and ``total_inserted`` count. Every sampler: a sequence's rows
-                each get their stacks; without replacement, a reset row or a row whose
-                stacks left the window is skipped for the epoch.
+                (or ``"zero"``, as ``FrameStackObservation``'s ``padding_type``) when that
+                key and its ``next`` twin are frame stacks ``[k, *frame]``: each frame is
+                stored once and the stacks rebuilt wherever rows are read (``frames``: the
+                rows it needs; one reset row per episode, which ``len`` counts).
 
         Raises:
             FileExistsError: ``path`` exists and is not an empty directory.
@@ -176,47 +172,9 @@ class ReplayBuffer:
         meta, header = open_directory(path, sampler)
         return cls(path, meta, header, seed)
 
-    @classmethod
-    def from_dataset(
-        cls,
-        dataset: str | os.PathLike,
-        path: str | os.PathLike,
-        *,
-        capacity: int | str | None = None,
-        format: str | None = None,
-        truncate: bool = False,
-        chunk_rows: int = 4096,
-        sampler: str | Mapping[str, Any] = "uniform",
-        durability: str = "process",
-        overcommit: bool = False,
-        seed: int | None = None,
-    ) -> "ReplayBuffer":
-        """A new buffer at ``path`` holding the rows of an offline dataset, in its order.
-
-        ``dataset``: a Minari dataset (directory, ``data/`` directory, or an id
-        ``minari.load_dataset`` finds) or a Hugging Face ``save_to_disk`` directory. What
-        ``rlfleet export-dataset`` wrote comes back key for key, ``episode_id`` and
-        ``step`` included (``rlfleet.buffer.datasets`` says how others map). Rows go in
-        ``chunk_rows`` at a time: memory stays bounded.
-
-        Args:
-            capacity: as ``create``'s; None: the dataset's row count.
-            format: ``"minari"`` or ``"hf"``; None tells it from the directory.
-            truncate: allow a capacity below the dataset's rows (the newest are kept).
-            sampler, durability, overcommit, seed: as ``create``'s.
-
-        Raises:
-            ValueError: an unknown format, a bad ``chunk_rows``, a column a buffer cannot
-                hold, or a capacity below the dataset's rows without ``truncate`` (nothing
-                is created).
-            FileNotFoundError: no dataset there. FileExistsError: ``path`` is not empty.
-            ModuleNotFoundError: the format's extra (``rlfleet[minari]``, ``rlfleet[hf]``) is missing.
-        """
-        from rlfleet.buffer.datasets import import_dataset
-
-        return import_dataset(cls.create, dataset, path, capacity=capacity, format=format, truncate=truncate,
-                              chunk_rows=chunk_rows, sampler=sampler, durability=durability,
-                              overcommit=overcommit, seed=seed)
+    # a new buffer holding an offline dataset's rows (Minari, Hugging Face ``datasets``):
+    # a classmethod documented where it lives, ``rlfleet.buffer.datasets.from_dataset``
+    from_dataset = classmethod(from_dataset)
 
     def _attach(self, stored: Schema, *, create: bool) -> None:
         """Map the data files of the ``stored`` schema (creating them for the first batch)
@@ -352,21 +310,12 @@ class ReplayBuffer:
             if n == 0:
                 return np.empty(0, dtype=np.int64)
             frames = self._reader.frames
-            if frames is None:
-                first, last = self._window.append(self._columns, flat, n, self._durability == "fsync")
-                # with_tag(arange(first, last)) in one op: the tag's bits lie above every counter's
-                return np.arange(first + self._tag_bits, last + self._tag_bits, dtype=np.int64)
-            # each frame once: the transitions land at `pos` among the stored rows
-            window = self._window
-            rows, pos = frames.compact(flat, n, window.end, window.start)
-            m = window.check_room(len(rows[FRAME_KEY]))
-            try:
-                first, _ = window.append(self._columns, rows, m, self._durability == "fsync")
-            except BaseException:
-                frames.forget()
-                raise
-            frames.commit(window.start, self._columns.views[NEXT_KEY])
-        return pos + (first + self._tag_bits)
+            if frames is not None:  # each frame once: the transitions' counters, reset rows between
+                return frames.append(self._window, self._columns, flat, n, self._durability == "fsync") \
+                    + self._tag_bits
+            first, last = self._window.append(self._columns, flat, n, self._durability == "fsync")
+        # with_tag(arange(first, last)) in one op: the tag's bits lie above every counter's
+        return np.arange(first + self._tag_bits, last + self._tag_bits, dtype=np.int64)
 
     # ------------------------------------------------------------------ sampling
     def sample(self, n: int, *, out: TensorDict | None = None) -> TensorDict:

@@ -92,8 +92,7 @@ class ReplayShard:
         export_metrics: export ``rlfleet_buffer_*`` through ``ray.util.metrics``.
         namespace: the Ray namespace of the service's shard actors (where shard 0, the
             keeper of a buffer-wide limiter, is found).
-        frame_stack: store each frame of the stacked observations once
-            (``ReplayBuffer.create``'s ``frame_stack``).
+        frame_stack: ``ReplayBuffer.create``'s ``frame_stack`` (each frame stored once).
     """
 
     def __init__(
@@ -121,19 +120,15 @@ class ReplayShard:
         if (self.path / "meta.json").exists():
             self.buffer = ReplayBuffer.open(self.path, seed=seed)
             if isinstance(capacity, int) and self.buffer.capacity != capacity:
-                log.warning(
-                    "%s: reopened %s with its stored capacity %d rows (asked for %d)",
-                    shard_actor_name(buffer, shard), self.path, self.buffer.capacity, capacity,
-                )
+                log.warning("%s: reopened %s with its stored capacity %d rows (asked for %d)",
+                            shard_actor_name(buffer, shard), self.path, self.buffer.capacity, capacity)
             log.info("%s: reopened %s holding %d rows",
                      shard_actor_name(buffer, shard), self.path, len(self.buffer))
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             _clear_interrupted_create(self.path)
-            self.buffer = ReplayBuffer.create(
-                self.path, capacity=capacity, sampler=sampler, durability=durability,
-                overcommit=overcommit, seed=seed, frame_stack=frame_stack,
-            )
+            self.buffer = ReplayBuffer.create(self.path, capacity=capacity, sampler=sampler, durability=durability,
+                                              overcommit=overcommit, seed=seed, frame_stack=frame_stack)
         self.limiter: RateLimiter | SharedLimiter
         if uses_shared_limiter(self.limiter_spec, num_shards):
             owner = LimiterOwner(self.limiter_spec, num_shards, len(self.buffer)) if shard == 0 else None
@@ -192,9 +187,8 @@ class ReplayShard:
         """Insert a flat batch (waits for the rate limiter).
 
         Returns ``{"first", "last", "state"}``: the batch got the local indices
-        ``first .. last - 1`` (an extend writes one contiguous run), and the shard's state;
-        or ``{"index", "state"}`` where the indices are not one run (a frame-stack buffer
-        writes a reset row before each episode's first step).
+        ``first .. last - 1`` (one run), and the shard's state; ``{"index", "state"}`` where
+        they are not one run (a frame-stack buffer's reset rows lie between them).
         Two ints instead of an index array: an array in a Ray reply costs about 0.2 ms
         per call, a seventh of a whole cartpole insert.
 
@@ -220,8 +214,7 @@ class ReplayShard:
         if self.metrics is not None:
             self.metrics.inserted(m, wait_s)
         first = int(index[0]) if len(index) else self.buffer.total_inserted
-        if len(index) and int(index[-1]) - first + 1 != len(index):
-            # a frame-stack buffer writes a reset row before each step 0: not one run
+        if len(index) and int(index[-1]) - first + 1 != len(index):  # frame-stack reset rows
             return {"index": index, "state": self.state()}
         return {"first": first, "last": first + len(index), "state": self.state()}
 
