@@ -121,6 +121,8 @@ class FrameStack:
         self.zero_padding = spec["padding"] == "zero"
         self.capacity = capacity
         self.frame = views[FRAME_KEY]
+        self.frame2d = self.frame.reshape(capacity, -1)  # a view: the map is contiguous
+        self.stack_shape = (self.size, *self.frame.shape[1:])
         self.prev = views[PREV_KEY]
         self.step = views[("step",)]
         self.episode = views[("episode_id",)]
@@ -337,23 +339,16 @@ class FrameStack:
         (``idx``'s shape), for the overwrite check."""
         lead, k = idx.shape, self.size
         flat = idx.reshape(-1)
-        n = len(flat)
-        obs_slots = np.empty((n, k), dtype=np.int64)
-        next_slots = np.empty((n, k), dtype=np.int64)
-        obs_pad = np.empty((n, k), dtype=bool)
-        next_pad = np.empty((n, k), dtype=bool)
-        oldest = np.empty(n, dtype=np.int64)
-        frame_kernels.stack_slots(self.prev, flat, flat if last is None else last.reshape(-1), self.capacity, k,
-                                  obs_slots, next_slots, obs_pad, next_pad, oldest)
-        shape = (n, k, *self.frame.shape[1:])
-        for key, slots, pads in ((self.key, obs_slots, obs_pad), (self.next_key, next_slots, next_pad)):
+        n, width = len(flat), self.frame2d.shape[1]
+        stacks = []
+        for key in (self.key, self.next_key):
             dst = out.get(key)
             if dst is None:
-                dst = out[key] = np.empty(lead + shape[1:], dtype=self.frame.dtype)
+                dst = out[key] = np.empty(lead + self.stack_shape, dtype=self.frame.dtype)
             if not dst.flags.c_contiguous:  # then the reshape below would copy, not view
                 raise ValueError(f"sample(out=): the batch's '{'.'.join(key)}' is not contiguous")
-            rows = dst.reshape(shape)
-            self.frame.take(slots, 0, rows, "clip")  # 'clip': unbuffered into rows
-            if self.zero_padding:
-                rows[pads] = 0
+            stacks.append(dst.reshape(n, k, width))
+        oldest = np.empty(n, dtype=np.int64)
+        frame_kernels.stack_frames(self.frame2d, self.prev, flat, flat if last is None else last.reshape(-1),
+                                   self.capacity, self.zero_padding, stacks[0], stacks[1], oldest)
         return oldest.reshape(lead)

@@ -32,7 +32,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from rlfleet.buffer.frame_kernels import nstep_returns, nstep_windows
-from rlfleet.buffer.frames import NEXT_KEY
+from rlfleet.buffer.frames import NEXT_KEY, PREV_KEY
 
 __all__ = ["DISCOUNT_KEY", "NStep"]
 
@@ -50,9 +50,12 @@ class NStep:
         gamma: discount per step, in ``[0, 1]``.
         views: the buffer's mapped columns; must hold ``NEEDED``.
         capacity: rows of the ring.
+        stack_size: a frame-stack buffer's stack size (``frames``): ``windows`` then also
+            checks that each row's stacks rebuild; 0 for other buffers.
     """
 
-    def __init__(self, n: int, gamma: float, views: Mapping[tuple[str, ...], np.ndarray], capacity: int) -> None:
+    def __init__(self, n: int, gamma: float, views: Mapping[tuple[str, ...], np.ndarray], capacity: int,
+                 stack_size: int = 0) -> None:
         self.n, self.gamma, self.capacity = int(n), float(gamma), capacity
         self.episode = views[("episode_id",)]
         self.step = views[("step",)]
@@ -66,6 +69,8 @@ class NStep:
         # a frame-stack buffer's forward links (``frames``): windows follow them across the
         # batches of one episode; elsewhere the next row of a window is the next counter
         self.next_link = views.get(NEXT_KEY, np.empty(0, dtype=np.int64))
+        self.prev = views.get(PREV_KEY, np.empty(0, dtype=np.int64))
+        self.chain = stack_size + 1 if stack_size else 0  # rows a row's two stacks read
 
     @staticmethod
     def check_schema(schema: Mapping[tuple[str, ...], tuple[tuple[int, ...], np.dtype]], n: int) -> None:
@@ -84,35 +89,43 @@ class NStep:
                 "samples write; rename that column or drop n_step"
             )
 
-    def windows(self, idx: np.ndarray, end: int) -> tuple[np.ndarray, np.ndarray]:
-        """For row counters ``idx`` (any shape), below ``end`` (the committed window's
-        end): ``(complete, rows)``: bool of ``idx``'s shape, and the counters of each
-        window's rows, int64 ``[*idx.shape, n]``, ``-1`` past its end (and where not
-        complete). One compiled call (``frame_kernels``)."""
-        complete, rows = nstep_windows(self.episode, self.step, self.done, self.next_link, idx.reshape(-1),
-                                       end, self.capacity, self.n)
+    def windows(self, idx: np.ndarray, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
+        """For row counters ``idx`` (any shape) in the committed window ``[start, end)``:
+        ``(complete, rows)``: bool of ``idx``'s shape (in a frame-stack buffer: and the
+        row's stacks rebuild), and the counters of each window's rows, int64
+        ``[*idx.shape, n]``, ``-1`` past its end (and where not complete). One compiled
+        call (``frame_kernels``)."""
+        complete, rows = nstep_windows(self.episode, self.step, self.done, self.next_link, self.prev,
+                                       idx.reshape(-1), start, end, self.capacity, self.n, self.chain)
         return complete.reshape(idx.shape), rows.reshape(*idx.shape, self.n)
 
     def rebuild(self, idx: np.ndarray, rows: np.ndarray, out: dict[tuple[str, ...], np.ndarray]) -> np.ndarray:
         """Turn the one-step rows gathered in ``out`` (at counters ``idx``) into the
         transitions of their windows (``rows``, as ``windows`` gave them), in place; adds
         ``next.discount``. Returns the counters of the windows' last rows (a frame-stack
-        buffer rebuilds the next stack from them)."""
-        cap = self.capacity
-        k = (rows >= 0).sum(axis=-1)
-        flat = rows.reshape(-1, self.n)
-        last = flat[np.arange(len(flat)), k.reshape(-1) - 1].reshape(k.shape)
-        slots = last % cap
+        buffer rebuilds the next stack from them).
+
+        Raises:
+            ValueError: a caller's batch (``sample(out=)``) holds a non-contiguous reward
+                or discount.
+        """
+        m = idx.size
+        reward = out[REWARD_KEY]
+        discount = out.get(DISCOUNT_KEY)
+        if discount is None:
+            discount = out[DISCOUNT_KEY] = np.empty(reward.shape, dtype=np.float32)
+        last = np.empty(m, dtype=np.int64)
+        slots = np.empty(m, dtype=np.int64)
+        nstep_returns(self.reward2d, rows.reshape(m, self.n), self.powers, self.capacity,
+                      _rows(reward, m, REWARD_KEY), _rows(discount, m, DISCOUNT_KEY), last, slots)
+        slots = slots.reshape(idx.shape)
         for key, view in self.next_views:  # a frame-stack buffer's next stacks are no view
             view.take(slots, 0, out[key], "clip")
-        reward = out[REWARD_KEY]
-        tail = (1,) * (reward.ndim - idx.ndim)
-        total = np.empty((idx.size, self.reward2d.shape[1]), dtype=np.float64)
-        nstep_returns(self.reward2d, rows.reshape(-1, self.n), self.powers, cap, total)
-        reward[...] = total.reshape(reward.shape)
-        discount = self.powers[k].astype(np.float32).reshape(idx.shape + tail)
-        if DISCOUNT_KEY in out:
-            out[DISCOUNT_KEY][...] = discount
-        else:
-            out[DISCOUNT_KEY] = np.broadcast_to(discount, reward.shape).copy()
-        return last
+        return last.reshape(idx.shape)
+
+
+def _rows(a: np.ndarray, m: int, key: tuple[str, ...]) -> np.ndarray:
+    """``a`` as ``[m, d]``, a view the kernel writes through."""
+    if not a.flags.c_contiguous:  # then the reshape would copy, and the writes be lost
+        raise ValueError(f"sample(out=): the batch's '{'.'.join(key)}' is not contiguous")
+    return a.reshape(m, -1)

@@ -68,8 +68,9 @@ class RowReader:
         # a frame-stack buffer's stored frames and links are not keys of its rows
         self._layout = [(key, v, v.shape[1:], v.dtype) for key, v in self.views.items()
                         if frame_stack is None or key[0] != FRAME_KEY[0]]
-        self.nstep = None if n_step is None else NStep(n_step["n"], n_step["gamma"], self.views, capacity)
         self.frames = None if frame_stack is None else FrameStack(frame_stack, self.views, capacity)
+        self.nstep = None if n_step is None else NStep(n_step["n"], n_step["gamma"], self.views, capacity,
+                                                       0 if self.frames is None else self.frames.size)
 
     def out_layout(self, lead: tuple[int, ...]) -> dict[tuple[str, ...], tuple[tuple[int, ...], np.dtype]]:
         """What a sample with batch dims ``lead`` holds: ``{key: (shape, dtype)}``."""
@@ -213,6 +214,8 @@ class RowReader:
         # (reset rows, chains that left the window) are drawn again. Only the redrawn
         # rows are checked again.
         complete, k = self._accept(idx)
+        if complete.all():  # the common case: nothing to redraw
+            return idx, mass, k, drawn_start
         bad = np.flatnonzero(~complete if complete.ndim == 1 else ~complete.all(axis=1))
         for _ in range(MAX_REDRAWS):
             if not len(bad):
@@ -245,7 +248,4 @@ class RowReader:
             start, end = window.start, window.end
         if self.nstep is None:
             return self.frames.readable(idx, start, end), None
-        complete, k = self.nstep.windows(idx, end)
-        if self.frames is not None:
-            complete &= self.frames.readable(idx, start, end)
-        return complete, k
+        return self.nstep.windows(idx, start, end)  # with frame stacks: their chains too

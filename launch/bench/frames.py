@@ -13,8 +13,9 @@ Runs on the driver, single-threaded, in the scratch directory of ``bench buffer`
   episodes of the recorded frames (each batch one episode under a fresh id: real pixels,
   real stacks, the same compaction and checks as a run), then sampled: 32 transitions
   with 3-step returns, uniform and prioritized, plain and ``out=``. The limit: a numpy
-  gather of the same frames (the 8 frames of each sampled row's two stacks, at slots
-  drawn the same way) from the same memmap file into a preallocated array.
+  gather of the same frames (the 8 frames each sampled row's stacks copy: its
+  observation, rows i-4 .. i-1, and the next observation 3 steps on, rows i-1 .. i+2,
+  at rows drawn the same way) from the same memmap file into a preallocated array.
 - ``--cold`` (larger-than-RAM runs, ``--frame-rows`` past the RAM): the page cache is
   dropped for the data files before sampling (``posix_fadvise(DONTNEED)`` after a flush),
   and the limit is instead ``os.pread`` of the same frames at their random file offsets,
@@ -181,8 +182,11 @@ def bench_frames(root: Path, rows: int, repeats: int, quick: bool, report: Any,
                                                            "n_step": N_STEP})
     iters = 20 if quick else 200
     pool = max(64, iters * (repeats + 1))
-    # the same frames a two-stack gather would read: 8 per row, at slots drawn alike
-    slots = [rng.integers(4, count, SAMPLE)[:, None] - np.array([4, 3, 2, 1, 3, 2, 1, 0]) for _ in range(pool)]
+    # the frames a 3-step sample copies, 8 per row at slots drawn alike: a row's stack
+    # (rows i-4 .. i-1) and the stack 3 steps on (rows i-1 .. i+2)
+    n_step = N_STEP["n"]
+    offsets = np.r_[np.arange(-4, 0), np.arange(n_step - 4, n_step)]
+    slots = [rng.integers(4, count - n_step, SAMPLE)[:, None] + offsets for _ in range(pool)]
     pre = np.empty((SAMPLE, 8, *frames.shape[1:]), frames.dtype)
     j = [0]
 
