@@ -9,8 +9,10 @@ non-negative. It never writes, so it may run beside a live writer (then the coun
 reports are a snapshot).
 
 A frame-stack buffer (``frames``) also has its links checked: every ``frame_stack.prev``
-in the window is an older row's counter, ``START`` or ``UNKNOWN``, and exactly the rows
-linked ``START`` (the reset rows) have step -1. A row the window start passed while the
+in the window is an older row's counter, ``START`` or ``UNKNOWN``, exactly the rows
+linked ``START`` (the reset rows) have step -1, and every ``frame_stack.next`` is -1 or
+a younger row's counter whose ``prev`` names the row back (links past the window's end
+are a live writer's, not judged). A row the window start passed while the
 check read it (a live writer overwriting it) is not judged. The report counts the
 reset rows. Whether each row's stacks can be rebuilt is not a question of damage (an
 old row's frames are overwritten as the ring turns) and is not checked.
@@ -54,7 +56,7 @@ import numpy as np
 from tensordict import TensorDict
 
 from rlfleet.buffer.errors import BufferFormatError
-from rlfleet.buffer.frames import FRAME_KEY, PREV_KEY, START, UNKNOWN
+from rlfleet.buffer.frames import FRAME_KEY, NEXT_KEY, PREV_KEY, START, UNKNOWN
 from rlfleet.buffer.indices import MAX_COUNTER
 from rlfleet.buffer.samplers import slot_ranges
 from rlfleet.buffer.storage import (
@@ -289,7 +291,7 @@ def _check_frame_links(header: Path, arrays: dict, start: int, end: int, capacit
             "'step', or frame_stack lacks 'size': the buffer's metadata is damaged"
         )
         return
-    prev, step = arrays[PREV_KEY], arrays[("step",)]
+    prev, step, forward = arrays[PREV_KEY], arrays[("step",)], arrays.get(NEXT_KEY)
     found: list[tuple[int, str]] = []
     for lo, hi in slot_ranges(start, end, capacity):
         for a in range(lo, hi, 1 << 20):
@@ -308,9 +310,24 @@ def _check_frame_links(header: Path, arrays: dict, start: int, end: int, capacit
                 i = int(np.flatnonzero(odd)[0])
                 found.append((int(counter[i]), f"row {int(counter[i])} has frame_stack.prev {int(link[i])} and step "
                               f"{int(steps[i])}: reset rows (prev {START}), and only they, have step -1"))
+            if forward is not None:
+                _check_forward(np.asarray(forward[a:b]), counter, prev, end, capacity, found)
     # a live writer may have overwritten the oldest rows while they were read: not damage
     start_now = int(np.fromfile(header, dtype=np.int64)[H_START])
-    report.problems += [why for row, why in found if row >= start_now][:2]
+    report.problems += [why for row, why in found if row >= start_now][:3]
+
+
+def _check_forward(forward: np.ndarray, counter: np.ndarray, prev: np.ndarray, end: int, capacity: int,
+                   found: list[tuple[int, str]]) -> None:
+    """The forward links ``forward`` of rows ``counter`` (module docstring)."""
+    bad = ~((forward == -1) | (forward > counter))
+    linked = np.flatnonzero((forward > counter) & (forward < end))
+    back = np.asarray(prev[forward[linked] % capacity]) if len(linked) else np.empty(0, dtype=np.int64)
+    bad[linked[back != counter[linked]]] = True
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        found.append((int(counter[i]), f"row {int(counter[i])} has frame_stack.next {int(forward[i])}: not -1 "
+                      f"or a younger row whose frame_stack.prev is {int(counter[i])}"))
 
 
 def _slot_base(slot: int, start: int, capacity: int) -> int:

@@ -21,7 +21,7 @@ from test_datasets import assert_same_rows, imported, reference, rows_of
 from test_frames import FRAME, STACK, Envs
 from rlfleet.buffer import ReplayBuffer
 from rlfleet.buffer.check import check_buffer
-from rlfleet.buffer.frames import PREV_KEY
+from rlfleet.buffer.frames import NEXT_KEY, PREV_KEY
 from rlfleet.buffer.scan import BufferFiles
 from rlfleet.launch.cli import main
 from rlfleet.launch.dataset_export import export_dataset
@@ -199,12 +199,28 @@ def test_check_passes_a_healthy_frame_stack_buffer_and_names_a_broken_link(tmp_p
     steps = data["step"][torch.arange(start, end) % 60]
     reset = start + int(torch.nonzero(steps == -1)[0])
     row = start + int(torch.nonzero(steps > 0)[0])
-    prev = data[PREV_KEY]
+    prev, forward = data[PREV_KEY], data[NEXT_KEY]
+    before = int(prev[row % 60])
+    assert int(forward[before % 60]) == row  # the row before it links forward to it
     prev[row % 60] = row + 3  # a link to a newer row: no writer stores that
     data["step"][reset % 60] = 0  # a reset row that says step 0
     report = check_buffer(tmp_path / "b")
     assert sorted(report.problems) == sorted([
         f"row {row} has frame_stack.prev {row + 3}: not the counter of an older row, -1 (a reset row) or -2 (unknown)",
         f"row {reset} has frame_stack.prev -1 and step 0: reset rows (prev -1), and only they, have step -1",
+        f"row {before} has frame_stack.next {row}: not -1 or a younger row whose frame_stack.prev is {before}",
     ])
     assert main(["check", str(tmp_path / "b")]) == 1
+
+    # forward links alone: one to a row that links back elsewhere, one to an older row
+    prev[row % 60] = before
+    data["step"][reset % 60] = -1
+    assert check_buffer(tmp_path / "b").ok
+    linked = int(forward[row % 60])
+    forward[row % 60] = row + 2  # row + 2 links back to row + 1 or is a reset row
+    assert check_buffer(tmp_path / "b").problems == [
+        f"row {row} has frame_stack.next {row + 2}: not -1 or a younger row whose frame_stack.prev is {row}"]
+    forward[row % 60] = linked
+    forward[reset % 60] = reset - 1
+    assert check_buffer(tmp_path / "b").problems == [
+        f"row {reset} has frame_stack.next {reset - 1}: not -1 or a younger row whose frame_stack.prev is {reset}"]
