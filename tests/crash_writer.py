@@ -27,7 +27,12 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -83,12 +88,55 @@ def _child(path: str, seed: int) -> None:
         os.write(1, b"prioed\n")
 
 
-def main() -> int:
-    path, capacity, sampler, durability = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-    from rlfleet.buffer.replay_buffer import ReplayBuffer
+class WriterProcess:
+    """The test's end of a writer process (``python SCRIPT ARGS``: this file or
+    ``frames_crash_writer.py``): its commands and lines. A watchdog kills it, with its
+    forked child (which holds the pipe open too), after ``timeout`` seconds, so a writer
+    that stops answering (a deadlock) ends ``read_words`` instead of hanging it. Use as a
+    context manager: leaving it kills what still runs."""
 
-    if not os.path.exists(os.path.join(path, "meta.json")):
-        ReplayBuffer.create(path, capacity=capacity, sampler=sampler, durability=durability).close()
+    def __init__(self, script: Path, *args: Any, timeout: float) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(script), *map(str, args)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
+            start_new_session=True,  # its own process group: the watchdog kills its child too
+        )
+        self.watchdog = threading.Timer(timeout, self.kill_all)
+        self.watchdog.start()
+
+    def kill_all(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def command(self, text: str) -> None:
+        self.proc.stdin.write(text + "\n")
+        self.proc.stdin.flush()
+
+    def read_words(self) -> list[str]:
+        line = self.proc.stdout.readline()
+        assert line, "the writer process stopped answering (killed by the watchdog or failed)"
+        return line.split()
+
+    def quit(self) -> None:
+        self.command("quit")
+        assert self.proc.wait(timeout=60) == 0
+
+    def __enter__(self) -> WriterProcess:
+        assert self.read_words() == ["ready"]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.watchdog.cancel()
+        if self.proc.poll() is None:
+            self.kill_all()
+            self.proc.wait()
+
+
+def serve(child: Callable[[int], None]) -> int:
+    """Answer ``run SEED`` / ``kill`` / ``quit`` on stdin (module docstring): ``run``
+    forks a process that calls ``child(SEED)`` (and exits 1 should it return)."""
     os.write(1, b"ready\n")
     pid = 0
     for line in sys.stdin:
@@ -99,7 +147,7 @@ def main() -> int:
             pid = os.fork()
             if pid == 0:
                 try:
-                    _child(path, int(words[1]))
+                    child(int(words[1]))
                 finally:
                     os._exit(1)
             os.write(1, f"child {pid}\n".encode())
@@ -109,6 +157,15 @@ def main() -> int:
             signum = os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0
             os.write(1, f"reaped {pid} {signum}\n".encode())
     return 0
+
+
+def main() -> int:
+    path, capacity, sampler, durability = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    from rlfleet.buffer.replay_buffer import ReplayBuffer
+
+    if not os.path.exists(os.path.join(path, "meta.json")):
+        ReplayBuffer.create(path, capacity=capacity, sampler=sampler, durability=durability).close()
+    return serve(lambda seed: _child(path, seed))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Usage: ``python frames_crash_writer.py PATH CAPACITY DURABILITY``. It imports rlfleet
 once, creates a frame-stack buffer (``padding="reset"``, stacks of ``STACK``) if absent,
-then serves lines on stdin, as ``crash_writer.py`` does:
+then serves lines on stdin through ``crash_writer.serve``:
 
 - ``run SEED``: fork a child that reopens the buffer and, forever, extends it with the
   rows of ``NUM_ENVS`` envs stepped ``m`` steps each (env-major, as a collector writes),
@@ -25,10 +25,10 @@ frame(e, t)`` with the reset frame ``frame(e, 0)`` repeated before it, as gymnas
 from __future__ import annotations
 
 import os
-import signal
 import sys
 
 import numpy as np
+from crash_writer import serve
 
 FRAME = (16, 64)  # 1 KiB a frame: a batch copy takes long enough to be interrupted
 STACK = 4
@@ -122,26 +122,7 @@ def main() -> int:
     if not os.path.exists(os.path.join(path, "meta.json")):
         ReplayBuffer.create(path, capacity=capacity, durability=durability,
                             frame_stack={"key": "observation", "padding": "reset"}).close()
-    os.write(1, b"ready\n")
-    pid = 0
-    for line in sys.stdin:
-        words = line.split()
-        if not words or words[0] == "quit":
-            break
-        if words[0] == "run":
-            pid = os.fork()
-            if pid == 0:
-                try:
-                    _child(path, int(words[1]))
-                finally:
-                    os._exit(1)
-            os.write(1, f"child {pid}\n".encode())
-        elif words[0] == "kill":
-            os.kill(pid, signal.SIGKILL)
-            _, status = os.waitpid(pid, 0)
-            signum = os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0
-            os.write(1, f"reaped {pid} {signum}\n".encode())
-    return 0
+    return serve(lambda seed: _child(path, seed))
 
 
 if __name__ == "__main__":

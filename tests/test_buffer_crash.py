@@ -30,9 +30,7 @@ import os
 import random
 import shutil
 import signal
-import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from crash_writer import expected_rows
+from crash_writer import WriterProcess, expected_rows
 from rlfleet.buffer import ReplayBuffer
 from rlfleet.buffer.check import check_buffer
 from rlfleet.buffer.indices import counter_of
@@ -138,36 +136,10 @@ def run_trials(path: Path, trials: int, *, sampler: str, durability: str, capaci
                seed: int, drop_cache: bool = False) -> Figures:
     """Fork a writer per trial, kill it after a random number (0-3) of commits plus a
     random delay, verify the reopened buffer; return the suite's figures."""
-    proc = subprocess.Popen(
-        [sys.executable, str(WRITER), str(path), str(capacity), sampler, durability],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
-        start_new_session=True,  # its own process group: the watchdog kills its child too
-    )
     rng = random.Random(seed)
     figures = Figures()
-
-    def kill_all() -> None:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-    # a writer that stops answering (a deadlock) is killed with its forked child (which
-    # holds the pipe open too), so readline ends, not hangs
-    watchdog = threading.Timer(60.0 + 3.0 * trials, kill_all)
-    watchdog.start()
-
-    def command(text: str) -> None:
-        proc.stdin.write(text + "\n")
-        proc.stdin.flush()
-
-    def read_words() -> list[str]:
-        line = proc.stdout.readline()
-        assert line, "the writer process stopped answering (killed by the watchdog or failed)"
-        return line.split()
-
-    try:
-        assert proc.stdout.readline().strip() == "ready"
+    with WriterProcess(WRITER, path, capacity, sampler, durability, timeout=60.0 + 3.0 * trials) as writer:
+        command, read_words = writer.command, writer.read_words
         committed = 0
         for trial in range(trials):
             committed_before = committed
@@ -211,13 +183,7 @@ def run_trials(path: Path, trials: int, *, sampler: str, durability: str, capaci
                 drop_page_cache(path, figures)
             total = verify(path, committed, capacity, figures)
             assert total >= committed
-        command("quit")
-        assert proc.wait(timeout=60) == 0
-    finally:
-        watchdog.cancel()
-        if proc.poll() is None:
-            kill_all()
-            proc.wait()
+        writer.quit()
     return figures
 
 

@@ -14,12 +14,8 @@ test process writes new episodes and reads every one of them back.
 
 from __future__ import annotations
 
-import os
 import random
 import signal
-import subprocess
-import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from crash_writer import WriterProcess
 from frames_crash_writer import TAG, Episodes, rows_for
 from rlfleet.buffer import ReplayBuffer
 from rlfleet.buffer.check import check_buffer
@@ -80,33 +77,10 @@ def verify(path: Path, committed: int, trial: int, figures: Figures) -> None:
 
 def run_trials(path: Path, trials: int, *, durability: str, seed: int) -> Figures:
     """Fork a writer per trial, kill it after 0-3 commits plus a random delay, verify."""
-    proc = subprocess.Popen(
-        [sys.executable, str(WRITER), str(path), str(CAPACITY), durability],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1, start_new_session=True,
-    )
     rng = random.Random(seed)
     figures = Figures()
-
-    def kill_all() -> None:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-    watchdog = threading.Timer(60.0 + 3.0 * trials, kill_all)  # a hung writer ends readline
-    watchdog.start()
-
-    def command(text: str) -> None:
-        proc.stdin.write(text + "\n")
-        proc.stdin.flush()
-
-    def read_words() -> list[str]:
-        line = proc.stdout.readline()
-        assert line, "the writer process stopped answering (killed by the watchdog or failed)"
-        return line.split()
-
-    try:
-        assert proc.stdout.readline().strip() == "ready"
+    with WriterProcess(WRITER, path, CAPACITY, durability, timeout=60.0 + 3.0 * trials) as writer:
+        command, read_words = writer.command, writer.read_words
         committed = 0
         for trial in range(trials):
             before = committed
@@ -138,13 +112,7 @@ def run_trials(path: Path, trials: int, *, durability: str, seed: int) -> Figure
             figures.kills_mid_extend += last == "begin"
             figures.kills_after_commit += committed > before
             verify(path, committed, trial, figures)
-        command("quit")
-        assert proc.wait(timeout=60) == 0
-    finally:
-        watchdog.cancel()
-        if proc.poll() is None:
-            kill_all()
-            proc.wait()
+        writer.quit()
     return figures
 
 
