@@ -181,6 +181,9 @@ def bench_frames(root: Path, rows: int, repeats: int, quick: bool, report: Any,
     prioritized = ReplayBuffer.open(path, seed=0, sampler={"type": "prioritized", "alpha": 0.6, "beta": 0.4,
                                                            "n_step": N_STEP})
     iters = 20 if quick else 200
+    # a round of 200 samples lasts about 40 ms, short enough for a neighbour's burst on a
+    # shared machine to swing one round: the median of at least 9 (about 2 s in all)
+    repeats = repeats if quick else max(repeats, 9)
     pool = max(64, iters * (repeats + 1))
     # the frames a 3-step sample copies, 8 per row at slots drawn alike: a row's stack
     # (rows i-4 .. i-1) and the stack 3 steps on (rows i-1 .. i+2)
